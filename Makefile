@@ -1,0 +1,37 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Both create .venv, install the package and the Debian data packages when
+# they are missing, then run the main job or the whole test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= /tmp/ondevice_demo
+DEB_PACKAGES := espeak-ng dataset-fashion-mnist
+
+.PHONY: demo test setup apt clean
+
+apt:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,tfds]'
+	touch $@
+
+setup: apt $(VENV)/.installed
+
+demo: setup
+	$(PY) -m experiments.train --config=configs/kws_central.py --workdir=$(WORKDIR)
+
+test: setup
+	$(PY) -m pytest -q -n 2 tests
+
+clean:
+	rm -rf $(VENV)

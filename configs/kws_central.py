@@ -1,0 +1,57 @@
+r"""Centralised keyword spotting on the synthesised speech corpus.
+
+DS-CNN (Zhang et al. 2017, "Hello Edge") on 40-band log-mel features of the
+offline espeak-ng corpus; the test split holds speakers never seen in training.
+
+    python -m experiments.train --config=configs/kws_central.py \
+        --workdir=/tmp/kws_central
+    python -m experiments.train --config=configs/kws_central.py:smoke \
+        --config.num_steps=200 --workdir=/tmp/run
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, smoke=False)
+  config = ml_collections.ConfigDict()
+  config.data = ml_collections.ConfigDict(dict(
+      name='speech_keywords',
+      num_speakers=200,          # >= 200 speakers, one client each.
+      utterances_per_word=3,
+      corpus_seed=0,
+      test_fraction=0.2,         # Fraction of *speakers* held out.
+      split_seed=0,
+      cache_dir='',              # '' = $ONDEVICE_CACHE or ~/.cache/ondevice.
+  ))
+  config.model = 'ds_cnn_s'
+  config.norm = 'batch'
+  config.quant = 'none'          # See quantized_training.QUANT_NAMES.
+  config.optimizer = 'adam'
+  config.learning_rate = 3e-3
+  config.schedule = 'warmup_cosine'
+  config.warmup_steps = 100
+  config.weight_decay = 0.0
+  config.momentum = 0.9
+  config.grad_clip = 0.0
+  config.label_smoothing = 0.0
+  config.batch_size = 64
+  config.eval_batch_size = 512
+  config.num_steps = 3000
+  config.log_every = 50
+  config.eval_every = 500
+  config.checkpoint_every = 1000
+  config.seed = 0
+
+  if args.smoke:
+    config.data.num_speakers = 8
+    config.data.utterances_per_word = 1
+    config.data.test_fraction = 0.25
+    config.num_steps = 20
+    config.batch_size = 16
+    config.log_every = 5
+    config.eval_every = 10
+    config.checkpoint_every = 10
+    config.warmup_steps = 2
+  return config

@@ -1,0 +1,1 @@
+"""absl experiment binaries: flags, config, one call into a library run()."""
