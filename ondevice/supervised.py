@@ -82,6 +82,7 @@ def train_and_evaluate(
     trainable: Sequence[str] | Callable[[str], bool] | None = None,
     loss_wrapper: Callable[[train.LossFn], train.LossFn] | None = None,
     datasets: tuple[ArrayDataset, ArrayDataset] | None = None,
+    stop_after_steps: int | None = None,
 ) -> dict[str, Any]:
   """Trains `config.model` on `config.data` and evaluates on held-out data.
 
@@ -94,6 +95,9 @@ def train_and_evaluate(
     trainable: which params train (see `train.resolve_trainable`).
     loss_wrapper: wraps the task loss (e.g. with a regulariser).
     datasets: (train, test) to use instead of loading `config.data`.
+    stop_after_steps: stop (after checkpointing) once this many steps are
+      done, as a preempted job would; rerunning resumes. None runs to
+      `config.num_steps`.
 
   Returns:
     Final metrics, params and model state:
@@ -172,8 +176,14 @@ def train_and_evaluate(
                    test['loss'], test['accuracy'])
     if record:
       writer.write(done, record)
-    if done % config.checkpoint_every == 0 or done == config.num_steps:
+    if (done % config.checkpoint_every == 0 or done == config.num_steps or
+        done == stop_after_steps):
       ckpt.save(done, {'state': state})
+    if done == stop_after_steps:
+      logging.info('Stopping at step %d as asked; rerun to resume.', done)
+      writer.close()
+      ckpt.close()
+      return {'metrics': {'stopped_at': done}, 'state': state}
 
   final = train.evaluate(eval_fn, state.params, state.model_state, test_ds.x,
                          test_ds.y, eval_batch)
