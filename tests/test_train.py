@@ -138,3 +138,24 @@ def test_evaluate_pads_the_last_batch():
   assert got['count'] == 10
   np.testing.assert_allclose(got['accuracy'], want_acc)
   np.testing.assert_allclose(got['loss'], want_loss, rtol=1e-5)
+
+
+def test_padding_changes_nothing_with_batch_norm():
+  # Batch statistics must ignore padded rows, or padding would leak into the
+  # normalisation of the real examples and into the running averages.
+  from ondevice import models
+  model = models.build_model('mlp', 3, hidden=(8,), norm='batch')
+  opt = optax.sgd(0.1)
+  state = train.init_state(model, opt, jnp.zeros((1, 5)), jax.random.key(0))
+  step = jax.jit(train.make_train_step(train.classification_loss(model), opt))
+  x, y = _data(6)
+  real = {'x': x, 'y': y, 'mask': np.ones(6, np.float32)}
+  padded = {'x': np.concatenate([x, np.full((4, 5), 50.0, np.float32)]),
+            'y': np.concatenate([y, np.zeros(4, np.int32)]),
+            'mask': np.concatenate([np.ones(6), np.zeros(4)]).astype(
+                np.float32)}
+  a, _ = step(state, real, jax.random.key(1))
+  b, _ = step(state, padded, jax.random.key(1))
+  for u, v in zip(jax.tree.leaves((a.params, a.model_state)),
+                  jax.tree.leaves((b.params, b.model_state))):
+    np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
