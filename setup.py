@@ -30,6 +30,7 @@ setuptools.setup(
         'scipy',
         'matplotlib',
         'tensorboardX',
+        'dp-accounting',
     ],
     extras_require={
         'test': ['pytest', 'pytest-xdist'],
