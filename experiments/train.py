@@ -8,9 +8,9 @@ and final_metrics.json to --workdir; rerunning with the same workdir resumes.
 """
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from ondevice import logs
 from ondevice import supervised
 import quantized_training
 
@@ -23,7 +23,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.INFO)
+  logs.setup_experiment_logging()
   config = _CONFIG.value
   quant = quantized_training.get_quant(config.quant)
   supervised.train_and_evaluate(config, _WORKDIR.value,

@@ -67,13 +67,28 @@ def build_model(config, num_classes: int, model_kwargs: Mapping[str, Any]):
   return models.build_model(config.model, num_classes, **kwargs)
 
 
-def _batch_indices(data_key, step: int, num_examples: int, batch_size: int
-                   ) -> np.ndarray:
-  steps_per_epoch = num_examples // batch_size
-  epoch, offset = divmod(step, steps_per_epoch)
-  perm = np.asarray(jax.random.permutation(jax.random.fold_in(data_key, epoch),
-                                           num_examples))
-  return perm[offset * batch_size:(offset + 1) * batch_size]
+class _EpochBatches:
+  """Batch indices for step t: a slice of the permutation of epoch t // E.
+
+  The permutation is keyed by `fold_in(data_key, epoch)`, so the batches of
+  a step do not depend on where a run started; it is computed once an epoch.
+  """
+
+  def __init__(self, data_key, num_examples: int, batch_size: int):
+    self._key = data_key
+    self._n = num_examples
+    self._batch = batch_size
+    self._steps_per_epoch = num_examples // batch_size
+    self._permute = jax.jit(jax.random.permutation, static_argnums=1)
+    self._epoch, self._perm = -1, None
+
+  def __call__(self, step: int) -> np.ndarray:
+    epoch, offset = divmod(step, self._steps_per_epoch)
+    if epoch != self._epoch:
+      self._perm = np.asarray(
+          self._permute(jax.random.fold_in(self._key, epoch), self._n))
+      self._epoch = epoch
+    return self._perm[offset * self._batch:(offset + 1) * self._batch]
 
 
 def train_and_evaluate(
@@ -142,9 +157,10 @@ def train_and_evaluate(
     writer.truncate_after(start)
     logging.info('Resumed from checkpoint at step %d.', start)
 
+  batch_indices = _EpochBatches(data_key, len(train_ds), config.batch_size)
   train_sums, t0, t_last = None, time.time(), time.time()
   for step in range(start, config.num_steps):
-    idx = _batch_indices(data_key, step, len(train_ds), config.batch_size)
+    idx = batch_indices(step)
     batch = {'x': train_ds.x[idx], 'y': train_ds.y[idx],
              'mask': np.ones(len(idx), np.float32)}
     state, metrics = step_fn(state, batch, jax.random.fold_in(step_key, step))
