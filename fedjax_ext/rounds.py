@@ -1,0 +1,311 @@
+"""One federated round on a stacked cohort: clients, faults, aggregation.
+
+`run_round` maps a client update over the cohort's client axis (with the
+strategy of `execution.py`), applies the per-client `transform` hook, drops
+failed and non-finite clients, and calls the `aggregator` hook. The server
+step that follows is the algorithm's (see `algorithms.py`).
+
+Hook signatures (robust aggregation, compression and DP plug in here):
+
+  ClientTransform: transform(delta, key) -> (delta, info)
+    Runs on one client inside the vmap, after local training and before
+    upload: clipping, quantisation, sparsification, DP clipping.
+    delta: flat dict path -> array of one client's trainable leaves.
+    key: that client's PRNG key (fold_in of the round's transform key and
+      the client id).
+    info: dict of scalars (e.g. 'bytes_sent', 'clipped'); round metrics
+      report each as 'transform/<name>', its mean over aggregated clients.
+    The returned delta must keep every leaf's shape and should keep its
+    dtype. Must be pure and vmappable.
+
+  Aggregator: aggregator(stacked_deltas, weights, key) -> (aggregate, metrics)
+    Runs once per round on the server.
+    stacked_deltas: flat dict path -> [C, ...] (transformed) client deltas.
+      Rows of excluded clients (dropped, non-finite, no data) are zeros.
+    weights: float32 [C]; 0 for every excluded client, else the client's
+      number of examples (or 1 with `uniform_weights=True`). Aggregators
+      must ignore rows of weight 0 (robust ones: treat them as absent).
+    key: PRNG key of the round's aggregation (e.g. DP noise).
+    aggregate: flat dict path -> array, the server's model delta (the
+      algorithm applies it as a pseudo-gradient -aggregate).
+    metrics: dict of scalars, reported as 'aggregator/<name>'.
+
+  StatefulAggregator: an object with `init() -> agg_state` and
+    `aggregate(agg_state, stacked_deltas, weights, key) -> (aggregate,
+    agg_state, metrics)`, e.g. `privacy.dp_aggregator` (adaptive clipping).
+    Its state lives in the server state's `aggregator_state` (arrays only,
+    so it is checkpointed), advancing only in rounds that update the server.
+
+Faults (McMahan et al. 2017 simulate partial participation; Bonawitz et al.
+2019, "Towards Federated Learning at Scale", report device dropout): a
+`dropout_rate` fraction of the cohort, round(rate * C) clients chosen with the
+round key, fails mid-round and its update never arrives. A client whose update
+(raw or transformed) or model state holds NaN/Inf is excluded and counted in
+'num_nonfinite_clients'. If no client is left, or the aggregate itself is not
+finite, 'server_updated' is 0 and the algorithm keeps its params, model state
+and optimiser state.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_ext import client as client_lib
+from fedjax_ext import cohort as cohort_lib
+from fedjax_ext import execution
+
+PyTree = Any
+FlatParams = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+ClientTransform = Callable[[FlatParams, jax.Array], tuple[FlatParams, Metrics]]
+Aggregator = Callable[[FlatParams, jax.Array, jax.Array],
+                      tuple[FlatParams, Metrics]]
+# (server_params, model_state, client_data, key, context) -> ClientOutput
+ClientFn = Callable[..., client_lib.ClientOutput]
+
+
+def weighted_mean(stacked_deltas: FlatParams, weights: jax.Array,
+                  key: jax.Array) -> tuple[FlatParams, Metrics]:
+  """The default aggregator: sum_i w_i delta_i / sum_i w_i (0 if no weight)."""
+  del key
+  total = jnp.sum(weights)
+  scale = weights / jnp.maximum(total, 1e-12)
+
+  def mean(x):
+    return jnp.tensordot(scale.astype(x.dtype), x, axes=1)
+
+  return {k: mean(v) for k, v in stacked_deltas.items()}, {}
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundConfig:
+  """Everything about a round except the client and server optimisers.
+
+  Attributes:
+    aggregator: see the module docstring; None is `weighted_mean`.
+    stateful_aggregator: used instead of `aggregator` when it carries state
+      across rounds (see the module docstring).
+    transform: per-client hook, see the module docstring; None: identity.
+    dropout_rate: fraction of the cohort that fails mid-round, in [0, 1).
+    uniform_weights: weight every aggregated client 1 instead of its number
+      of examples (as DP-FedAvg does).
+    execution: how clients are laid out (vmap / chunked / sharded / auto).
+  """
+  aggregator: Aggregator | None = None
+  stateful_aggregator: Any = None
+  transform: ClientTransform | None = None
+  dropout_rate: float = 0.0
+  uniform_weights: bool = False
+  execution: execution.ExecutionConfig = execution.ExecutionConfig()
+
+  def __post_init__(self):
+    if self.aggregator is not None and self.stateful_aggregator is not None:
+      raise ValueError('RoundConfig got both aggregator and '
+                       'stateful_aggregator; set only one.')
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f'RoundConfig.dropout_rate must lie in [0, 1); got '
+                       f'{self.dropout_rate}.')
+
+
+class RoundKeys(NamedTuple):
+  """The independent streams one round key is split into."""
+  clients: jax.Array
+  dropout: jax.Array
+  transform: jax.Array
+  aggregate: jax.Array
+
+
+def init_aggregator_state(config: RoundConfig) -> PyTree:
+  """The server's initial `aggregator_state` (() without a stateful one)."""
+  if config.stateful_aggregator is None:
+    return ()
+  return config.stateful_aggregator.init()
+
+
+def split_round_key(key: jax.Array) -> RoundKeys:
+  return RoundKeys(*jax.random.split(key, 4))
+
+
+def client_key(clients_key: jax.Array, client_id: jax.Array) -> jax.Array:
+  """A client's key depends on its id, not its position in the cohort."""
+  return jax.random.fold_in(clients_key, client_id)
+
+
+class RoundResult(NamedTuple):
+  """What the server sees after a round, before its own update.
+
+  Attributes:
+    aggregate: flat dict path -> the aggregated model delta.
+    model_state: weighted mean of the aggregated clients' model states (the
+      server's own when none was aggregated).
+    included: bool [C], the clients whose update was aggregated.
+    updated: bool scalar; False means the server must keep its state.
+    extras: the clients' `ClientOutput.extras`, stacked on axis 0.
+    aggregator_state: the stateful aggregator's new state (() if none).
+    metrics: round metrics (see `run_round`).
+  """
+  aggregate: FlatParams
+  model_state: PyTree
+  included: jax.Array
+  updated: jax.Array
+  extras: PyTree
+  aggregator_state: PyTree
+  metrics: Metrics
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+  ok = jnp.array(True)
+  for leaf in jax.tree.leaves(tree):
+    if jnp.issubdtype(leaf.dtype, jnp.inexact):
+      ok &= jnp.all(jnp.isfinite(leaf))
+  return ok
+
+
+def _dropped(key: jax.Array, cohort_size: int, rate: float) -> jax.Array:
+  num_drop = int(round(rate * cohort_size))
+  if num_drop == 0:
+    return jnp.zeros(cohort_size, bool)
+  order = jax.random.permutation(key, cohort_size)
+  return jnp.zeros(cohort_size, bool).at[order[:num_drop]].set(True)
+
+
+def _masked_mean_tree(tree: PyTree, weights: jax.Array, fallback: PyTree
+                      ) -> PyTree:
+  total = jnp.sum(weights)
+  scale = weights / jnp.maximum(total, 1e-12)
+
+  def mean(stacked, old):
+    avg = jnp.tensordot(scale, stacked.astype(jnp.float32), axes=1)
+    return jnp.where(total > 0, avg.astype(old.dtype), old)
+
+  return jax.tree.map(mean, tree, fallback)
+
+
+def run_round(client_fn: ClientFn, params: PyTree, model_state: PyTree,
+              cohort: Mapping[str, jax.Array], client_ids: jax.Array | None,
+              key: jax.Array, config: RoundConfig,
+              context: PyTree = None,
+              aggregator_state: PyTree = ()) -> RoundResult:
+  """Runs every client of the cohort and aggregates their updates.
+
+  Args:
+    client_fn: `(params, model_state, client_data, key, context) ->
+      ClientOutput`, e.g. from `client.make_client_update`.
+    params: the server's params (broadcast to all clients).
+    model_state: the server's model state.
+    cohort: {'x': [C, M, ...], 'y': [C, M], 'mask': [C, M]}.
+    client_ids: int32 [C] pool indices (None: 0..C-1); they key each
+      client's randomness.
+    key: this round's PRNG key.
+    config: hooks, faults and execution.
+    context: optional per-client PyTree with a leading C axis.
+    aggregator_state: the stateful aggregator's state, if one is set.
+
+  Returns:
+    A RoundResult. Its metrics: num_clients, num_dropped,
+    num_nonfinite_clients, num_empty_clients, num_aggregated, total_weight,
+    server_updated, train_loss, train_accuracy, train_examples,
+    mean_local_steps, update_norm, aggregator/*, transform/*.
+  """
+  num_clients, _ = cohort_lib.validate_cohort(cohort)
+  if client_ids is None:
+    client_ids = jnp.arange(num_clients, dtype=jnp.int32)
+  if jnp.shape(client_ids) != (num_clients,):
+    raise ValueError(f'client_ids has shape {jnp.shape(client_ids)}; the '
+                     f'cohort has {num_clients} clients.')
+  keys = split_round_key(key)
+  per_client = {
+      'data': dict(cohort),
+      'key': jax.vmap(client_key, (None, 0))(keys.clients, client_ids),
+      'context': context,
+  }
+  if config.transform is not None:
+    # Only drawn when used: every PRNG call site adds compile time on CPU.
+    per_client['transform_key'] = jax.vmap(client_key, (None, 0))(
+        keys.transform, client_ids)
+
+  def one_client(broadcast, inputs):
+    server_params, server_state = broadcast
+    out = client_fn(server_params, server_state, inputs['data'],
+                    inputs['key'], inputs['context'])
+    finite = _all_finite(out.delta) & _all_finite(out.model_state)
+    sent, info = out.delta, {}
+    if config.transform is not None:
+      sent, info = config.transform(out.delta, inputs['transform_key'])
+      finite &= _all_finite(sent)
+    sent = jax.tree.map(lambda d: jnp.where(finite, d, jnp.zeros_like(d)),
+                        sent)
+    return {'sent': sent, 'finite': finite, 'weight': out.weight,
+            'metrics': out.metrics, 'model_state': out.model_state,
+            'info': info, 'extras': out.extras}
+
+  param_count = sum(x.size for x in jax.tree.leaves(params))
+  out = execution.map_clients(one_client, (params, model_state), per_client,
+                              config.execution, param_count)
+
+  dropped = _dropped(keys.dropout, num_clients, config.dropout_rate)
+  arrived = ~dropped
+  has_data = out['weight'] > 0
+  included = arrived & out['finite'] & has_data
+  base_weight = (jnp.ones_like(out['weight']) if config.uniform_weights
+                 else out['weight'])
+  weights = jnp.where(included, base_weight, 0.0).astype(jnp.float32)
+  sent = jax.tree.map(
+      lambda d: jnp.where(
+          included.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0), out['sent'])
+  if config.stateful_aggregator is not None:
+    aggregate, new_agg_state, agg_metrics = (
+        config.stateful_aggregator.aggregate(aggregator_state, sent, weights,
+                                             keys.aggregate))
+  else:
+    aggregator = config.aggregator or weighted_mean
+    aggregate, agg_metrics = aggregator(sent, weights, keys.aggregate)
+    new_agg_state = aggregator_state
+  updated = (jnp.sum(weights) > 0) & _all_finite(aggregate)
+  new_agg_state = jax.tree.map(lambda n, o: jnp.where(updated, n, o),
+                               new_agg_state, aggregator_state)
+  new_model_state = _masked_mean_tree(out['model_state'], weights,
+                                      model_state)
+
+  def as_f32(flags):
+    return jnp.sum(flags.astype(jnp.float32))
+
+  reported = arrived & out['finite']  # Clients whose metrics are counted.
+
+  def report_sum(name):
+    if name not in out['metrics']:  # A custom loss may not sum accuracy.
+      return jnp.zeros((), jnp.float32)
+    return jnp.sum(jnp.where(reported, out['metrics'][name], 0.0))
+
+  count = report_sum('count')
+  num_included = as_f32(included)
+  metrics = {
+      'num_clients': jnp.asarray(num_clients, jnp.float32),
+      'num_dropped': as_f32(dropped),
+      'num_nonfinite_clients': as_f32(arrived & ~out['finite']),
+      'num_empty_clients': as_f32(reported & ~has_data),
+      'num_aggregated': num_included,
+      'total_weight': jnp.sum(weights),
+      'server_updated': updated.astype(jnp.float32),
+      'train_loss': report_sum('loss_sum') / jnp.maximum(count, 1.0),
+      'train_accuracy': report_sum('correct') / jnp.maximum(count, 1.0),
+      'train_examples': count,
+      'mean_local_steps': (jnp.sum(jnp.where(included,
+                                             out['metrics']['num_steps'], 0))
+                           / jnp.maximum(num_included, 1.0)),
+      'update_norm': optax.tree.norm(aggregate),
+  }
+  for name, value in agg_metrics.items():
+    metrics[f'aggregator/{name}'] = jnp.asarray(value, jnp.float32)
+  for name, value in out['info'].items():
+    metrics[f'transform/{name}'] = (
+        jnp.sum(jnp.where(included, value, 0.0))
+        / jnp.maximum(num_included, 1.0))
+  return RoundResult(aggregate=aggregate, model_state=new_model_state,
+                     included=included, updated=updated,
+                     extras=out['extras'], aggregator_state=new_agg_state,
+                     metrics=metrics)

@@ -1,0 +1,153 @@
+"""Tests of fedjax_ext.client: on-device batches, padded steps, deltas."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedjax_ext import client
+from ondevice import train
+
+
+class Linear(nn.Module):
+  """Softmax regression, written here to keep compiles small."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    return nn.Dense(3, name='out')(x)
+
+
+def _params():
+  return Linear().init(jax.random.key(0), jnp.zeros((1, 4)))['params']
+
+
+def _client(n, max_examples, seed=0):
+  rng = np.random.default_rng(seed)
+  x = np.zeros((max_examples, 4), np.float32)
+  y = np.zeros(max_examples, np.int32)
+  x[:n] = rng.normal(size=(n, 4))
+  y[:n] = rng.integers(0, 3, n)
+  mask = (np.arange(max_examples) < n).astype(np.float32)
+  return {'x': x, 'y': y, 'mask': mask}
+
+
+_LOSS = train.classification_loss(Linear())
+
+
+def _update(local, wrapper=None):
+  return jax.jit(client.make_client_update(_LOSS, optax.sgd(0.5), local,
+                                           wrapper))
+
+
+# Shared by several tests (a new jit compiles again): 5 steps of B = 2.
+_FIVE_STEPS = client.LocalConfig(batch_size=2, num_steps=5)
+_FIVE_STEP_UPDATE = _update(_FIVE_STEPS)
+
+
+def test_local_batches_visit_each_valid_example_once_per_epoch():
+  data = {'x': jnp.arange(8.0), 'y': jnp.arange(8),
+          'mask': jnp.array([1, 1, 0, 1, 1, 0, 1, 0], jnp.float32)}
+  valid = {0, 1, 3, 4, 6}
+  batch_at = jax.jit(client.local_batch, static_argnums=(3, 4))
+  for epoch in range(2):
+    seen = []
+    for b in range(3):  # ceil(5 / 2) batches per epoch.
+      batch = batch_at(data, jax.random.key(3), jnp.asarray(3 * epoch + b),
+                       2, None)
+      seen += np.asarray(batch['y'])[np.asarray(batch['mask']) > 0].tolist()
+    assert sorted(seen) == sorted(valid)
+  # Past num_epochs every batch is padding.
+  late = batch_at(data, jax.random.key(3), jnp.asarray(6), 2, 2)
+  np.testing.assert_array_equal(late['mask'], 0.0)
+
+
+def test_padded_steps_are_no_ops():
+  # 3 real examples padded to 8, full-batch (B=4), 2 epochs: the scan has
+  # 2 * ceil(8 / 4) = 4 steps, of which 2 are real. Full-batch SGD does not
+  # depend on the order, so the reference is 2 plain steps on the 3 examples.
+  data = _client(3, 8)
+  params = _params()
+  out = _update(client.LocalConfig(batch_size=4, num_epochs=2))(
+      params, {}, data, jax.random.key(1))
+  assert float(out.metrics['num_steps']) == 2.0
+  assert float(out.metrics['count']) == 6.0
+  assert float(out.weight) == 3.0
+
+  opt = optax.sgd(0.5)
+  step = jax.jit(train.make_train_step(train.classification_loss(Linear()),
+                                      opt))
+  state = train.state_from_params(params, {}, opt)
+  real = {k: v[:3] for k, v in data.items()}
+  for i in range(2):
+    state, _ = step(state, real, jax.random.key(i))
+  expected = train.flatten_params(state.params)
+  before = train.flatten_params(params)
+  for k in expected:
+    np.testing.assert_allclose(out.delta[k], expected[k] - before[k],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_num_steps_cycles_through_epochs():
+  # n=3, B=2: epochs are batches of 2 and 1, so 5 steps see 2+1+2+1+2.
+  out = _FIVE_STEP_UPDATE(_params(), {}, _client(3, 6), jax.random.key(0))
+  assert float(out.metrics['num_steps']) == 5.0
+  assert float(out.metrics['count']) == 8.0
+  # Both limits: 1 epoch ends after 2 steps.
+  out = _update(client.LocalConfig(batch_size=2, num_steps=5, num_epochs=1))(
+      _params(), {}, _client(3, 6), jax.random.key(0))
+  assert float(out.metrics['num_steps']) == 2.0
+
+
+def test_delta_covers_only_trainable_leaves():
+  local = client.LocalConfig(batch_size=4, num_steps=3,
+                             trainable=('out/bias',))
+  out = _update(local)(_params(), {}, _client(5, 8), jax.random.key(0))
+  assert set(out.delta) == {'out/bias'}
+  assert float(jnp.abs(out.delta['out/bias']).sum()) > 0
+  assert float(out.weight) == 5.0
+
+
+def test_client_without_data_sends_a_zero_update():
+  out = _FIVE_STEP_UPDATE(_params(), {}, _client(0, 6), jax.random.key(0))
+  assert float(out.weight) == 0.0 and float(out.metrics['num_steps']) == 0.0
+  for d in out.delta.values():
+    np.testing.assert_array_equal(d, 0.0)
+
+
+def test_proximal_term_follows_fedprox():
+  # Two full-batch SGD steps on loss + mu/2 ||w - w0||^2, by hand:
+  # w1 = w0 - lr g(w0) (the term's gradient is 0 at w0), then
+  # w2 = w1 - lr (g(w1) + mu (w1 - w0)).
+  lr, mu = 0.5, 0.7
+  data = _client(3, 4)
+  params = _params()
+  out = _update(client.LocalConfig(batch_size=4, num_steps=2),
+                client.proximal_wrapper(mu))(params, {}, data,
+                                             jax.random.key(0))
+  real = {k: v[:3] for k, v in data.items()}
+  grad = jax.grad(lambda p: _LOSS(p, {}, real, None)[0])
+  w0 = params
+  w1 = jax.tree.map(lambda w, g: w - lr * g, w0, grad(w0))
+  w2 = jax.tree.map(lambda a, g, b: a - lr * (g + mu * (a - b)), w1,
+                    grad(w1), w0)
+  expected = train.flatten_params(jax.tree.map(jnp.subtract, w2, w0))
+  for k, v in expected.items():
+    np.testing.assert_allclose(out.delta[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_local_configs_are_errors():
+  with pytest.raises(ValueError, match='needs num_steps or num_epochs'):
+    client.LocalConfig(batch_size=4)
+  with pytest.raises(ValueError, match='batch_size must be >= 1'):
+    client.LocalConfig(batch_size=0, num_steps=1)
+  with pytest.raises(ValueError, match='num_epochs must be >= 1'):
+    client.LocalConfig(batch_size=2, num_epochs=0)
+  with pytest.raises(ValueError, match='mu must be >= 0'):
+    client.proximal_wrapper(-1.0)
+  with pytest.raises(ValueError, match='not parameters of the model'):
+    _update(client.LocalConfig(batch_size=2, num_steps=1,
+                               trainable=('nope',)))(
+                                   _params(), {}, _client(2, 4),
+                                   jax.random.key(0))

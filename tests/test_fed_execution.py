@@ -1,0 +1,137 @@
+"""Tests of fedjax_ext.execution: every strategy computes the same round."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from fedjax_ext import execution
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Builds one FedAvg round with dropout and a noisy clipping transform (so
+# per-client keys matter) on 6 clients; `run(config)` returns flat results.
+# Shared by the in-process chunked test and the 4-device subprocess.
+_ROUND = textwrap.dedent('''
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from fedjax_ext import algorithms, client, execution, rounds
+    from ondevice import train
+
+
+    class Linear(nn.Module):
+
+      @nn.compact
+      def __call__(self, x, train=False):
+        return nn.Dense(3, name='out')(x)
+
+
+    def noisy_clip(delta, key):
+      norm = optax.tree.norm(delta)
+      scale = jnp.minimum(1.0, 0.05 / norm)
+      keys = jax.random.split(key, len(delta))
+      out = {k: scale * d + 1e-3 * jax.random.normal(kk, d.shape)
+             for kk, (k, d) in zip(keys, sorted(delta.items()))}
+      return out, {'norm': norm}
+
+
+    def run(config):
+      rng = np.random.default_rng(0)
+      sizes = np.array([5, 1, 8, 3, 6, 2])
+      mask = (np.arange(8)[None] < sizes[:, None]).astype(np.float32)
+      cohort = {'x': rng.normal(size=(6, 8, 4)).astype(np.float32),
+                'y': rng.integers(0, 3, (6, 8)).astype(np.int32),
+                'mask': mask}
+      ids = jnp.array([4, 0, 9, 2, 7, 5], jnp.int32)
+      model = Linear()
+      params = model.init(jax.random.key(0), jnp.zeros((1, 4)))['params']
+      algorithm = algorithms.fedavgm(
+          train.classification_loss(model), optax.sgd(0.3),
+          client.LocalConfig(batch_size=3, num_epochs=2),
+          rounds=rounds.RoundConfig(dropout_rate=0.3, transform=noisy_clip,
+                                    execution=config))
+      state = algorithm.init(params)
+      for r in range(2):
+        state, metrics = algorithm.apply(state, cohort, ids,
+                                         jax.random.key(r))
+      leaves = jax.tree.leaves((state.params, state.opt_state))
+      return (np.concatenate([np.ravel(x) for x in leaves]),
+              {k: float(v) for k, v in metrics.items()})
+''')
+
+
+def _round_module():
+  namespace = {}
+  code = compile(_ROUND, '<fed_round>', 'exec')
+  exec(code, namespace)  # pylint: disable=exec-used
+  return namespace
+
+
+def test_auto_rule():
+  config = execution.ExecutionConfig()
+  small, big = 10_000, 10_000_000
+  assert execution.resolve_strategy(config, small, 100, 1) == ('vmap', 100)
+  # 10M params x 100 clients > 2^26: chunks of 6 (2^26 // 10M), balanced:
+  # ceil(100 / 6) = 17 chunks of ceil(100 / 17) = 6 clients.
+  assert execution.resolve_strategy(config, big, 100, 1) == ('chunked', 6)
+  assert execution.resolve_strategy(config, small, 100, 4) == ('sharded', 100)
+  assert execution.resolve_strategy(config, small, 2, 4) == ('vmap', 2)
+  chunked = execution.ExecutionConfig('chunked', chunk_size=4)
+  assert execution.resolve_strategy(chunked, small, 9, 1) == ('chunked', 3)
+  assert execution.resolve_strategy(chunked, small, 10, 1) == ('chunked', 4)
+
+
+def test_bad_execution_configs_are_errors():
+  with pytest.raises(ValueError, match='Unknown execution strategy'):
+    execution.ExecutionConfig('pmap')
+  with pytest.raises(ValueError, match='chunk_size must be >= 1'):
+    execution.ExecutionConfig('chunked', chunk_size=0)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  with pytest.raises(ValueError, match="axis named 'clients'"):
+    execution.ExecutionConfig('sharded', mesh=mesh)
+
+
+def test_chunked_equals_vmap():
+  run = _round_module()['run']
+  vmapped, m_vmap = run(execution.ExecutionConfig('vmap'))
+  # 6 clients in chunks of 4: the second chunk is padded with copies.
+  chunked, m_chunk = run(execution.ExecutionConfig('chunked', chunk_size=4))
+  np.testing.assert_allclose(chunked, vmapped, rtol=1e-5, atol=1e-6)
+  assert m_chunk == pytest.approx(m_vmap, rel=1e-5, abs=1e-6)
+  assert m_vmap['num_dropped'] == 2.0
+  assert 'transform/norm' in m_vmap
+
+
+_SHARDED = _ROUND + textwrap.dedent('''
+    assert jax.device_count() == 4, jax.devices()
+    vmapped, m_vmap = run(execution.ExecutionConfig('vmap'))
+    sharded, m_shard = run(execution.ExecutionConfig('sharded'))
+    strategy = execution.resolve_strategy(execution.ExecutionConfig(), 15, 6)
+    print(json.dumps({
+        'max_diff': float(np.max(np.abs(sharded - vmapped))),
+        'metric_diff': max(abs(m_vmap[k] - m_shard[k]) for k in m_vmap),
+        'auto': strategy[0]}))
+''')
+
+
+def test_sharded_over_four_devices_equals_single_device_vmap():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join([_REPO, os.environ.get('PYTHONPATH',
+                                                                '')]))
+  proc = subprocess.run([sys.executable, '-c', 'import json\n' + _SHARDED],
+                        cwd=_REPO, env=env, capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result['max_diff'] < 1e-5, result
+  assert result['metric_diff'] < 1e-5, result
+  assert result['auto'] == 'sharded'
