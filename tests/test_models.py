@@ -70,7 +70,7 @@ def test_ds_cnn_s_param_count_by_hand():
   c, k = 64, 36
   conv0 = 10 * 4 * 1 * c + c       # 10x4 kernel, 1 input channel, bias
   dw = 3 * 3 * c + c               # depthwise: one 3x3 filter per channel
-  pw = c * c + c                   # pointwise 1x1
+  pw = c * c + c                   # pointwise 1x1 (a [C, C] Dense)
   classifier = c * k + k
   norm = 2 * c                     # scale + bias after every conv
   no_norm = conv0 + 4 * (dw + pw) + classifier
@@ -139,7 +139,9 @@ def _counting(fn, counter, key):
 
 
 @pytest.mark.parametrize('name,num_convs,num_dots', [
-    ('ds_cnn_s', 1 + 2 * 4, 1), ('ds_cnn_l', 1 + 2 * 5, 1),
+    # DS-CNN: conv0 + one depthwise conv per block are convolutions; each
+    # block's pointwise layer is a Dense over pixels, plus the classifier.
+    ('ds_cnn_s', 1 + 4, 4 + 1), ('ds_cnn_l', 1 + 5, 5 + 1),
     ('cnn', 2, 2), ('mlp', 0, 2),
 ])
 def test_injected_hooks_are_called_once_per_layer(name, num_convs, num_dots):
@@ -158,7 +160,10 @@ def test_injected_hooks_are_called_once_per_layer(name, num_convs, num_dots):
 
 def test_scaled_hooks_change_the_output():
   x = _normal((2, 20, 10))
-  kwargs = dict(channels=8, norm='none')
+  # Without biases and norms every block is positively homogeneous, so
+  # doubling the 4 pointwise Dense layers scales the features by 2**4 and the
+  # doubled classifier adds one more factor 2 before its bias.
+  kwargs = dict(channels=8, norm='none', conv_bias=False)
   model = models.build_model('ds_cnn_s', 5, **kwargs)
   variables = _random_variables(model, x.shape)
   logits = model.apply(variables, x)
@@ -169,7 +174,7 @@ def test_scaled_hooks_change_the_output():
                                   **kwargs)
   bias = variables['params']['classifier']['bias']
   np.testing.assert_allclose(scaled_dot.apply(variables, x),
-                             2.0 * (logits - bias) + bias, rtol=1e-5,
+                             2.0**5 * (logits - bias) + bias, rtol=1e-5,
                              atol=1e-5)
 
   def doubled_conv(*args, **kw):
@@ -213,7 +218,7 @@ def test_jit_and_vmap_over_a_client_axis_of_params():
   stacked = jax.tree_util.tree_map(
       lambda *leaves: np.stack(leaves),
       *[_random_variables(model, xs.shape[1:], seed) for seed in range(3)])
-  assert stacked['params']['pw2']['kernel'].shape == (num_clients, 1, 1, 8, 8)
+  assert stacked['params']['pw2']['kernel'].shape == (num_clients, 8, 8)
 
   batched = jax.jit(jax.vmap(model.apply))(stacked, xs)
   assert batched.shape == (num_clients, 2, 3)
@@ -276,3 +281,24 @@ def test_group_count_divides_channels():
   assert models.layers.group_count(64) == 32
   assert models.layers.group_count(276) == 23
   assert models.layers.group_count(20) == 20
+
+
+@pytest.mark.parametrize('stride,padding', [((1, 1), 'SAME'), ((2, 2), 'SAME'),
+                                            ((2, 1), 'VALID'),
+                                            ((1, 2), ((1, 0), (2, 1)))])
+def test_fast_depthwise_conv_matches_lax(stride, padding):
+  from ondevice.models import layers
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 9, 7, 5)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(3, 3, 1, 5)).astype(np.float32))
+  kwargs = dict(dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                feature_group_count=5)
+  want = jax.lax.conv_general_dilated(x, w, stride, padding, **kwargs)
+  got = layers.depthwise_conv_general_dilated(x, w, stride, padding, **kwargs)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, stride, padding,
+                                                  **kwargs)))
+  g_want = jax.grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
+  g_got = jax.grad(loss(layers.depthwise_conv_general_dilated), (0, 1))(x, w)
+  for a, b in zip(g_got, g_want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -3,7 +3,8 @@
 Zhang, Suda, Lai & Chandra (2017), "Hello Edge: Keyword Spotting on
 Microcontrollers", arXiv:1711.07128, Table 7 (DS-CNN S / M / L), as in ARM's
 ML-KWS-for-MCU reference code: one regular convolution, then blocks of a 3x3
-depthwise convolution and a 1x1 pointwise convolution, each followed by a
+depthwise convolution and a 1x1 pointwise convolution (computed as a Dense
+layer over pixels, kernel [C, C]), each followed by a
 norm and a ReLU, global average pooling and one Dense classifier. Padding is
 'SAME' throughout.
 
@@ -80,11 +81,24 @@ class DSCNN(nn.Module):
     super().__post_init__()
 
   def _conv(self, features, kernel, stride, name, groups=1):
+    conv = self.conv_general_dilated
+    if conv is None and self.conv_general_dilated_cls is None and groups > 1:
+      conv = layers.depthwise_conv_general_dilated  # XLA CPU's is slow.
     return nn.Conv(
         features, kernel_size=tuple(kernel), strides=tuple(stride),
         padding='SAME', feature_group_count=groups, use_bias=self.conv_bias,
-        conv_general_dilated=self.conv_general_dilated,
+        conv_general_dilated=conv,
         conv_general_dilated_cls=self.conv_general_dilated_cls, name=name)
+
+  def _pointwise(self, features, name, x):
+    # A 1x1 convolution is a matmul over pixels. Written as one, its gradient
+    # is ~14x faster on XLA's CPU backend than the 1x1 conv's (measured on a
+    # 64x49x20x64 map), and int8 quantisation reaches it via `dot_general`.
+    flat = x.reshape(-1, x.shape[-1])
+    y = nn.Dense(features, use_bias=self.conv_bias,
+                 dot_general=self.dot_general,
+                 dot_general_cls=self.dot_general_cls, name=name)(flat)
+    return y.reshape(x.shape[:-1] + (features,))
 
   @nn.compact
   def _forward(self, x: jax.Array, train: bool, with_head: bool,
@@ -102,7 +116,7 @@ class DSCNN(nn.Module):
     for i, stride in enumerate(self.block_strides, start=1):
       x = self._conv(c, (3, 3), stride, f'dw{i}', groups=c)(x)
       x = nn.relu(layers.apply_norm(x, self.norm, f'dw{i}_norm', train, mask))
-      x = self._conv(c, (1, 1), (1, 1), f'pw{i}')(x)
+      x = self._pointwise(c, f'pw{i}', x)
       x = nn.relu(layers.apply_norm(x, self.norm, f'pw{i}_norm', train, mask))
     x = jnp.mean(x, axis=(1, 2))
     if not with_head:

@@ -102,3 +102,71 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   """Scales `x` to unit L2 norm along `axis`; zero vectors stay finite."""
   sq_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
   return x * jax.lax.rsqrt(jnp.maximum(sq_norm, eps * eps))
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+def _is_nhwc_hwio(dimension_numbers, lhs_shape, rhs_shape) -> bool:
+  # Flax passes a ConvDimensionNumbers of axis indices, lax users strings.
+  if dimension_numbers is None:
+    return False
+  want = jax.lax.conv_dimension_numbers(lhs_shape, rhs_shape,
+                                        ('NHWC', 'HWIO', 'NHWC'))
+  got = jax.lax.conv_dimension_numbers(lhs_shape, rhs_shape,
+                                       dimension_numbers)
+  return tuple(got) == tuple(want)
+
+
+def depthwise_conv_general_dilated(lhs, rhs, window_strides, padding,
+                                   lhs_dilation=None, rhs_dilation=None,
+                                   dimension_numbers=None,
+                                   feature_group_count=1, **kwargs):
+  """A depthwise conv as a sum of shifted products; lax's signature.
+
+  XLA's CPU backend lowers grouped convolutions with one group per channel
+  to a slow generic loop: on a DS-CNN feature map (64x49x20x64, 3x3) we
+  measured 0.5 s forward and 5.6 s for the gradient, against 0.04 s and
+  0.7 s for this form, which is k*k shifted multiply-adds of NHWC maps and
+  differentiates into the same. Falls back to lax for anything that is not
+  a plain depthwise NHWC/HWIO convolution with one filter per channel.
+  """
+  plain = (
+      feature_group_count == lhs.shape[-1] == rhs.shape[-1] and
+      rhs.shape[-2] == 1 and lhs.ndim == 4 and
+      _is_nhwc_hwio(dimension_numbers, lhs.shape, rhs.shape) and
+      all(d == 1 for d in (lhs_dilation or (1, 1))) and
+      all(d == 1 for d in (rhs_dilation or (1, 1))))
+  if not plain:
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, **kwargs)
+  kh, kw = rhs.shape[0], rhs.shape[1]
+  sh, sw = window_strides
+  height, width = lhs.shape[1], lhs.shape[2]
+  if isinstance(padding, str):
+    if padding == 'SAME':
+      pads = (_same_padding(height, kh, sh), _same_padding(width, kw, sw))
+    elif padding == 'VALID':
+      pads = ((0, 0), (0, 0))
+    else:
+      raise ValueError(f'Unsupported padding {padding!r}.')
+  else:
+    pads = tuple(tuple(p) for p in padding)
+  x = jnp.pad(lhs, ((0, 0), pads[0], pads[1], (0, 0)))
+  out_h = (x.shape[1] - kh) // sh + 1
+  out_w = (x.shape[2] - kw) // sw + 1
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      patch = jax.lax.slice(
+          x, (0, i, j, 0),
+          (x.shape[0], i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1,
+           x.shape[3]), (1, sh, sw, 1))
+      term = patch * rhs[i, j, 0].astype(patch.dtype)
+      out = term if out is None else out + term
+  return out
