@@ -1,0 +1,121 @@
+"""End-to-end tests of the federated run: resume, outputs, bad input."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import fed_fmnist
+from configs import fed_kws
+from fedjax_ext import training
+from ondevice.data.base import ArrayDataset
+
+
+def _clients(num_clients, per_client, seed):
+  rng = np.random.default_rng(seed)
+  n = num_clients * per_client
+  x = rng.normal(size=(n, 6, 4)).astype(np.float32)
+  y = (x[:, 0, 0] > 0).astype(np.int32)
+  return ArrayDataset(x=x, y=y,
+                      client_id=np.repeat(np.arange(num_clients), per_client
+                                          ).astype(np.int32),
+                      class_names=('neg', 'pos'))
+
+
+def _config(**overrides):
+  config = fed_kws.get_config('smoke')
+  config.model = 'mlp'
+  config.norm = 'none'
+  config.model_kwargs = {}
+  config.num_rounds = 6
+  config.cohort_size = 3
+  config.local.num_steps = 2
+  config.local.batch_size = 4
+  config.max_examples_per_client = 12
+  config.eval_every = 2
+  config.checkpoint_every = 100
+  config.update(overrides)
+  return config
+
+
+def _data():
+  return _clients(8, 10, 0), _clients(3, 10, 1)
+
+
+def test_resumed_federated_run_is_bit_identical(tmp_path):
+  full = training.train_and_evaluate(_config(), str(tmp_path / 'a'),
+                                     datasets=_data())
+  part = training.train_and_evaluate(_config(), str(tmp_path / 'b'),
+                                     datasets=_data(), stop_after_rounds=3)
+  assert part['metrics'] == {'stopped_at': 3}
+  resumed = training.train_and_evaluate(_config(), str(tmp_path / 'b'),
+                                        datasets=_data())
+  for a, b in zip(jax.tree.leaves(full['state']),
+                  jax.tree.leaves(resumed['state'])):
+    np.testing.assert_array_equal(a, b)
+  assert int(resumed['state'].round) == 6
+  with open(tmp_path / 'b' / 'metrics.jsonl') as f:
+    rounds = [json.loads(line)['round'] for line in f]
+  assert rounds == [1, 2, 3, 4, 5, 6]
+
+
+def test_outputs_and_bytes_per_client(tmp_path):
+  config = _config(num_rounds=30, cohort_size=4)
+  config.compression = {'name': 'quantize', 'bits': 8}
+  out = training.train_and_evaluate(config, str(tmp_path), datasets=_data())
+  for name in ('metrics.jsonl', 'accuracy_vs_round.png', 'final_metrics.json'):
+    assert os.path.getsize(tmp_path / name) > 0
+  params = out['metrics']['num_params']
+  assert out['metrics']['bytes_per_client_float32'] == 4 * params
+  with open(tmp_path / 'metrics.jsonl') as f:
+    record = json.loads(f.readline())
+  # int8: one byte per param plus a float32 scale per leaf (4 leaves).
+  assert record['bytes_per_client'] == params + 4 * 4
+  # y = [x > 0] on one feature: far above chance after 30 rounds.
+  assert out['metrics']['test_accuracy'] > 0.8
+
+
+def test_dp_run_reports_epsilon(tmp_path):
+  config = _config(num_rounds=2)
+  config.dp.enabled = True
+  config.dp.noise_multiplier = 1.0
+  config.dp.clip_norm = 0.5
+  out = training.train_and_evaluate(config, str(tmp_path), datasets=_data())
+  assert 0 < out['metrics']['dp_epsilon'] < 100
+  assert out['metrics']['dp_delta'] == 1e-5
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('cohort_size', 50, 'cohort_size'),
+    ('algorithm', 'fedsgdx', 'config.algorithm'),
+    ('client_learning_rate', -1.0, 'client_learning_rate'),
+    ('model', 'nope', 'config.model'),
+])
+def test_bad_config_values_fail_before_compilation(tmp_path, monkeypatch, key,
+                                                   value, match):
+  def no_jit(*args, **kwargs):
+    raise AssertionError('compilation started before validation')
+  monkeypatch.setattr(jax, 'jit', no_jit)
+  with pytest.raises(ValueError, match=match):
+    training.train_and_evaluate(_config(**{key: value}), str(tmp_path),
+                                datasets=_data())
+
+
+def test_impossible_dp_setting_is_an_error(tmp_path):
+  config = _config()
+  config.dp.enabled = True
+  config.dp.noise_multiplier = -1.0
+  with pytest.raises(ValueError, match='noise_multiplier'):
+    training.train_and_evaluate(config, str(tmp_path), datasets=_data())
+
+
+def test_fmnist_without_partition_is_an_error(tmp_path):
+  config = fed_fmnist.get_config('smoke')
+  config.partition.kind = 'natural'
+  train = _clients(4, 5, 0)
+  train = ArrayDataset(x=train.x, y=train.y,
+                       client_id=-np.ones(len(train.y), np.int32),
+                       class_names=train.class_names)
+  with pytest.raises(ValueError, match='partition'):
+    training.train_and_evaluate(config, str(tmp_path), datasets=(train, train))
