@@ -302,3 +302,23 @@ def test_fast_depthwise_conv_matches_lax(stride, padding):
   g_got = jax.grad(loss(layers.depthwise_conv_general_dilated), (0, 1))(x, w)
   for a, b in zip(g_got, g_want):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('stride,padding', [((1, 1), 'SAME'), ((4, 4), 'SAME'),
+                                            ((2, 1), 'VALID')])
+def test_im2col_conv_matches_lax(stride, padding):
+  from ondevice.models import layers
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 12, 9, 3)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(4, 3, 3, 5)).astype(np.float32))
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  want = jax.lax.conv_general_dilated(x, w, stride, padding,
+                                      dimension_numbers=dn)
+  got = layers.im2col_conv_general_dilated(x, w, stride, padding,
+                                           dimension_numbers=dn)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  loss = lambda f: lambda w: jnp.sum(jnp.sin(f(x, w, stride, padding,
+                                               dimension_numbers=dn)))
+  np.testing.assert_allclose(
+      jax.grad(loss(layers.im2col_conv_general_dilated))(w),
+      jax.grad(loss(jax.lax.conv_general_dilated))(w), rtol=1e-4, atol=1e-4)

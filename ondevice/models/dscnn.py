@@ -82,8 +82,9 @@ class DSCNN(nn.Module):
 
   def _conv(self, features, kernel, stride, name, groups=1):
     conv = self.conv_general_dilated
-    if conv is None and self.conv_general_dilated_cls is None and groups > 1:
-      conv = layers.depthwise_conv_general_dilated  # XLA CPU's is slow.
+    if conv is None and self.conv_general_dilated_cls is None:
+      # XLA's CPU conv gradients are slow; see layers for measurements.
+      conv = layers.cpu_friendly_conv_general_dilated
     return nn.Conv(
         features, kernel_size=tuple(kernel), strides=tuple(stride),
         padding='SAME', feature_group_count=groups, use_bias=self.conv_bias,

@@ -81,7 +81,10 @@ class SmallCNN(nn.Module):
           f'shape {x.shape}; vmap over any extra leading axis instead.')
     for i, width in enumerate(self.channels, start=1):
       x = nn.Conv(width, kernel_size=(3, 3), padding='SAME',
-                  conv_general_dilated=self.conv_general_dilated,
+                  conv_general_dilated=(
+                      self.conv_general_dilated or
+                      (None if self.conv_general_dilated_cls else
+                       layers.cpu_friendly_conv_general_dilated)),
         conv_general_dilated_cls=self.conv_general_dilated_cls,
                   name=f'conv{i}')(x)
       x = nn.relu(layers.apply_norm(x, self.norm, f'conv{i}_norm', train, mask))
