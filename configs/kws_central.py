@@ -27,6 +27,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
   config.model = 'ds_cnn_s'
   config.norm = 'batch'
+  # A 4x4 first stride maps the 98x40 log-mel to 25x10, the resolution the
+  # paper's DS-CNN sees (25x5 from 49x10 MFCC) and 4x cheaper than 2x2.
+  config.model_kwargs = ml_collections.ConfigDict({'first_stride': (4, 4)})
   config.quant = 'none'          # See quantized_training.QUANT_NAMES.
   config.optimizer = 'adam'
   config.learning_rate = 3e-3
@@ -38,10 +41,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0
   config.batch_size = 64
   config.eval_batch_size = 512
-  config.num_steps = 3000
+  config.num_steps = 1200
   config.log_every = 50
-  config.eval_every = 500
-  config.checkpoint_every = 1000
+  config.eval_every = 300
+  config.checkpoint_every = 600
   config.seed = 0
 
   if args.smoke:

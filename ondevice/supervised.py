@@ -64,6 +64,8 @@ def build_model(config, num_classes: int, model_kwargs: Mapping[str, Any]):
   kwargs = dict(model_kwargs)
   if 'norm' in config:
     kwargs.setdefault('norm', config.norm)
+  for key, value in config.get('model_kwargs', {}).items():
+    kwargs.setdefault(key, tuple(value) if isinstance(value, list) else value)
   return models.build_model(config.model, num_classes, **kwargs)
 
 
