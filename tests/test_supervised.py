@@ -28,6 +28,7 @@ def _config(**overrides):
   config = kws_central.get_config('smoke')
   config.model = 'mlp'
   config.norm = 'none'
+  config.model_kwargs = {}
   config.num_steps = 12
   config.batch_size = 8
   config.log_every = 3
