@@ -1,0 +1,336 @@
+"""Contribution analysis and budgeted sparse updates (Lin et al., 2022).
+
+Lin, Zhu, Chen, Wang, Gan & Han (2022), "On-Device Training Under 256KB
+Memory", Section 3.2: starting from a pre-trained model, fine-tune the
+classifier together with one candidate unit (a layer's biases, or a layer's
+weights) at a time, and record the accuracy gain over fine-tuning the
+classifier alone on a held-out split. Then choose the units that maximise
+the summed gain under a memory budget (`sparse_updates.search`).
+
+`run(config, workdir)` does the whole study: pre-train (or resume) with
+`ondevice.supervised`, fold batch norm into the convolutions as a device
+would, split the held-out speakers' data into adaptation / validation / test
+examples, measure every unit's gain on validation, search under each budget,
+and compare the searched schemes with full, bias-only, last-k and
+classifier-only updates on test. It writes contribution.json,
+contribution.md and contribution_gains.png to `workdir`.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ondevice import cost
+from ondevice import models
+from ondevice import optim
+from ondevice import supervised
+from ondevice import train
+from ondevice.data import registry
+from ondevice.data.base import ArrayDataset
+from sparse_updates import batchnorm_folding
+from sparse_updates import channel_masks
+from sparse_updates import contribution_report
+from sparse_updates import presets
+from sparse_updates import rules as rules_lib
+from sparse_updates import search
+
+
+def split_adaptation(ds: ArrayDataset, adapt_fraction: float,
+                     val_fraction: float, seed: int
+                     ) -> tuple[ArrayDataset, ArrayDataset, ArrayDataset]:
+  """Splits every client's examples into adaptation / validation / test."""
+  if not (0 < adapt_fraction and 0 < val_fraction and
+          adapt_fraction + val_fraction < 1):
+    raise ValueError(
+        f'adapt_fraction={adapt_fraction} and val_fraction={val_fraction} '
+        'must be positive and sum to less than 1 (the rest is test).')
+  rng = np.random.default_rng(seed)
+  parts = ([], [], [])
+  for client in ds.clients():
+    idx = rng.permutation(np.flatnonzero(ds.client_id == client))
+    a = int(round(adapt_fraction * len(idx)))
+    v = int(round((adapt_fraction + val_fraction) * len(idx)))
+    for part, chunk in zip(parts, (idx[:a], idx[a:v], idx[v:])):
+      part.append(chunk)
+  out = tuple(ds.take(np.sort(np.concatenate(p))) for p in parts)
+  for name, part in zip(('adaptation', 'validation', 'test'), out):
+    if not len(part):
+      raise ValueError(f'The {name} split is empty; use more held-out data '
+                       'or change adapt_fraction / val_fraction.')
+  return out
+
+
+class FineTuner:
+  """Fine-tunes one model under many schemes, two equivalent ways.
+
+  partitioned=True compiles the real sparse step for each scheme
+  (`ondevice.train.make_train_step` over the trainable leaves, with
+  `channel_masks.masked_optimizer` for partial channels): each step costs
+  only what the scheme needs, but every scheme compiles once.
+  partitioned=False compiles one step for all schemes: every leaf is
+  differentiated and the scheme is a runtime 0/1 mask on the gradient
+  (before the optimiser) and on the update (after it). Both follow the same
+  trajectory (tests/test_sparse_contribution.py checks it); the second is
+  faster for small models and short runs, where compilation dominates.
+  Memory is accounted analytically either way: the analysis runs offline,
+  as in Lin et al. (2022).
+  """
+
+  def __init__(self, model, cfg: ml_collections.ConfigDict,
+               partitioned: bool | None = None):
+    self.cfg = cfg
+    self.partitioned = (cfg.get('partitioned', True) if partitioned is None
+                        else partitioned)
+    self.optimizer = optim.build_optimizer(cfg)
+    self._loss_fn = train.classification_loss(model)
+    loss_fn, optimizer = self._loss_fn, self.optimizer
+
+    def step(params, opt_state, model_state, masks, batch, rng):
+      (_, (_, new_model_state)), grads = jax.value_and_grad(
+          lambda p: loss_fn(p, model_state, batch, rng), has_aux=True)(params)
+      grads = jax.tree.map(jnp.multiply, grads, masks)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      updates = jax.tree.map(jnp.multiply, updates, masks)
+      return optax.apply_updates(params, updates), opt_state, new_model_state
+
+    self._step = jax.jit(step)
+    self._init = jax.jit(optimizer.init)
+    self._compiled = {}
+    self._eval = jax.jit(train.make_eval_step(model))
+
+  def masks(self, params, scheme: rules_lib.Rules,
+            mask_key: jax.Array | None = None):
+    """0/1 float masks shaped like params: what `scheme` lets train."""
+    values = rules_lib.assign(params, scheme)
+    channels = {}
+    if rules_lib.channel_fractions(params, scheme):
+      channels = channel_masks.update_masks(
+          params, scheme, method=self.cfg.get('mask_method', 'magnitude'),
+          key=mask_key)
+    flat = train.flatten_params(params)
+    out = {}
+    for path, leaf in flat.items():
+      # NumPy, not jnp: host-side constants need no compilation per shape.
+      if path in channels:
+        mask = np.broadcast_to(np.asarray(channels[path]), leaf.shape)
+      else:
+        mask = np.full(leaf.shape, values[path] is not None)
+      out[path] = mask.astype(leaf.dtype)
+    return train.unflatten_params(out)
+
+  def _batches(self, data: ArrayDataset, seed: int):
+    """(step, batch) pairs: a fresh permutation of `data` every epoch."""
+    batch_size = min(int(self.cfg.batch_size), len(data))
+    per_epoch = len(data) // batch_size
+    for i in range(int(self.cfg.num_steps)):
+      epoch, offset = divmod(i, per_epoch)
+      perm = np.random.default_rng([seed, epoch]).permutation(len(data))
+      idx = perm[offset * batch_size:(offset + 1) * batch_size]
+      yield i, {'x': data.x[idx], 'y': data.y[idx],
+                'mask': np.ones(len(idx), np.float32)}
+
+  def finetune(self, params, model_state, scheme: rules_lib.Rules,
+               data: ArrayDataset, seed: int,
+               mask_key: jax.Array | None = None):
+    """Trains what `scheme` selects on `data`; returns (params, state)."""
+    paths = rules_lib.trainable_paths(params, scheme)  # Raises if invalid.
+    step_key = jax.random.key(seed)
+    if self.partitioned:
+      fractions = rules_lib.channel_fractions(params, scheme)
+      key = (paths, tuple(sorted(fractions.items())))
+      if key not in self._compiled:  # Schemes recur (e.g. the baseline).
+        optimizer = self.optimizer
+        if fractions:
+          optimizer = channel_masks.masked_optimizer(
+              optimizer, channel_masks.update_masks(
+                  params, scheme, self.cfg.get('mask_method', 'magnitude'),
+                  mask_key))
+        self._compiled[key] = (optimizer, jax.jit(train.make_train_step(
+            self._loss_fn, optimizer, paths)))
+      optimizer, step = self._compiled[key]
+      state = train.state_from_params(params, model_state, optimizer, paths)
+      for i, batch in self._batches(data, seed):
+        state, _ = step(state, batch, jax.random.fold_in(step_key, i))
+      return state.params, state.model_state
+    masks = self.masks(params, scheme, mask_key)
+    opt_state = self._init(params)
+    for i, batch in self._batches(data, seed):
+      params, opt_state, model_state = self._step(
+          params, opt_state, model_state, masks, batch,
+          jax.random.fold_in(step_key, i))
+    return params, model_state
+
+  def accuracy(self, params, model_state, data: ArrayDataset,
+               batch_size: int = 256) -> float:
+    return train.evaluate(self._eval, params, model_state, data.x, data.y,
+                          min(batch_size, len(data)))['accuracy']
+
+
+def measure_contributions(tuner: FineTuner, params, model_state,
+                          units: list[search.Unit], adapt: ArrayDataset,
+                          val: ArrayDataset, seed: int) -> dict[str, Any]:
+  """Accuracy gain of each unit over classifier-only fine-tuning."""
+  def score(scheme):
+    p, s = tuner.finetune(params, model_state, scheme, adapt, seed,
+                          jax.random.key(seed))
+    return tuner.accuracy(p, s, val)
+
+  baseline = score(search.scheme_rules([]))
+  accs = {}
+  for unit in units:
+    accs[unit.name] = score(search.scheme_rules([unit]))
+    logging.info('unit %-16s val accuracy %.4f (gain %+.4f)', unit.name,
+                 accs[unit.name], accs[unit.name] - baseline)
+  return {'baseline_accuracy': baseline, 'accuracy': accs,
+          'gains': {k: v - baseline for k, v in accs.items()}}
+
+
+def _pretrain_config(config) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(config.pretrain.to_dict())
+  c.data = config.data
+  c.model = config.model
+  c.model_kwargs = config.get('model_kwargs', {})
+  c.seed = config.seed
+  return c
+
+
+def pretrain(config, workdir: str, datasets):
+  """Pre-trains (or resumes) and returns (model, params, model_state)."""
+  out = supervised.train_and_evaluate(
+      _pretrain_config(config), os.path.join(workdir, 'pretrain'),
+      datasets=datasets)
+  state = out['state']
+  num_classes = datasets[0].num_classes
+  kwargs = dict(config.get('model_kwargs', {}))
+  norm = config.pretrain.get('norm', 'batch')
+  if config.fold_batch_norm and norm == 'batch':
+    params = batchnorm_folding.fold_batch_norm(
+        state.params, state.model_state['batch_stats'])
+    model = models.build_model(config.model, num_classes, norm='none',
+                               **kwargs)
+    return model, params, {}
+  model = models.build_model(config.model, num_classes, norm=norm, **kwargs)
+  return model, state.params, dict(state.model_state)
+
+
+def _schemes(config, params, order, searched: list[search.SearchResult]):
+  """(label, rules) of every scheme compared on the test split."""
+  out = []
+  for name in config.schemes:
+    if name == 'last_k':
+      out.append((f'last_k (k={config.last_k})',
+                  presets.get_rules('last_k', params, k=config.last_k,
+                                    layer_order=order)))
+    else:
+      out.append((name, presets.get_rules(name, params)))
+  for result in searched:
+    label = f'searched @ {result.budget_bytes // 1024} KB'
+    out.append((label, search.scheme_rules(result.units)))
+  return out
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the fields that need no data, before anything is trained."""
+  for key in ('data', 'model', 'pretrain', 'finetune', 'search', 'schemes',
+              'adapt_fraction', 'val_fraction', 'unit_weight_fraction'):
+    if key not in config:
+      raise ValueError(f'The config lacks config.{key}; see '
+                       'configs/contribution_kws.py.')
+  unknown = sorted(set(config.schemes) - set(presets.PRESETS))
+  if unknown:
+    raise ValueError(f'config.schemes has unknown schemes {unknown}; choose '
+                     f'from {presets.PRESETS}.')
+  if any(not kb > 0 for kb in config.search.budgets_kb):
+    raise ValueError('config.search.budgets_kb must be positive; got '
+                     f'{config.search.budgets_kb}.')
+  if config.search.relu_mask_bits not in (1, 8, 32):
+    raise ValueError('config.search.relu_mask_bits must be 1 (compact_relu),'
+                     ' 8 or 32 (stock jax.nn.relu under XLA); got '
+                     f'{config.search.relu_mask_bits}.')
+  cost.optimizer_slots(config.finetune.optimizer)
+  optim.build_optimizer(config.finetune)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        datasets: tuple[ArrayDataset, ArrayDataset] | None = None,
+        pretrained: tuple[Any, Any, Any] | None = None) -> dict[str, Any]:
+  """Pre-train, contribution analysis, budgeted search, comparison.
+
+  Args:
+    config: see configs/contribution_kws.py.
+    workdir: output directory (pre-training resumes from workdir/pretrain).
+    datasets: (train, held-out) to use instead of loading `config.data`.
+    pretrained: (model, params, model_state) to start from instead of
+      pre-training on the train split.
+
+  Returns:
+    The results written to contribution.json.
+  """
+  t0 = time.time()
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  train_ds, held_out = datasets or registry.load_dataset(config.data)
+  if pretrained is None:
+    pretrained = pretrain(config, workdir, (train_ds, held_out))
+  model, params, model_state = pretrained
+  adapt, val, test = split_adaptation(held_out, config.adapt_fraction,
+                                      config.val_fraction, config.split_seed)
+  logging.info('Adaptation %d / validation %d / test %d examples.',
+               len(adapt), len(val), len(test))
+  # Trained params come back from jit with sorted keys: take the layer order
+  # from the forward pass instead.
+  order = presets.forward_order(model, {'params': params, **model_state},
+                                train_ds.x[:1])
+  units = search.contribution_units(params, config.unit_weight_fraction,
+                                    layer_order=order)
+  tuner = FineTuner(model, config.finetune)
+  contrib = measure_contributions(tuner, params, model_state, units, adapt,
+                                  val, config.seed)
+
+  batch_shape = (config.search.batch_size,) + tuple(train_ds.x.shape[1:])
+  slots = cost.optimizer_slots(config.finetune.optimizer)
+
+  def memory_of(scheme):
+    return cost.analytic_training_memory(
+        model, params, rules_lib.trainable_paths(params, scheme),
+        batch_shape, slots, model_state=model_state,
+        relu_mask_bits=config.search.relu_mask_bits).training
+
+  memory_fn = search.cached(lambda us: memory_of(search.scheme_rules(us)))
+  searched = [search.greedy_search(units, contrib['gains'], memory_fn,
+                                   int(kb * 1024))
+              for kb in config.search.budgets_kb]
+  rows = [{'scheme': 'pre-trained (no update)',
+           'test_accuracy': tuner.accuracy(params, model_state, test),
+           'memory_kb': 0.0, 'upload_kb': 0.0}]
+  for label, scheme in _schemes(config, params, order, searched):
+    p, s = tuner.finetune(params, model_state, scheme, adapt, config.seed,
+                          jax.random.key(config.seed))
+    masks = None
+    if rules_lib.channel_fractions(params, scheme):
+      masks = channel_masks.update_masks(
+          params, scheme, config.finetune.get('mask_method', 'magnitude'),
+          jax.random.key(config.seed))
+    rows.append({
+        'scheme': label,
+        'test_accuracy': tuner.accuracy(p, s, test),
+        'memory_kb': memory_of(scheme) / 1024,
+        'upload_kb': cost.bytes_of_trainable(
+            params, rules_lib.trainable_paths(params, scheme), masks) / 1024})
+    logging.info('%s', rows[-1])
+  results = {'units': [u.name for u in units],
+             'unit_weight_fraction': config.unit_weight_fraction, **contrib,
+             'search': [r.to_json() for r in searched], 'schemes': rows,
+             'memory_batch_shape': list(batch_shape),
+             'relu_mask_bits': config.search.relu_mask_bits,
+             'seconds': time.time() - t0}
+  contribution_report.write(results, workdir)
+  return results

@@ -1,0 +1,173 @@
+"""Contribution analysis: units, the budgeted greedy search, the whole run."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import contribution_kws
+from ondevice.data.base import ArrayDataset
+from sparse_updates import contribution
+from sparse_updates import rules
+from sparse_updates import search
+
+
+def _unit(name, kind='bias'):
+  return search.Unit(name, name.split(':')[0], kind, (name,))
+
+
+def test_greedy_picks_best_gain_per_marginal_byte_within_budget():
+  units = [_unit('a:bias'), _unit('b:bias'), _unit('c:weight', 'weight'),
+           _unit('d:bias')]
+  gains = {'a:bias': 0.02, 'b:bias': 0.03, 'c:weight': 0.05, 'd:bias': -0.01}
+  cost = {'a:bias': 10, 'b:bias': 30, 'c:weight': 40, 'd:bias': 1}
+  memory = lambda us: 100 + sum(cost[u.name] for u in us)
+  # Ratios: a 0.002/B, b 0.001/B, c 0.00125/B; d has a negative gain.
+  # Budget 150: a (110), then c (150); b no longer fits.
+  result = search.greedy_search(units, gains, memory, 150)
+  assert [u.name for u in result.units] == ['a:bias', 'c:weight']
+  assert result.memory_bytes == 150 and result.feasible
+  np.testing.assert_allclose(result.gain, 0.07)
+  # A budget below the classifier-only scheme (100 B) is infeasible.
+  assert not search.greedy_search(units, gains, memory, 99).feasible
+  # A big budget takes every positive-gain unit and never d.
+  names = {u.name for u in search.greedy_search(units, gains, memory,
+                                                10**6).units}
+  assert names == {'a:bias', 'b:bias', 'c:weight'}
+
+
+def test_greedy_uses_marginal_not_standalone_memory():
+  units = [_unit('early:bias'), _unit('late:bias')]
+  gains = {'early:bias': 0.04, 'late:bias': 0.03}
+  # Training the early bias makes the backward pass reach far: 60 B alone;
+  # once it is chosen, the late bias costs nothing more.
+  def memory(us):
+    names = {u.name for u in us}
+    return 60 if 'early:bias' in names else (10 if names else 0)
+  result = search.greedy_search(units, gains, memory, 60)
+  assert {u.name for u in result.units} == {'early:bias', 'late:bias'}
+  assert result.memory_bytes == 60
+
+
+def test_missing_gain_is_an_error():
+  with pytest.raises(ValueError, match='No measured gain'):
+    search.greedy_search([_unit('a:bias')], {}, lambda us: 0, 10)
+
+
+def test_units_and_scheme_rules_of_a_cnn():
+  params = {'conv1': {'kernel': np.zeros((3, 3, 1, 4)), 'bias': np.zeros(4)},
+            'conv2': {'kernel': np.zeros((3, 3, 4, 8)), 'bias': np.zeros(8)},
+            'classifier': {'kernel': np.zeros((8, 2)), 'bias': np.zeros(2)}}
+  units = search.contribution_units(params, weight_fraction=0.5)
+  assert [u.name for u in units] == ['conv1:bias', 'conv1:weight',
+                                     'conv2:bias', 'conv2:weight']
+  scheme = search.scheme_rules([units[1], units[2]])
+  assert rules.trainable_paths(params, scheme) == (
+      'classifier/bias', 'classifier/kernel', 'conv1/kernel', 'conv2/bias')
+  assert rules.channel_fractions(params, scheme) == {'conv1/kernel': 0.5}
+
+
+def test_split_adaptation_keeps_every_client_in_every_split():
+  n = 40
+  ds = ArrayDataset(x=np.zeros((n, 2), np.float32), y=np.zeros(n, np.int32),
+                    client_id=np.repeat(np.arange(4), 10).astype(np.int32),
+                    class_names=('a',))
+  adapt, val, test = contribution.split_adaptation(ds, 0.4, 0.3, seed=0)
+  assert (len(adapt), len(val), len(test)) == (16, 12, 12)
+  for part in (adapt, val, test):
+    assert set(part.clients()) == {0, 1, 2, 3}
+  with pytest.raises(ValueError, match='sum to less than 1'):
+    contribution.split_adaptation(ds, 0.6, 0.4, seed=0)
+
+
+def _images(n, seed):
+  """4-class 8x8 images: the class sets the sign of two quadrants."""
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, 4, n).astype(np.int32)
+  x = rng.normal(scale=0.5, size=(n, 8, 8, 1)).astype(np.float32)
+  x[:, :4, :4, 0] += np.where(y % 2 == 0, 1.0, -1.0)[:, None, None]
+  x[:, 4:, 4:, 0] += np.where(y // 2 == 0, 1.0, -1.0)[:, None, None]
+  return ArrayDataset(x=x, y=y, client_id=(np.arange(n) % 4).astype(
+      np.int32), class_names=tuple('abcd'))
+
+
+def test_run_end_to_end_on_synthetic_images(tmp_path):
+  import jax
+  from ondevice import models
+  config = contribution_kws.get_config('smoke')
+  config.finetune.num_steps = 4
+  config.search.budgets_kb = (4, 64)
+  config.search.batch_size = 1
+  train_ds, held_out = _images(64, 0), _images(160, 1)
+  # Pre-training is ondevice.supervised's job (tested there); starting from
+  # an initialisation keeps this test fast.
+  model = models.build_model('mlp', 4, hidden=(8, 8))
+  params = jax.jit(model.init)(jax.random.key(0), train_ds.x[:1])['params']
+  results = contribution.run(config, str(tmp_path),
+                             datasets=(train_ds, held_out),
+                             pretrained=(model, params, {}))
+  # Two hidden layers: a bias and a weight unit each.
+  assert results['units'] == ['hidden1:bias', 'hidden1:weight',
+                              'hidden2:bias', 'hidden2:weight']
+  labels = [r['scheme'] for r in results['schemes']]
+  assert labels == ['pre-trained (no update)', 'full', 'bias_only',
+                    'last_k (k=2)', 'classifier_only', 'searched @ 4 KB',
+                    'searched @ 64 KB']
+  for found in results['search']:
+    if found['feasible']:
+      assert found['memory_bytes'] <= found['budget_bytes']
+  by_label = {r['scheme']: r for r in results['schemes']}
+  # Uploads: 64*8+8 + 8*8+8 + 8*4+4 = 628 params.
+  assert by_label['full']['upload_kb'] * 1024 == 628 * 4
+  assert by_label['classifier_only']['upload_kb'] * 1024 == 36 * 4
+  assert (by_label['bias_only']['memory_kb'] <
+          by_label['full']['memory_kb'])
+  for name in ('contribution.json', 'contribution.md',
+               'contribution_gains.png'):
+    assert os.path.getsize(tmp_path / name) > 0
+  with open(tmp_path / 'contribution.json') as f:
+    assert json.load(f)['units'] == results['units']
+
+
+def test_masked_fine_tuner_matches_the_partitioned_step():
+  """One compiled masked step follows the real sparse step per scheme."""
+  import jax
+  from ondevice import models
+  from ondevice import train
+  from sparse_updates import presets
+  data = _images(64, 2)
+  model = models.build_model('mlp', 4, hidden=(8, 8))
+  params = jax.jit(model.init)(jax.random.key(0), data.x[:1])['params']
+  order = presets.forward_order(model, {'params': params}, data.x[:1])
+  # Biases of the last 2 layers, half of hidden2's output channels.
+  scheme = presets.get_rules('tte', params, bias_k=2,
+                             weight_layers=('hidden2',), weight_fraction=0.5,
+                             layer_order=order)
+  config = contribution_kws.get_config('smoke')
+  config.finetune.num_steps = 3
+  results = [contribution.FineTuner(model, config.finetune, partitioned=p)
+             .finetune(params, {}, scheme, data, seed=0)[0]
+             for p in (False, True)]
+  masked, partitioned = (train.flatten_params(r) for r in results)
+  for path in partitioned:
+    np.testing.assert_allclose(masked[path], partitioned[path], rtol=1e-5,
+                               atol=1e-6, err_msg=path)
+  kernel = np.asarray(partitioned['hidden2/kernel'])
+  moved = np.any(kernel != params['hidden2']['kernel'], axis=0)
+  assert moved.sum() == 4  # Half of the 8 output channels.
+  np.testing.assert_array_equal(partitioned['hidden1/kernel'],
+                                params['hidden1']['kernel'])
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('schemes', ('full', 'everything'), 'unknown schemes'),
+    ('search.budgets_kb', (256, 0), 'budgets_kb'),
+    ('search.relu_mask_bits', 4, 'relu_mask_bits'),
+    ('finetune.optimizer', 'lion', 'optimizer'),
+])
+def test_bad_config_fields_are_named(key, value, match):
+  config = contribution_kws.get_config('smoke')
+  parent, _, leaf = key.rpartition('.')
+  (config[parent] if parent else config)[leaf] = value
+  with pytest.raises(ValueError, match=match):
+    contribution.validate_config(config)
