@@ -1,0 +1,71 @@
+"""End-to-end test of few_shot.run on the smoke config with synthetic data.
+
+The data are tiny Gaussian "utterances" ([5, 4] features, one mean per
+word, a per-speaker offset as the accent), so the whole pipeline (global
+model, meta-training, personalisation, keyword split, report) runs in
+seconds; tests/test_few_shot_*.py check the parts against references.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import few_shot
+from configs import few_shot_kws
+from ondevice.data.base import ArrayDataset
+
+WORDS = ('yes', 'no', 'up', 'cat', 'dog', 'bird')
+
+
+def _speakers(first, count, utterances, rng, means):
+  rows = [(s, w, u) for s in range(first, first + count)
+          for w in range(len(WORDS)) for u in range(utterances)]
+  speaker, y, utterance = (np.array(c, np.int32) for c in zip(*rows))
+  offset = rng.normal(size=(first + count, 1, 4)) * 0.3
+  x = means[y] + offset[speaker] + 0.3 * rng.normal(size=(len(y), 5, 4))
+  outlier = speaker % 2 == 1
+  return ArrayDataset(
+      x=x.astype(np.float32), y=y, client_id=speaker, class_names=WORDS,
+      meta={'is_outlier_accent': outlier, 'accent_group': outlier.astype(
+          np.int32), 'utterance': utterance})
+
+
+def test_smoke_config_runs_end_to_end_and_writes_the_report(tmp_path):
+  rng = np.random.default_rng(0)
+  means = rng.normal(size=(len(WORDS), 5, 4))
+  train = _speakers(0, 6, 2, rng, means)
+  test = _speakers(6, 2, 2, rng, means)
+  users = _speakers(8, 2, 3, rng, means)
+  config = few_shot_kws.get_config('smoke')
+  config.keywords = WORDS[:3]
+  config.keyword_split.update(train_words=WORDS[3:], test_words=WORDS[:3],
+                              n_way=2)
+  results = few_shot.run(config, str(tmp_path), datasets=(train, test),
+                         users=users)
+  personal = results['personalisation']
+  assert set(personal) == {'global', 'global+finetune_full', 'maml'}
+  for by_k in personal.values():
+    assert by_k[1]['outlier']['num_users'] == 1
+    assert 0.0 <= by_k[1]['all']['false_accept_rate'] <= config.far
+  assert results['speakers'] == {'pretrain': 4, 'meta_train': 2, 'test': 2}
+  assert 'best_outlier_gain' in results['goals']
+  accuracy = results['keyword_split']['protonet']['1shot']['mean']
+  assert 0.0 <= accuracy <= 1.0
+  for name in ('results.json', 'report.md', 'detection_vs_k.png'):
+    assert os.path.exists(tmp_path / name)
+  with open(tmp_path / 'results.json') as f:
+    assert json.load(f)['goals']['far'] == config.far
+
+
+def test_config_errors_name_the_key_and_the_fix(tmp_path):
+  config = few_shot_kws.get_config('smoke')
+  config.norm = 'batch'
+  with pytest.raises(ValueError, match="norm='batch' cannot be meta-learned"):
+    few_shot.run(config, str(tmp_path))
+  config = few_shot_kws.get_config('smoke')
+  config.personalize.k_values = (3,)
+  with pytest.raises(ValueError, match='utterances_per_word - 1'):
+    few_shot.run(config, str(tmp_path))
+  with pytest.raises(ValueError, match='Unknown config argument'):
+    few_shot_kws.get_config('smok')
