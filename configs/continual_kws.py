@@ -1,0 +1,113 @@
+r"""Continual keyword learning after enrollment, without forgetting.
+
+A DS-CNN pre-trained on many speakers (configs/kws_central.py) is enrolled
+by users of rare accents from a few labelled utterances per keyword, then
+keeps learning from each user's unlabelled stream: pseudo-labels accepted
+only when keyword verification agrees, and a regulariser (LwF distillation,
+L2-SP or EWC) that keeps the pre-trained model's accuracy on everybody else.
+Each variant below changes a few fields of the base run; all of them run on
+the same users, streams and pre-trained model.
+
+    python -m experiments.continual --config=configs/continual_kws.py \
+        --workdir=benchmarks/results/continual
+    python -m experiments.continual --config=configs/continual_kws.py:smoke \
+        --workdir=/tmp/continual_smoke
+    # int8 training of the norms and biases only:
+    python -m experiments.continual --config=configs/continual_kws.py \
+        --config.quant=int8_fwd_bwd_sr --config.trainable=bias_only \
+        --workdir=/tmp/continual_int8
+"""
+import ml_collections
+
+from configs import common
+from configs import kws_central
+
+
+def _variants() -> ml_collections.ConfigDict:
+  """name -> fields that differ from the base run (merged recursively)."""
+  return ml_collections.ConfigDict({
+      'verified+lwf': {},
+      'no_regularizer': {'regularizer': {'name': 'none'}},
+      'no_verification': {'pseudo': {'verify': False}},
+      'verified+l2_sp': {'regularizer': {'name': 'l2_sp', 'strength': 1.0}},
+      'verified+ewc': {'regularizer': {'name': 'ewc', 'strength': 100.0}},
+      'bn_adapt': {'learner': {'method': 'bn_adapt'}},
+      'tent': {'learner': {'method': 'tent'}},
+  })
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, smoke=False)
+  config = ml_collections.ConfigDict()
+  # The global model, pre-trained once and cached (see continual.experiment).
+  config.pretrain = kws_central.get_config()
+  config.pretrain.num_steps = 1200
+  config.pretrain.eval_every = 400
+  config.pretrain.checkpoint_every = 200
+  config.pretrain_dir = ''    # '' = <speech cache>/continual/pretrain_<hash>.
+  config.quant = 'none'       # See quantized_training.QUANT_NAMES.
+  config.trainable = 'full'   # See sparse_updates.PRESETS.
+
+  config.users = ml_collections.ConfigDict(dict(
+      num_users=5,
+      first_index=200,        # Speakers the pre-training corpus never had.
+      outlier_only=True,      # Rare accents only.
+      utterances_per_word=20,
+      other_utterances=6,     # Of each out-of-vocabulary word.
+      num_noise=150,
+      num_enroll=3,           # K labelled utterances per keyword.
+      num_test=5,             # Held-out utterances per keyword.
+  ))
+  config.stream = ml_collections.ConfigDict(dict(
+      length=864,
+      chunk_size=108,
+      mix=(0.5, 0.15, 0.2, 0.15),  # user keyword, user other, others, noise.
+      drift='none',           # 'none', 'noise' or 'speed'.
+      drift_start=0.5,
+      drift_snr_db=5.0,
+      drift_rate=1.3,
+  ))
+  config.enroll = ml_collections.ConfigDict(dict(
+      num_steps=30, batch_size=32, learning_rate=1e-3))
+  config.pseudo = ml_collections.ConfigDict(dict(
+      confidence=0.5,         # Minimum softmax probability.
+      target_far=0.01,        # Verification false-accept rate.
+      verify=True,
+  ))
+  config.learner = ml_collections.ConfigDict(dict(
+      method='pseudo_label',  # 'pseudo_label', 'bn_adapt' or 'tent'.
+      steps_per_chunk=4,
+      batch_size=32,          # Pseudo-labelled rows per step.
+      distill_batch_size=16,  # Unlabelled rows per step (distillation).
+      learning_rate=1e-3,
+      replay_capacity=256,    # 0 turns replay off.
+      augment=True,
+      bn_prior=16.0,          # Schneider et al.'s N.
+      tent_learning_rate=1e-3,
+  ))
+  config.regularizer = ml_collections.ConfigDict(dict(
+      name='distillation',    # 'none', 'distillation', 'l2_sp' or 'ewc'.
+      strength=1.0,
+      temperature=2.0,
+      fisher_examples=512,
+  ))
+  config.variants = _variants()
+  config.main_variant = 'verified+lwf'  # Checked against the goals.
+  config.global_eval_examples = 500  # Held-out clips scored per chunk.
+  config.seed = 0
+
+  if args.smoke:
+    config.pretrain = kws_central.get_config('smoke')
+    config.users.update(num_users=1, utterances_per_word=4,
+                        other_utterances=1, num_noise=16, num_enroll=1,
+                        num_test=1)
+    config.stream.update(length=96, chunk_size=48)
+    config.enroll.update(num_steps=2, batch_size=16)
+    config.learner.update(steps_per_chunk=1, batch_size=16,
+                          distill_batch_size=16, replay_capacity=32)
+    config.regularizer.fisher_examples = 32
+    config.global_eval_examples = 64
+    config.variants = ml_collections.ConfigDict({
+        name: _variants()[name]
+        for name in ('verified+lwf', 'no_regularizer', 'tent')})
+  return config

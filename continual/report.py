@@ -1,0 +1,165 @@
+"""Summaries, the markdown table, the JSON file and the plot of a run.
+
+The first variant of a config is the method under test; its goals are
+checked in the markdown: a user-accuracy gain of at least `GAIN_GOAL` over
+the enrolled model, at most `FORGETTING_GOAL` of forgetting on the global
+held-out speakers (against the pre-trained model), and pseudo-label
+precision of at least `PRECISION_GOAL`. Accuracies are fractions in the JSON
+and percentage points in the markdown.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+GAIN_GOAL = 0.10
+FORGETTING_GOAL = 0.01
+PRECISION_GOAL = 0.95
+
+
+def summarize_variant(per_user: Sequence[dict[str, Any]],
+                      pretrained_global: float) -> dict[str, Any]:
+  """Means over users, pooled pseudo-label quality and the mean curve."""
+  mean = lambda key: float(np.mean([u[key] for u in per_user]))
+  accepted = sum(u['quality']['accepted'] for u in per_user)
+  correct = sum(u['quality']['correct'] for u in per_user)
+  positives = sum(u['quality']['positives'] for u in per_user)
+  correct_positive = sum(u['quality']['recall'] * u['quality']['positives']
+                         for u in per_user)
+  summary = {
+      'pretrained_user_accuracy': mean('pretrained_user_accuracy'),
+      'enrolled_user_accuracy': mean('enrolled_user_accuracy'),
+      'final_user_accuracy': mean('final_user_accuracy'),
+      'enrolled_global_accuracy': mean('enrolled_global_accuracy'),
+      'final_global_accuracy': mean('final_global_accuracy'),
+      'precision': correct / accepted if accepted else 1.0,
+      'recall': correct_positive / positives if positives else 0.0,
+      'accepted': accepted,
+  }
+  summary['user_gain'] = (summary['final_user_accuracy'] -
+                          summary['enrolled_user_accuracy'])
+  summary['forgetting'] = pretrained_global - summary['final_global_accuracy']
+  summary['forgetting_vs_enrolled'] = (summary['enrolled_global_accuracy'] -
+                                       summary['final_global_accuracy'])
+  num_points = min(len(u['curve']) for u in per_user)
+  curve = []
+  for i in range(num_points):
+    point = {'clips': per_user[0]['curve'][i]['clips']}
+    for key in ('user_accuracy', 'global_accuracy', 'precision', 'recall'):
+      values = [u['curve'][i][key] for u in per_user if key in u['curve'][i]]
+      if values:
+        point[key] = float(np.mean(values))
+    curve.append(point)
+  return {'mean': summary, 'curve': curve, 'users': list(per_user)}
+
+
+def _pts(value: float) -> str:
+  return f'{100 * value:.1f}'
+
+
+def markdown(results: dict[str, Any]) -> str:
+  """The comparison table, the goal check and the per-user table."""
+  variants = results['variants']
+  names = list(variants)
+  lines = [
+      '# Continual keyword learning after enrollment',
+      '',
+      f"Pre-trained global model: {_pts(results['pretrained_global_accuracy'])}"
+      '% on held-out speakers. Users: rare-accent speakers unseen in '
+      'pre-training. Accuracies in %, means over users; gain = after the '
+      'stream - enrolled; forgetting = pre-trained - after the stream, on '
+      'all held-out speakers; pseudo-label precision/recall pooled over '
+      'users (recall over the users\' own keyword clips).',
+      '',
+      '| variant | user: pre-trained | enrolled | after stream | gain | '
+      'global after | forgetting | PL precision | PL recall | accepted |',
+      '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+  for name in names:
+    m = variants[name]['mean']
+    precision = _pts(m['precision']) if m['accepted'] else '-'
+    recall = _pts(m['recall']) if m['accepted'] else '-'
+    lines.append(
+        f"| {name} | {_pts(m['pretrained_user_accuracy'])} | "
+        f"{_pts(m['enrolled_user_accuracy'])} | "
+        f"{_pts(m['final_user_accuracy'])} | {100 * m['user_gain']:+.1f} | "
+        f"{_pts(m['final_global_accuracy'])} | "
+        f"{100 * m['forgetting']:+.1f} | {precision} | {recall} | "
+        f"{int(m['accepted'])} |")
+  main = variants[names[0]]['mean']
+  checks = [
+      ('user gain >= 10 points', main['user_gain'] >= GAIN_GOAL,
+       f"{100 * main['user_gain']:+.1f}"),
+      ('forgetting <= 1 point', main['forgetting'] <= FORGETTING_GOAL,
+       f"{100 * main['forgetting']:+.1f}"),
+      ('pseudo-label precision >= 95%', main['precision'] >= PRECISION_GOAL,
+       _pts(main['precision'])),
+  ]
+  lines += ['', f'Goals for `{names[0]}`:', '']
+  lines += [f"- {what}: {value} ({'met' if ok else 'MISSED'})"
+            for what, ok, value in checks]
+  lines += ['', f'Per user, `{names[0]}`:', '',
+            '| user | accent | threshold | enroll FAR | enroll FRR | '
+            'user: enrolled | after | global after | precision | recall |',
+            '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+  for u in variants[names[0]]['users']:
+    q = u['quality']
+    lines.append(
+        f"| {u['index']} | {u['accent']} | {u['threshold']:.3f} | "
+        f"{_pts(u['enrollment_far'])} | {_pts(u['enrollment_frr'])} | "
+        f"{_pts(u['enrolled_user_accuracy'])} | "
+        f"{_pts(u['final_user_accuracy'])} | "
+        f"{_pts(u['final_global_accuracy'])} | {_pts(q['precision'])} | "
+        f"{_pts(q['recall'])} |")
+  sources = variants[names[0]]['users'][0]['quality']['by_source']
+  lines += ['', f'Accepted clips by source, `{names[0]}` (all users):', '',
+            '| source | clips | accepted | correct label |',
+            '| --- | --- | --- | --- |']
+  for source in sources:
+    total = {k: sum(u['quality']['by_source'][source][k]
+                    for u in variants[names[0]]['users'])
+             for k in ('clips', 'accepted', 'correct')}
+    lines.append(f"| {source} | {total['clips']} | {total['accepted']} | "
+                 f"{total['correct']} |")
+  lines.append(f"\nRun time: {results.get('seconds', 0):.0f} s.")
+  return '\n'.join(lines) + '\n'
+
+
+def plot(results: dict[str, Any], path: str) -> str:
+  """User and global accuracy against clips heard, one line per variant."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  panels = (('user_accuracy', 'user accuracy (rare-accent users)'),
+            ('global_accuracy', 'global accuracy (held-out speakers)'),
+            ('precision', 'pseudo-label precision (cumulative)'))
+  for ax, (key, title) in zip(axes, panels):
+    for name, variant in results['variants'].items():
+      points = [p for p in variant['curve'] if key in p]
+      if points:
+        ax.plot([p['clips'] for p in points],
+                [100 * p[key] for p in points], marker='o', label=name)
+    ax.set_title(title)
+    ax.set_xlabel('stream clips heard')
+    ax.set_ylabel('%')
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def write(results: dict[str, Any], workdir: str) -> None:
+  """results.json, results.md and curves.png in `workdir`."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=1, default=float)
+  text = markdown(results)
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write(text)
+  plot(results, os.path.join(workdir, 'curves.png'))
+  print(text)
