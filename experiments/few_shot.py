@@ -15,7 +15,8 @@ from ml_collections import config_flags
 import few_shot
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Path to a config file, e.g. configs/few_shot_kws.py:smoke.',
+    'config', None,
+    'Path to a config file, e.g. configs/few_shot_kws.py:smoke.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
 flags.mark_flags_as_required(['config', 'workdir'])

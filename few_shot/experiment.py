@@ -22,7 +22,6 @@ See configs/few_shot_kws.py for the fields and the command line.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -198,10 +197,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     for label, adapt_fn in _adapters(config, model, loss_fn,
                                      out['state'].params).items():
       inits[f'{prefix}+{label}'] = (state, adapt_fn)
-  train_table = enrollment.enrollment_table(
-      meta_ds.x, meta_ds.y, meta_ds.client_id, keywords,
-      pool_size=meta_cfg.train_k)
   timings = {}
+  if meta_cfg.names:
+    train_table = enrollment.enrollment_table(
+        meta_ds.x, meta_ds.y, meta_ds.client_id, keywords,
+        pool_size=meta_cfg.train_k)
   for index, name in enumerate(meta_cfg.names):
     learner = meta_learners.build_meta_learner(
         name, model, num_classes=train_ds.num_classes,

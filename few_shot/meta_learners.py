@@ -1,13 +1,13 @@
 """Meta-learners chosen by name: `build_meta_learner(name, model, ...)`.
 
-| name     | inner loop                          | meta-gradient                 |
-| -------- | ----------------------------------- | ----------------------------- |
-| maml     | SGD on every leaf                   | second order through the loop |
-| fomaml   | SGD on every leaf                   | query gradient at the adapted |
-| reptile  | SGD on support + query              | phi - W (pseudo-gradient)     |
-| anil     | SGD on the classifier only          | second order through the loop |
-| meta_sgd | SGD with learned per-leaf rates     | second order, rates too       |
-| protonet | none: class means of the embeddings | query loss of the prototypes  |
+| name     | inner loop                       | meta-gradient                |
+| -------- | -------------------------------- | ---------------------------- |
+| maml     | SGD on every leaf                | second order through loop    |
+| fomaml   | SGD on every leaf                | query gradient at adapted    |
+| reptile  | SGD on support + query           | phi - W (pseudo-gradient)    |
+| anil     | SGD on the classifier only       | second order through loop    |
+| meta_sgd | SGD with learned per-leaf rates  | second order, rates too      |
+| protonet | none: class means of embeddings  | query loss of the prototypes |
 
 Papers: MAML and FO-MAML, Finn et al. 2017; Reptile, Nichol et al. 2018;
 ANIL, Raghu et al. 2020; Meta-SGD, Li et al. 2017; ProtoNets, Snell et al.

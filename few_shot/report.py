@@ -15,6 +15,8 @@ import json
 import os
 from typing import Any, Mapping
 
+import numpy as np
+
 from few_shot import personalize
 from ondevice import metric_writer
 
@@ -80,22 +82,25 @@ def _plot(personal, path: str, far: float) -> None:
   groups = [g for g in ('typical', 'outlier')
             if any(g in v for by_k in personal.values()
                    for v in by_k.values())]
-  fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4),
+  fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups) + 3, 4),
                            squeeze=False, sharey=True)
+  colours = plt.cm.tab20(np.linspace(0, 1, 20))
   for ax, group in zip(axes[0], groups):
-    for label, by_k in personal.items():
+    for i, (label, by_k) in enumerate(personal.items()):
       ks = sorted(by_k)
       rates = [by_k[k][group]['detection_rate'] for k in ks]
       errs = [by_k[k][group]['detection_rate_sem'] for k in ks]
-      style = '--' if label == 'global' else '-'
-      ax.errorbar(ks, rates, yerr=errs, fmt=style, marker='o', capsize=2,
-                  label=label)
+      # Global models (no adaptation) are flat: dashed, no markers.
+      plain = label in ('global', 'global_all')
+      ax.errorbar(ks, rates, yerr=None if plain else errs,
+                  fmt='--' if plain else '-o', markersize=3, capsize=2,
+                  color=colours[i % 20], label=label)
     ax.set_title(f'{group} users')
     ax.set_xlabel('K enrollment utterances per keyword')
-    ax.set_ylabel(f'detection rate at {far:.0%} FAR')
     ax.set_xticks(sorted(next(iter(personal.values()))))
     ax.grid(alpha=0.3)
-  axes[0][-1].legend(fontsize=8)
+  axes[0][0].set_ylabel(f'detection rate at {far:.0%} FAR (+- s.e.m.)')
+  axes[0][-1].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1))
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -118,8 +123,9 @@ def markdown(results: Mapping[str, Any], config) -> str:
       lines.append(
           f'- best relative detection-rate gain, {group} users, K <= '
           f'{MAX_K_FOR_GOAL}: **{best["relative_gain"]:+.1%}** '
-          f'({best["method"]}, K={best["k"]}: {best["baseline_detection_rate"]:.3f}'
-          f' -> {best["detection_rate"]:.3f})')
+          f'({best["method"]}, K={best["k"]}: '
+          f'{best["baseline_detection_rate"]:.3f} -> '
+          f'{best["detection_rate"]:.3f})')
   if 'outlier_gain_goal_met' in g:
     lines.append(f'- outlier gain >= {GAIN_GOAL:.0%}: '
                  f'**{"met" if g["outlier_gain_goal_met"] else "missed"}**')

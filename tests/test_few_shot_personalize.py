@@ -23,9 +23,11 @@ PROBS = np.array([[0.9, 0.05, 0.05],   # keyword 0 -> fires 0 at 0.9
                   [0.3, 0.2, 0.5]], np.float32)
 
 
+_DETECT = jax.jit(detection.detection_at_far, static_argnums=4)
+
+
 def _detect(far, mask=np.ones(8, np.float32)):
-  out = detection.detection_at_far(jnp.asarray(PROBS), jnp.asarray(LABELS),
-                                   jnp.asarray(mask), jnp.array([0, 1]), far)
+  out = _DETECT(PROBS, LABELS, mask, np.array([0, 1]), far)
   return {k: float(v) for k, v in out.items()}
 
 
