@@ -2,11 +2,11 @@ r"""Training memory, step time and upload bytes of sparse update schemes.
 
 Compares full updates with bias-only (BitFit; TinyTL, Cai et al. 2020), the
 last k layers, and a sparse scheme searched under a memory budget (Lin et
-al. 2022, "On-Device Training Under 256KB Memory"), on DS-CNN-S (36 keyword
-classes, 98 x 40 log-mel; batch norm folded into the convolutions, as on a
-device; with its depthwise convolutions as ondevice.models computes them on
-CPU, and as lax's grouped convolution) and the image CNN (28 x 28 x 1, 10
-classes), at batch 1 and 16.
+al. 2022, "On-Device Training Under 256KB Memory"), on DS-CNN-S as the KWS
+configs build it (36 classes, 98 x 40 log-mel, 4x4 first stride; batch norm
+folded into the convolutions, as on a device; with its convolutions as
+ondevice.models computes them on CPU, and as lax's convolutions) and the
+image CNN (28 x 28 x 1, 10 classes), at batch 1 and 16.
 
 Memory of one jitted Adam step, excluding the frozen weights (which a
 device holds for inference anyway):
@@ -26,9 +26,10 @@ at least 1.4x faster per step.
     python -m benchmarks.train_memory --out=results.json \
         [--contribution=/tmp/contribution_kws/contribution.json]
 
-writes results.json and results.md. With --contribution, the searched
-schemes of that run (DS-CNN-S) are measured too; without it, a TTE-style
-preset (biases of the last 4 layers, half of pw4's channels) stands in.
+writes results.json and results.md. Besides full, bias-only and last-2, a
+TTE-style preset (biases of the last 4 layers, half of the last hidden
+layer's output channels) is measured, and with --contribution the schemes
+that run searched under each budget (DS-CNN-S).
 """
 from __future__ import annotations
 
@@ -72,14 +73,17 @@ _CONTRIBUTION = flags.DEFINE_string(
     'contribution_analysis on DS-CNN-S, for the searched schemes.')
 
 # name -> (ondevice.models name, extra build arguments, input shape without
-# batch, classes). 'ds_cnn_s' is DS-CNN-S as ondevice.models builds it (on
-# CPU its depthwise convolutions are 9 shifted products, fast on XLA's CPU
-# backend); 'ds_cnn_s_lax' injects lax's grouped convolution instead.
+# batch, classes). DS-CNN-S is built as configs/kws_central.py and
+# configs/contribution_kws.py build it (4x4 first stride: 25 x 10 x 64
+# maps). 'ds_cnn_s' keeps ondevice.models' CPU forms of its convolutions
+# (im2col for conv0, 9 shifted products for each depthwise one, fast on XLA's
+# CPU backend); 'ds_cnn_s_lax' injects lax's convolution instead.
+_KWS = {'first_stride': (4, 4)}
 MODELS = {
-    'ds_cnn_s': ('ds_cnn_s', {}, (98, 40), 36),
-    'ds_cnn_s_lax': ('ds_cnn_s',
-                     {'conv_general_dilated': jax.lax.conv_general_dilated},
-                     (98, 40), 36),
+    'ds_cnn_s': ('ds_cnn_s', _KWS, (98, 40), 36),
+    'ds_cnn_s_lax': ('ds_cnn_s', dict(
+        _KWS, conv_general_dilated=jax.lax.conv_general_dilated), (98, 40),
+                     36),
     'cnn': ('cnn', {}, (28, 28, 1), 10),
 }
 
@@ -109,23 +113,18 @@ def schemes(name, model, params, shape) -> dict[str, Any]:
          'bias_only': presets.get_rules('bias_only'),
          'last_k (k=2)': presets.get_rules('last_k', params, k=2,
                                            layer_order=order)}
-  searched = []
+  out['tte (bias last 4, 1/2 of last kernel)'] = presets.get_rules(
+      'tte', params, bias_k=4, weight_layers=(order[-2],),
+      weight_fraction=0.5, layer_order=order)
   if name.startswith('ds_cnn_s') and _CONTRIBUTION.value:
     with open(_CONTRIBUTION.value) as f:
       found = json.load(f)
     units = {u.name: u for u in search.contribution_units(
         params, found.get('unit_weight_fraction', 1.0), layer_order=order)}
     for result in found['search']:
-      label = f'searched @ {result["budget_bytes"] // 1024} KB'
-      searched.append((label, search.scheme_rules(
-          [units[n] for n in result['units']])))
-  if not searched:
-    searched.append(('tte preset (bias last 4, 1/2 of last kernel)',
-                     presets.get_rules('tte', params, bias_k=4,
-                                       weight_layers=(order[-2],),
-                                       weight_fraction=0.5,
-                                       layer_order=order)))
-  out.update(searched)
+      label = (f'searched @ {result["budget_bytes"] // 1024} KB: '
+               f'{", ".join(result["units"]) or "classifier only"}')
+      out[label] = search.scheme_rules([units[n] for n in result['units']])
   return out
 
 

@@ -66,7 +66,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.search = ml_collections.ConfigDict(dict(
       batch_size=1,                 # On-device training batch.
       relu_mask_bits=1,             # sparse_updates.compact_relu.
-      budgets_kb=(256, 1024)))
+      budgets_kb=(256, 1024),
+      # Units must gain more than this; None: the standard error of the
+      # validation accuracy.
+      min_gain=None))
   config.schemes = SCHEMES
   config.last_k = 2
 

@@ -305,8 +305,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         relu_mask_bits=config.search.relu_mask_bits).training
 
   memory_fn = search.cached(lambda us: memory_of(search.scheme_rules(us)))
+  min_gain = config.search.get('min_gain', None)
+  if min_gain is None:
+    # The binomial standard error of the baseline's validation accuracy.
+    p = contrib['baseline_accuracy']
+    min_gain = float(np.sqrt(p * (1 - p) / len(val)))
   searched = [search.greedy_search(units, contrib['gains'], memory_fn,
-                                   int(kb * 1024))
+                                   int(kb * 1024), min_gain)
               for kb in config.search.budgets_kb]
   rows = [{'scheme': 'pre-trained (no update)',
            'test_accuracy': tuner.accuracy(params, model_state, test),
@@ -328,6 +333,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info('%s', rows[-1])
   results = {'units': [u.name for u in units],
              'unit_weight_fraction': config.unit_weight_fraction, **contrib,
+             'min_gain': min_gain,
              'search': [r.to_json() for r in searched], 'schemes': rows,
              'memory_batch_shape': list(batch_shape),
              'relu_mask_bits': config.search.relu_mask_bits,

@@ -31,6 +31,8 @@ def markdown(results: Mapping[str, Any]) -> str:
       'gains are in percentage points over it.', '',
       metric_writer.markdown_table(gain_rows(results)), '',
       '## Searched schemes', '',
+      f'Candidates: units whose gain exceeds {100 * results["min_gain"]:.2f} '
+      'points (the noise level of the validation accuracy).', '',
       metric_writer.markdown_table([
           {'budget_kb': r['budget_bytes'] / 1024,
            'memory_kb': r['memory_bytes'] / 1024,

@@ -13,7 +13,9 @@ head. The search therefore asks `memory_fn(units)` for the analytic memory
 of the whole scheme (ondevice.cost.analytic_training_memory) and picks, at
 each step, the affordable unit with the best gain per *marginal* byte
 (greedy knapsack; Lin et al. use an evolutionary search over the same
-objective). Units whose measured gain is not positive are never added.
+objective). Units whose measured gain does not exceed `min_gain` (by
+default in `contribution.run`, the standard error of the validation
+accuracy) are never added.
 """
 from __future__ import annotations
 
@@ -91,7 +93,7 @@ class SearchResult:
 
 def greedy_search(units: Sequence[Unit], gains: Mapping[str, float],
                   memory_fn: Callable[[Sequence[Unit]], int],
-                  budget_bytes: int) -> SearchResult:
+                  budget_bytes: int, min_gain: float = 0.0) -> SearchResult:
   """Greedy gain-per-marginal-byte selection under `budget_bytes`.
 
   Args:
@@ -100,6 +102,9 @@ def greedy_search(units: Sequence[Unit], gains: Mapping[str, float],
     memory_fn: training memory in bytes of the scheme made of these units
       (plus the classifier); called on growing sets, so cache it if slow.
     budget_bytes: the device's training memory budget.
+    min_gain: only units whose gain exceeds this are candidates; set it to
+      the validation accuracy's standard error so that noise is not
+      mistaken for contribution (gains measured alone do not add up).
 
   Returns:
     A SearchResult; `feasible` is False when even the classifier-only
@@ -116,7 +121,7 @@ def greedy_search(units: Sequence[Unit], gains: Mapping[str, float],
   while True:
     best, best_score, best_memory = None, 0.0, current
     for unit in units:
-      if unit in chosen or gains[unit.name] <= 0:
+      if unit in chosen or gains[unit.name] <= max(min_gain, 0.0):
         continue
       memory = int(memory_fn(chosen + [unit]))
       if memory > budget_bytes:

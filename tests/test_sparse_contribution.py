@@ -2,12 +2,16 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from configs import contribution_kws
+from ondevice import models
+from ondevice import train
 from ondevice.data.base import ArrayDataset
 from sparse_updates import contribution
+from sparse_updates import presets
 from sparse_updates import rules
 from sparse_updates import search
 
@@ -92,8 +96,6 @@ def _images(n, seed):
 
 
 def test_run_end_to_end_on_synthetic_images(tmp_path):
-  import jax
-  from ondevice import models
   config = contribution_kws.get_config('smoke')
   config.finetune.num_steps = 4
   config.search.budgets_kb = (4, 64)
@@ -131,10 +133,6 @@ def test_run_end_to_end_on_synthetic_images(tmp_path):
 
 def test_masked_fine_tuner_matches_the_partitioned_step():
   """One compiled masked step follows the real sparse step per scheme."""
-  import jax
-  from ondevice import models
-  from ondevice import train
-  from sparse_updates import presets
   data = _images(64, 2)
   model = models.build_model('mlp', 4, hidden=(8, 8))
   params = jax.jit(model.init)(jax.random.key(0), data.x[:1])['params']
@@ -171,3 +169,11 @@ def test_bad_config_fields_are_named(key, value, match):
   (config[parent] if parent else config)[leaf] = value
   with pytest.raises(ValueError, match=match):
     contribution.validate_config(config)
+
+
+def test_gains_within_noise_are_not_candidates():
+  units = [_unit('a:bias'), _unit('b:bias')]
+  gains = {'a:bias': 0.004, 'b:bias': 0.02}
+  result = search.greedy_search(units, gains, lambda us: len(us), 10,
+                                min_gain=0.006)
+  assert [u.name for u in result.units] == ['b:bias']
