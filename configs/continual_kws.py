@@ -68,9 +68,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       drift_rate=1.3,
   ))
   config.enroll = ml_collections.ConfigDict(dict(
-      num_steps=30, batch_size=32, learning_rate=1e-3))
+      num_steps=30, batch_size=32, learning_rate=3e-4, augment=False))
   config.pseudo = ml_collections.ConfigDict(dict(
-      confidence=0.5,         # Minimum softmax probability.
+      confidence=0.8,         # Minimum softmax probability.
       target_far=0.01,        # Verification false-accept rate.
       verify=True,
   ))
@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       distill_batch_size=16,  # Unlabelled rows per step (distillation).
       learning_rate=1e-3,
       replay_capacity=256,    # 0 turns replay off.
-      augment=True,
+      augment=False,          # SpecAugment views (objectives.augment).
       bn_prior=16.0,          # Schneider et al.'s N.
       tent_learning_rate=1e-3,
   ))
@@ -89,6 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name='distillation',    # 'none', 'distillation', 'l2_sp' or 'ewc'.
       strength=1.0,
       temperature=2.0,
+      min_teacher_confidence=0.0,  # Distil only where the teacher is sure.
       fisher_examples=512,
   ))
   config.variants = _variants()

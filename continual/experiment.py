@@ -118,7 +118,7 @@ def _shared_functions(cfg, model, masks, paths) -> learner.Functions:
   """Jitted functions every variant shares: inference and enrollment."""
   logits = objectives.logits_fn(model)
   enroll_loss = objectives.frozen_stats_loss(model)
-  if cfg.learner.augment:
+  if cfg.enroll.augment:
     enroll_loss = objectives.with_augmentation(enroll_loss)
   return learner.Functions(
       classify=jax.jit(lambda p, s, x: logits(p, s, x, None)),
@@ -144,7 +144,8 @@ def _variant_functions(cfg, model, pre, fisher, paths, masks,
       reference=pre.params, reference_state=pre.model_state,
       logits_fn=objectives.logits_fn(model), fisher=fisher,
       strength=cfg.regularizer.strength,
-      temperature=cfg.regularizer.temperature)
+      temperature=cfg.regularizer.temperature,
+      min_confidence=cfg.regularizer.min_teacher_confidence)
   if cfg.learner.augment:
     loss = objectives.with_augmentation(loss)
   return shared._replace(train_step=jax.jit(train.make_train_step(
@@ -229,8 +230,9 @@ def _enroll(config, setup: _Setup) -> None:
     state = train.state_from_params(
         pre.params, pre.model_state,
         _optimizer(config.enroll.learning_rate, setup.masks), setup.paths)
+    end_test = _user_test(user, pre, float(user['stream'].drift[-1]))
     user['pretrained_user_accuracy'] = score(pre.params, pre.model_state,
-                                             split.test_x, split.test_y)
+                                             end_test, split.test_y)
     enrolled = learner.enroll(
         fns.enroll_step, state, split.enroll_x, split.enroll_y,
         config.enroll.num_steps, config.enroll.batch_size,
@@ -246,6 +248,16 @@ def _enroll(config, setup: _Setup) -> None:
         user['verifier'].templates, emb))
     user['enrolled_global_accuracy'] = score(
         enrolled.params, pre.model_state, pre.test_ds.x, pre.test_ds.y)
+    # The baseline a user would have without continual learning: the
+    # enrolled model in the conditions at the end of the stream.
+    user['enrolled_user_accuracy'] = score(enrolled.params, pre.model_state,
+                                           end_test, split.test_y)
+
+
+def _user_test(user, pre, level: float) -> np.ndarray:
+  """The user's test clips under the stream's drift at `level`."""
+  return streams.apply_drift(user['split'].test_x, level, user['drift'],
+                             *pre.feature_stats)
 
 
 def _run_variant(name: str, cfg, setup: _Setup, seed: int, t0: float
@@ -259,9 +271,8 @@ def _run_variant(name: str, cfg, setup: _Setup, seed: int, t0: float
     split = user['split']
 
     def evaluate(params, model_state, level, split=split, user=user):
-      test_x = streams.apply_drift(split.test_x, level, user['drift'],
-                                   *pre.feature_stats)
-      return {'user_accuracy': score(params, model_state, test_x,
+      return {'user_accuracy': score(params, model_state,
+                                     _user_test(user, pre, level),
                                      split.test_y),
               'global_accuracy': score(params, model_state, setup.global_x,
                                        setup.global_y)}
@@ -278,7 +289,8 @@ def _run_variant(name: str, cfg, setup: _Setup, seed: int, t0: float
     per_user.append(dict(
         index=user['index'], accent=user['accent'],
         pretrained_user_accuracy=user['pretrained_user_accuracy'],
-        enrolled_user_accuracy=curve[0]['user_accuracy'],
+        enrolled_user_accuracy=user['enrolled_user_accuracy'],
+        enrolled_clean_user_accuracy=curve[0]['user_accuracy'],
         final_user_accuracy=curve[-1]['user_accuracy'],
         enrolled_global_accuracy=user['enrolled_global_accuracy'],
         final_global_accuracy=final_global, threshold=verifier.threshold,

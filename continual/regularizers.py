@@ -107,8 +107,8 @@ def with_ewc(loss_fn: train.LossFn, reference: PyTree, fisher: PyTree,
 
 def with_distillation(loss_fn: train.LossFn, logits_fn: LogitsFn,
                       teacher_params: PyTree, teacher_state: PyTree,
-                      temperature: float = 2.0, weight: float = 1.0
-                      ) -> train.LossFn:
+                      temperature: float = 2.0, weight: float = 1.0,
+                      min_confidence: float = 0.0) -> train.LossFn:
   """Adds LwF distillation to the fixed teacher (the pre-trained model).
 
   Args:
@@ -118,15 +118,23 @@ def with_distillation(loss_fn: train.LossFn, logits_fn: LogitsFn,
     teacher_state: the teacher's model state (e.g. batch statistics).
     temperature: softmax temperature T (Li & Hoiem use 2).
     weight: multiplies the term (their lambda_o).
+    min_confidence: rows where the teacher's top softmax probability (at
+      T = 1) is below this are not distilled: the student keeps what the
+      teacher knew, and may learn where it never knew (e.g. a new noise).
+      0 distils every row, as Li & Hoiem.
   """
-  if temperature <= 0 or weight < 0:
-    raise ValueError(f'Distillation needs temperature > 0 and weight >= 0; '
-                     f'got {temperature} and {weight}.')
+  if temperature <= 0 or weight < 0 or not 0 <= min_confidence <= 1:
+    raise ValueError(f'Distillation needs temperature > 0, weight >= 0 and '
+                     f'min_confidence in [0, 1]; got {temperature}, {weight} '
+                     f'and {min_confidence}.')
   teacher_params = jax.tree.map(jnp.asarray, teacher_params)
   def term(params, model_state, batch, rng):
     mask = batch.get('distill_mask', batch['mask'])
     teacher = jax.lax.stop_gradient(
         logits_fn(teacher_params, teacher_state, batch['x'], rng))
+    if min_confidence > 0:
+      sure = jnp.max(jax.nn.softmax(teacher, axis=-1), axis=-1)
+      mask = mask * (sure >= min_confidence).astype(mask.dtype)
     student = logits_fn(params, model_state, batch['x'], rng)
     return weight * distillation_penalty(student, teacher, mask, temperature)
   return _add_term(loss_fn, 'distillation', term)
@@ -189,10 +197,12 @@ def fisher_diagonal(logits_fn: LogitsFn, params: PyTree, model_state: PyTree,
 def build(name: str, loss_fn: train.LossFn, *, reference: PyTree = None,
           reference_state: PyTree = None, logits_fn: LogitsFn | None = None,
           fisher: PyTree = None, strength: float = 1.0,
-          temperature: float = 2.0) -> train.LossFn:
+          temperature: float = 2.0,
+          min_confidence: float = 0.0) -> train.LossFn:
   """Wraps `loss_fn` with the regulariser called `name` (see REGULARIZERS).
 
-  `strength` is the weight (distillation), alpha (l2_sp) or lambda (ewc).
+  `strength` is the weight (distillation), alpha (l2_sp) or lambda (ewc);
+  `temperature` and `min_confidence` concern distillation only.
   """
   if name not in REGULARIZERS:
     raise ValueError(f'Unknown regulariser {name!r}; set config.regularizer '
@@ -212,4 +222,5 @@ def build(name: str, loss_fn: train.LossFn, *, reference: PyTree = None,
   if logits_fn is None:
     raise ValueError("Regulariser 'distillation' needs logits_fn=.")
   return with_distillation(loss_fn, logits_fn, reference,
-                           reference_state or {}, temperature, strength)
+                           reference_state or {}, temperature, strength,
+                           min_confidence)

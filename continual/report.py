@@ -32,6 +32,7 @@ def summarize_variant(per_user: Sequence[dict[str, Any]],
   summary = {
       'pretrained_user_accuracy': mean('pretrained_user_accuracy'),
       'enrolled_user_accuracy': mean('enrolled_user_accuracy'),
+      'enrolled_clean_user_accuracy': mean('enrolled_clean_user_accuracy'),
       'final_user_accuracy': mean('final_user_accuracy'),
       'enrolled_global_accuracy': mean('enrolled_global_accuracy'),
       'final_global_accuracy': mean('final_global_accuracy'),
@@ -60,6 +61,21 @@ def _pts(value: float) -> str:
   return f'{100 * value:.1f}'
 
 
+def _scenario(config: dict[str, Any]) -> str:
+  stream, users = config['stream'], config['users']
+  drift = ('no drift' if stream['drift'] == 'none' else
+           f"{stream['drift']} drift from {stream['drift_start']:.0%} of the "
+           'stream to ' + (f"{stream['drift_snr_db']:g} dB SNR"
+                           if stream['drift'] == 'noise' else
+                           f"{stream['drift_rate']:g}x tempo") + ' at its end')
+  return (f"Scenario: {users['num_users']} users, K = {users['num_enroll']} "
+          f"enrollment utterances per keyword, a stream of "
+          f"{stream['length']} clips (mix {tuple(stream['mix'])} of user "
+          f"keywords, user non-keywords, other speakers, noise) in chunks of "
+          f"{stream['chunk_size']}, {drift}; quant {config['quant']}, "
+          f"trainable {config['trainable']}.")
+
+
 def markdown(results: dict[str, Any]) -> str:
   """The comparison table, the goal check and the per-user table."""
   variants = results['variants']
@@ -69,10 +85,14 @@ def markdown(results: dict[str, Any]) -> str:
       '',
       f"Pre-trained global model: {_pts(results['pretrained_global_accuracy'])}"
       '% on held-out speakers. Users: rare-accent speakers unseen in '
-      'pre-training. Accuracies in %, means over users; gain = after the '
+      'pre-training. Accuracies in %, means over users. User accuracies are '
+      'on held-out clips of each user in the acoustic conditions at the end '
+      'of the stream (after any drift); gain = after the '
       'stream - enrolled; forgetting = pre-trained - after the stream, on '
       'all held-out speakers; pseudo-label precision/recall pooled over '
       'users (recall over the users\' own keyword clips).',
+      '',
+      _scenario(results['config']),
       '',
       '| variant | user: pre-trained | enrolled | after stream | gain | '
       'global after | forgetting | PL precision | PL recall | accepted |',
@@ -142,11 +162,15 @@ def plot(results: dict[str, Any], path: str) -> str:
       if points:
         ax.plot([p['clips'] for p in points],
                 [100 * p[key] for p in points], marker='o', label=name)
+    if key == 'global_accuracy':
+      ax.axhline(100 * results['pretrained_global_accuracy'], color='gray',
+                 linestyle='--', label='pre-trained')
     ax.set_title(title)
     ax.set_xlabel('stream clips heard')
     ax.set_ylabel('%')
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
+  axes[1].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

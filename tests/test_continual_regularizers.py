@@ -186,3 +186,24 @@ def test_wrapped_loss_runs_in_the_pure_train_step():
   # Statistics stay frozen: the batch-norm running averages do not move.
   for a, b in zip(jax.tree.leaves(st.model_state), jax.tree.leaves(state)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_gated_distillation_skips_rows_the_teacher_is_unsure_of():
+  linear = lambda p, s, x, rng: x @ p['w']
+  teacher = {'w': jnp.eye(3)}
+  student = {'w': jnp.eye(3) * 0.5}
+  # Row 0: teacher softmax(5, 0, 0) has top probability 0.987 (kept at 0.9);
+  # row 1: softmax(0.1, 0, 0) has 0.35 (dropped).
+  x = jnp.array([[5.0, 0.0, 0.0], [0.1, 0.0, 0.0]])
+  batch = {'x': x, 'y': jnp.zeros(2, jnp.int32), 'mask': jnp.ones(2)}
+  zero_loss = lambda p, s, b, r: (0.0, ({'count': jnp.ones(())}, s))
+  gated = regularizers.with_distillation(zero_loss, linear, teacher, {},
+                                         temperature=1.0, min_confidence=0.9)
+  loss, _ = gated(student, {}, batch, None)
+  want = regularizers.distillation_penalty(x[:1] @ student['w'],
+                                           x[:1] @ teacher['w'], jnp.ones(1),
+                                           1.0)
+  assert float(loss) == pytest.approx(float(want), rel=1e-6)
+  with pytest.raises(ValueError, match='min_confidence'):
+    regularizers.with_distillation(zero_loss, linear, teacher, {},
+                                   min_confidence=1.5)
