@@ -5,7 +5,9 @@ Public API:
     ordered regex rules over parameter paths, first match wins, None freezes.
   * ``get_rules(name, params, **kw)`` and ``PRESETS``: full, bias_only,
     norm_only, classifier_only, last_k, sparse_channels, tte, lite_residual;
-    ``model_layers`` and ``forward_order`` for layer-wise schemes.
+    ``model_layers`` and ``forward_order`` for layer-wise schemes;
+    ``resolve(name, params)`` gives a preset's trainable paths and channel
+    masks in one call (what the experiment binaries use).
   * ``update_masks``, ``masked_optimizer``: partial-channel updates.
   * ``with_compact_relu``: 1-bit ReLU masks for the backward pass (TinyTL).
   * ``LiteResidualModel``, ``dscnn_blocks``, ``from_pretrained``: TinyTL's
@@ -27,6 +29,8 @@ from sparse_updates.presets import forward_order
 from sparse_updates.presets import get_rules
 from sparse_updates.presets import model_layers
 from sparse_updates.presets import PRESETS
+from sparse_updates.presets import resolve
+from sparse_updates.presets import Scheme
 from sparse_updates.rules import assign
 from sparse_updates.rules import channel_fractions
 from sparse_updates.rules import trainable_paths

@@ -37,7 +37,9 @@ import jax
 from jax.extend import core as jex_core
 
 from ondevice import train
+from sparse_updates import channel_masks
 from sparse_updates import lite_residual
+from sparse_updates import rules as rules_lib
 from sparse_updates.rules import TRAIN, Rules
 
 HEAD = r'(.*/)?classifier/.*'
@@ -257,3 +259,40 @@ def get_rules(name: str, params: Any = None, **kwargs) -> Rules:
                        f'get_rules({name!r}, params, ...).')
     return builder(params, **kwargs)
   return builder(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+  """What a named preset trains on one model.
+
+  Attributes:
+    name: the preset's name.
+    paths: sorted trainable leaf paths (for `train.state_from_params`,
+      `make_train_step` and federated clients).
+    masks: {path: bool output-channel mask} for leaves that train part of
+      their channels (wrap the optimiser with `channel_masks.
+      masked_optimizer`), or None when every trainable leaf trains fully.
+  """
+  name: str
+  paths: tuple[str, ...]
+  masks: dict[str, Any] | None
+
+
+def resolve(name: str, params: Any, method: str = 'magnitude',
+            key: jax.Array | None = None, **kwargs) -> Scheme:
+  """The preset `name` applied to `params`: trainable paths and masks.
+
+  Args:
+    name: one of PRESETS.
+    params: the model's parameters, in `model.init` order (layer-wise
+      presets need it; see `model_layers`).
+    method, key: how partial-channel presets choose channels (see
+      `channel_masks.update_masks`).
+    **kwargs: the preset's own arguments, e.g. k=3 for last_k.
+  """
+  rules = get_rules(name, params, **kwargs)
+  masks = None
+  if rules_lib.channel_fractions(params, rules):
+    masks = channel_masks.update_masks(params, rules, method=method, key=key)
+  return Scheme(name=name, paths=rules_lib.trainable_paths(params, rules),
+                masks=masks)

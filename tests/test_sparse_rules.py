@@ -177,3 +177,27 @@ def test_trainable_paths_plug_into_the_train_step():
   np.testing.assert_array_equal(new_flat['hidden1/kernel'],
                                 old_flat['hidden1/kernel'])
   assert not np.array_equal(new_flat['hidden1/bias'], old_flat['hidden1/bias'])
+
+
+def test_resolve_gives_paths_and_channel_masks(dscnn_params):
+  bias = presets.resolve('bias_only', dscnn_params)
+  assert bias.masks is None
+  assert bias.paths == _paths(dscnn_params, presets.get_rules('bias_only'))
+  last2 = presets.resolve('last_k', dscnn_params, k=2)
+  # The last two layers are pw4 (+ its norm) and the classifier.
+  assert last2.paths == ('classifier/bias', 'classifier/kernel',
+                         'pw4/bias', 'pw4/kernel', 'pw4_norm/bias',
+                         'pw4_norm/scale')
+  # Magnitude masks need values: random leaves, in the same (layer) order.
+  flat = {path: np.random.default_rng(i).normal(size=leaf.shape)
+          for i, (path, leaf) in enumerate(
+              train.flatten_params(dscnn_params).items())}
+  half = presets.resolve('sparse_channels', train.unflatten_params(flat),
+                         fraction=0.5)
+  assert half.masks and set(half.masks) <= set(half.paths)
+  for path, mask in half.masks.items():
+    # Output channels are the last axis; half of them train.
+    assert mask.shape[-1] == flat[path].shape[-1]
+    assert int(np.sum(mask)) == flat[path].shape[-1] // 2
+  with pytest.raises(ValueError, match='takes no argument'):
+    presets.resolve('bias_only', dscnn_params, k=2)
