@@ -7,6 +7,13 @@ weights) at a time, and record the accuracy gain over fine-tuning the
 classifier alone on a held-out split. Then choose the units that maximise
 the summed gain under a memory budget (`sparse_updates.search`).
 
+Two tasks: personalising the same keywords to held-out speakers
+(`config.transfer_words = ()`), or, as TinyTL and Lin et al. evaluate
+transfer, learning *new* keywords: the words in `config.transfer_words` are
+held out of pre-training and learnt on the held-out speakers with a freshly
+initialised classifier (`keyword_transfer_split`, `new_head`). Only the
+second leaves the frozen features something to learn.
+
 `run(config, workdir)` does the whole study: pre-train (or resume) with
 `ondevice.supervised`, fold batch norm into the convolutions as a device
 would, split the held-out speakers' data into adaptation / validation / test
@@ -17,11 +24,14 @@ contribution.md and contribution_gains.png to `workdir`.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from absl import logging
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -66,6 +76,64 @@ def split_adaptation(ds: ArrayDataset, adapt_fraction: float,
       raise ValueError(f'The {name} split is empty; use more held-out data '
                        'or change adapt_fraction / val_fraction.')
   return out
+
+
+def keyword_transfer_split(train_ds: ArrayDataset, held_out: ArrayDataset,
+                           words: Sequence[str]
+                           ) -> tuple[ArrayDataset, ArrayDataset,
+                                      ArrayDataset]:
+  """Splits the classes into pre-training words and new transfer words.
+
+  Returns (pre-train, pre-train test, transfer): the training speakers'
+  clips of the other words; the held-out speakers' clips of the other words
+  (to evaluate pre-training); the held-out speakers' clips of `words`,
+  relabelled 0..len(words)-1 in the order given.
+  """
+  words = tuple(words)
+  unknown = sorted(set(words) - set(train_ds.class_names))
+  if unknown or len(set(words)) != len(words):
+    raise ValueError(f'config.transfer_words must be distinct class names of '
+                     f'the dataset; unknown {unknown} in {words}. Classes: '
+                     f'{train_ds.class_names}.')
+  keep = tuple(w for w in train_ds.class_names if w not in words)
+  if len(keep) < 2 or len(words) < 2:
+    raise ValueError(f'Transfer needs >= 2 pre-training and >= 2 transfer '
+                     f'words; got {len(keep)} and {len(words)}.')
+
+  def relabel(ds: ArrayDataset, names: tuple[str, ...]) -> ArrayDataset:
+    old = np.array([ds.class_names.index(n) for n in names])
+    lookup = np.full(ds.num_classes, -1, np.int64)
+    lookup[old] = np.arange(len(names))
+    part = ds.take(np.flatnonzero(lookup[ds.y] >= 0))
+    return dataclasses.replace(part, y=lookup[part.y].astype(np.int32),
+                               class_names=names)
+
+  return (relabel(train_ds, keep), relabel(held_out, keep),
+          relabel(held_out, words))
+
+
+def new_head(model: nn.Module, params, num_classes: int, example_x,
+             key: jax.Array, model_name: str, norm: str,
+             model_kwargs) -> tuple[nn.Module, Any]:
+  """The pre-trained body with a fresh `num_classes` classifier.
+
+  Every parameter outside the classifier keeps its pre-trained value (and
+  the pre-trained tree's order, which layer-wise schemes read); the
+  classifier gets the model's own initialisation drawn with `key`.
+  """
+  del model  # The new model differs only in its output width.
+  new_model = models.build_model(model_name, num_classes, norm=norm,
+                                 **dict(model_kwargs))
+  fresh = train.flatten_params(
+      new_model.init(key, example_x, train=False)['params'])
+  flat = train.flatten_params(params)
+  if set(fresh) != set(flat):
+    raise ValueError('The model with a new head has different parameters: '
+                     f'{sorted(set(fresh) ^ set(flat))}.')
+  head = re.compile(presets.HEAD)
+  out = {path: (fresh[path] if head.fullmatch(path) else leaf)
+         for path, leaf in flat.items()}
+  return new_model, train.unflatten_params(out)
 
 
 class FineTuner:
@@ -278,9 +346,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   train_ds, held_out = datasets or registry.load_dataset(config.data)
+  transfer_words = tuple(config.get('transfer_words', ()) or ())
+  pretrain_data = (train_ds, held_out)
+  if transfer_words:
+    *pretrain_data, held_out = keyword_transfer_split(train_ds, held_out,
+                                                      transfer_words)
+    train_ds = pretrain_data[0]
+    logging.info('Pre-training on %d words; transferring to %s.',
+                 train_ds.num_classes, transfer_words)
   if pretrained is None:
-    pretrained = pretrain(config, workdir, (train_ds, held_out))
+    pretrained = pretrain(config, workdir, tuple(pretrain_data))
   model, params, model_state = pretrained
+  if transfer_words:
+    folded = config.fold_batch_norm and config.pretrain.get(
+        'norm', 'batch') == 'batch'
+    model, params = new_head(
+        model, params, held_out.num_classes, train_ds.x[:1],
+        jax.random.fold_in(jax.random.key(config.seed), 1), config.model,
+        'none' if folded else config.pretrain.get('norm', 'batch'),
+        config.get('model_kwargs', {}))
   adapt, val, test = split_adaptation(held_out, config.adapt_fraction,
                                       config.val_fraction, config.split_seed)
   logging.info('Adaptation %d / validation %d / test %d examples.',
@@ -331,7 +415,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         'upload_kb': cost.bytes_of_trainable(
             params, rules_lib.trainable_paths(params, scheme), masks) / 1024})
     logging.info('%s', rows[-1])
-  results = {'units': [u.name for u in units],
+  results = {'task': ({'kind': 'new_keywords',
+                       'transfer_words': list(transfer_words),
+                       'pretrain_words': list(train_ds.class_names)}
+                      if transfer_words else {'kind': 'same_keywords'}),
+             'units': [u.name for u in units],
              'unit_weight_fraction': config.unit_weight_fraction, **contrib,
              'min_gain': min_gain,
              'search': [r.to_json() for r in searched], 'schemes': rows,

@@ -24,8 +24,18 @@ def gain_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def markdown(results: Mapping[str, Any]) -> str:
+  task = results.get('task', {'kind': 'same_keywords'})
+  if task['kind'] == 'new_keywords':
+    about = (f"Task: learn {len(task['transfer_words'])} new keywords "
+             f"({', '.join(task['transfer_words'])}) on held-out speakers, "
+             f"from a model pre-trained on the other "
+             f"{len(task['pretrain_words'])} words, with a freshly "
+             'initialised classifier.')
+  else:
+    about = ('Task: personalise the pre-trained keywords to held-out '
+             'speakers.')
   lines = [
-      '# Contribution analysis (Lin et al., 2022)', '',
+      '# Contribution analysis (Lin et al., 2022)', '', about, '',
       f'Classifier-only fine-tuning reaches '
       f'{100 * results["baseline_accuracy"]:.2f}% on the validation split; '
       'gains are in percentage points over it.', '',

@@ -96,7 +96,7 @@ def _images(n, seed):
 
 
 def test_run_end_to_end_on_synthetic_images(tmp_path):
-  config = contribution_kws.get_config('smoke')
+  config = contribution_kws.get_config('smoke,same_words')
   config.finetune.num_steps = 4
   config.search.budgets_kb = (4, 64)
   config.search.batch_size = 1
@@ -177,3 +177,63 @@ def test_gains_within_noise_are_not_candidates():
   result = search.greedy_search(units, gains, lambda us: len(us), 10,
                                 min_gain=0.006)
   assert [u.name for u in result.units] == ['b:bias']
+
+
+def test_keyword_transfer_split_holds_new_words_out_of_pretraining():
+  train_ds, held_out = _images(64, 0), _images(40, 1)
+  pre, pre_test, new = contribution.keyword_transfer_split(
+      train_ds, held_out, ('d', 'b'))
+  assert pre.class_names == ('a', 'c') and new.class_names == ('d', 'b')
+  # Counts per class survive; labels follow the new name order.
+  for ds, names, src in ((pre, ('a', 'c'), train_ds),
+                         (pre_test, ('a', 'c'), held_out),
+                         (new, ('d', 'b'), held_out)):
+    for label, name in enumerate(names):
+      old = src.class_names.index(name)
+      assert np.sum(ds.y == label) == np.sum(src.y == old)
+      np.testing.assert_array_equal(ds.x[ds.y == label], src.x[src.y == old])
+  with pytest.raises(ValueError, match='unknown'):
+    contribution.keyword_transfer_split(train_ds, held_out, ('a', 'z'))
+  with pytest.raises(ValueError, match='>= 2 pre-training'):
+    contribution.keyword_transfer_split(train_ds, held_out, ('a', 'b', 'c'))
+
+
+def test_new_head_keeps_the_body_and_draws_a_fresh_classifier():
+  x = np.zeros((1, 8, 8, 1), np.float32)
+  model = models.build_model('mlp', 2, hidden=(8, 8))
+  params = model.init(jax.random.key(0), x)['params']
+  new_model, new = contribution.new_head(
+      model, params, 5, x, jax.random.key(7), 'mlp', 'none',
+      {'hidden': (8, 8)})
+  old_flat, new_flat = train.flatten_params(params), train.flatten_params(new)
+  assert new_flat['classifier/kernel'].shape == (8, 5)
+  fresh = train.flatten_params(new_model.init(jax.random.key(7), x)['params'])
+  np.testing.assert_array_equal(new_flat['classifier/kernel'],
+                                fresh['classifier/kernel'])
+  for path in old_flat:
+    if not path.startswith('classifier/'):
+      np.testing.assert_array_equal(new_flat[path], old_flat[path])
+  assert new_model.apply({'params': new}, x).shape == (1, 5)
+
+
+def test_run_transfers_to_new_words(tmp_path):
+  config = contribution_kws.get_config('smoke')
+  config.model = 'mlp'
+  config.model_kwargs = {'hidden': (8, 8)}
+  config.transfer_words = ('c', 'd')
+  config.finetune.num_steps = 4
+  config.search.budgets_kb = (64,)
+  train_ds, held_out = _images(64, 0), _images(160, 1)
+  model = models.build_model('mlp', 2, hidden=(8, 8))
+  params = jax.jit(model.init)(jax.random.key(0), train_ds.x[:1])['params']
+  results = contribution.run(config, str(tmp_path),
+                             datasets=(train_ds, held_out),
+                             pretrained=(model, params, {}))
+  assert results['task'] == {'kind': 'new_keywords',
+                             'transfer_words': ['c', 'd'],
+                             'pretrain_words': ['a', 'b']}
+  by_label = {r['scheme']: r for r in results['schemes']}
+  # A 2-way head on 8 features: 8*2+2 = 18 uploaded params.
+  assert by_label['classifier_only']['upload_kb'] * 1024 == 18 * 4
+  with open(tmp_path / 'contribution.md') as f:
+    assert 'learn 2 new keywords (c, d)' in f.read()
