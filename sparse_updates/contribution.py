@@ -325,6 +325,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f'{config.search.relu_mask_bits}.')
   cost.optimizer_slots(config.finetune.optimizer)
   optim.build_optimizer(config.finetune)
+  grid = tuple(config.finetune.get('lr_grid', ()) or ())
+  if any(not lr > 0 for lr in grid):
+    raise ValueError('config.finetune.lr_grid must hold positive learning '
+                     f'rates; got {grid}.')
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,
@@ -397,12 +401,29 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   searched = [search.greedy_search(units, contrib['gains'], memory_fn,
                                    int(kb * 1024), min_gain)
               for kb in config.search.budgets_kb]
-  rows = [{'scheme': 'pre-trained (no update)',
-           'test_accuracy': tuner.accuracy(params, model_state, test),
-           'memory_kb': 0.0, 'upload_kb': 0.0}]
+  rows = []
+  if not transfer_words:  # A fresh head without training is chance.
+    rows.append({'scheme': 'pre-trained (no update)',
+                 'test_accuracy': tuner.accuracy(params, model_state, test),
+                 'memory_kb': 0.0, 'upload_kb': 0.0})
+  # Each scheme at its best learning rate on validation: one rate for all
+  # would favour the schemes it happens to suit (full updates need a
+  # smaller one than a linear probe).
+  grid = tuple(config.finetune.get('lr_grid', ()) or
+               (config.finetune.learning_rate,))
+  tuners = {lr: (tuner if lr == config.finetune.learning_rate else
+                 FineTuner(model, ml_collections.ConfigDict(
+                     dict(config.finetune.to_dict(), learning_rate=lr))))
+            for lr in grid}
   for label, scheme in _schemes(config, params, order, searched):
-    p, s = tuner.finetune(params, model_state, scheme, adapt, config.seed,
-                          jax.random.key(config.seed))
+    best = None
+    for lr, lr_tuner in tuners.items():
+      p, s = lr_tuner.finetune(params, model_state, scheme, adapt,
+                               config.seed, jax.random.key(config.seed))
+      val_acc = lr_tuner.accuracy(p, s, val)
+      if best is None or val_acc > best[0]:
+        best = (val_acc, lr, p, s)
+    val_acc, lr, p, s = best
     masks = None
     if rules_lib.channel_fractions(params, scheme):
       masks = channel_masks.update_masks(
@@ -411,6 +432,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     rows.append({
         'scheme': label,
         'test_accuracy': tuner.accuracy(p, s, test),
+        'val_accuracy': val_acc, 'learning_rate': lr,
         'memory_kb': memory_of(scheme) / 1024,
         'upload_kb': cost.bytes_of_trainable(
             params, rules_lib.trainable_paths(params, scheme), masks) / 1024})

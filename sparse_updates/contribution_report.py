@@ -54,7 +54,9 @@ def markdown(results: Mapping[str, Any]) -> str:
       f'Memory: analytic training memory (excluding frozen weights) at batch '
       f'{results["memory_batch_shape"]}, ReLU masks of '
       f'{results["relu_mask_bits"]} bit(s); upload: trainable bytes a client '
-      'sends per round.', '',
+      'sends per round. Each scheme is fine-tuned at the learning rate '
+      '(learning_rate column, where present) of its best validation '
+      'accuracy.', '',
       metric_writer.markdown_table(results['schemes']), '']
   return '\n'.join(lines)
 

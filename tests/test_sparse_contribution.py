@@ -162,6 +162,7 @@ def test_masked_fine_tuner_matches_the_partitioned_step():
     ('search.budgets_kb', (256, 0), 'budgets_kb'),
     ('search.relu_mask_bits', 4, 'relu_mask_bits'),
     ('finetune.optimizer', 'lion', 'optimizer'),
+    ('finetune.lr_grid', (0.01, 0.0), 'lr_grid'),
 ])
 def test_bad_config_fields_are_named(key, value, match):
   config = contribution_kws.get_config('smoke')
@@ -222,6 +223,7 @@ def test_run_transfers_to_new_words(tmp_path):
   config.model_kwargs = {'hidden': (8, 8)}
   config.transfer_words = ('c', 'd')
   config.finetune.num_steps = 4
+  config.finetune.lr_grid = (0.001, 0.05)
   config.search.budgets_kb = (64,)
   train_ds, held_out = _images(64, 0), _images(160, 1)
   model = models.build_model('mlp', 2, hidden=(8, 8))
@@ -233,6 +235,10 @@ def test_run_transfers_to_new_words(tmp_path):
                              'transfer_words': ['c', 'd'],
                              'pretrain_words': ['a', 'b']}
   by_label = {r['scheme']: r for r in results['schemes']}
+  # A fresh head without training is chance: no 'pre-trained' row.
+  assert 'pre-trained (no update)' not in by_label
+  for row in results['schemes']:
+    assert row['learning_rate'] in (0.001, 0.05)
   # A 2-way head on 8 features: 8*2+2 = 18 uploaded params.
   assert by_label['classifier_only']['upload_kb'] * 1024 == 18 * 4
   with open(tmp_path / 'contribution.md') as f:
