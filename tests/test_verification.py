@@ -1,0 +1,221 @@
+"""Tests of FedUV (fedjax_ext.verification*) and the verification splits."""
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import feduv_kws
+from fedjax_ext import codes
+from fedjax_ext import verification
+from fedjax_ext import verification_report
+from ondevice import train
+from ondevice.data import verification as verification_data
+from ondevice.data.base import ArrayDataset
+
+# ---------------------------------------------------------------- metrics
+
+GENUINE = np.array([0.9, 0.8, 0.7, 0.6])
+IMPOSTOR = np.array([0.65, 0.5, 0.4, 0.3])
+
+
+def test_roc_points_by_hand():
+  far, tpr, thresholds = verification.roc_curve(GENUINE, IMPOSTOR)
+  # Accept score >= 0.9, 0.8, 0.7, 0.65, 0.6, 0.5, 0.4, 0.3 in turn.
+  np.testing.assert_allclose(tpr, [0, .25, .5, .75, .75, 1, 1, 1, 1])
+  np.testing.assert_allclose(far, [0, 0, 0, 0, .25, .25, .5, .75, 1])
+  assert thresholds[0] == np.inf and thresholds[4] == 0.65
+
+
+def test_eer_and_tpr_at_far_by_hand():
+  # At threshold 0.65: FAR = 1/4, FRR = 1/4.
+  assert verification.equal_error_rate(GENUINE, IMPOSTOR) == pytest.approx(.25)
+  assert verification.tpr_at_far(GENUINE, IMPOSTOR, 0.0) == 0.75
+  assert verification.tpr_at_far(GENUINE, IMPOSTOR, 0.1) == 0.75
+  assert verification.tpr_at_far(GENUINE, IMPOSTOR, 0.25) == 1.0
+  # ROC (0,0) (0,.5) (1,.5) (1,1): FAR - FRR goes -.5 -> +.5 at FAR 0 -> 1.
+  assert verification.equal_error_rate([1.0, 0.0], [0.5]) == pytest.approx(.5)
+  # Ties count once: one point (1, 1).
+  far, tpr, _ = verification.roc_curve([0.5], [0.5])
+  np.testing.assert_allclose(np.stack([far, tpr]), [[0, 1], [0, 1]])
+  with pytest.raises(ValueError, match='at least one'):
+    verification.roc_curve([], [0.1])
+
+
+def test_warmup_thresholds_hit_the_target_tpr():
+  scores = np.r_[np.arange(1, 11) / 10, [1., 2., 3., 4.]]
+  users = np.r_[np.zeros(10, int), np.ones(4, int)]
+  th = verification.warmup_thresholds(scores, users, 2, 0.9)
+  # User 0: accept >= 0.2 keeps 9 of 10; user 1: floor(0.1 * 4) = 0 -> 1.
+  np.testing.assert_allclose(th, [0.2, 1.0])
+  th = verification.warmup_thresholds(scores, users, 2, 0.75)
+  np.testing.assert_allclose(th, [0.3, 2.0])  # floor(2.5) = 2; floor(1) = 1.
+  with pytest.raises(ValueError, match='no warm-up'):
+    verification.warmup_thresholds(scores, users, 3, 0.9)
+
+
+def test_trials_and_per_user_operating_point():
+  seen = np.array([[0.9, 0.2], [0.4, 0.6], [0.1, 0.3]])
+  users = np.array([0, 1, 1])
+  unseen = np.array([[0.5, 0.7]])
+  trials = verification.trial_scores(seen, users, unseen)
+  np.testing.assert_allclose(trials['genuine'], [0.9, 0.6, 0.3])
+  np.testing.assert_allclose(np.sort(trials['impostor_seen']), [0.1, 0.2,
+                                                                0.4])
+  assert trials['impostor'].size == 5
+  point = verification.per_user_operating_point(seen, users, unseen,
+                                                np.array([0.5, 0.5]))
+  # Genuine accepted: 0.9, 0.6 of 3; impostors accepted: 0.5 and 0.7 of 5.
+  assert point['tpr'] == pytest.approx(2 / 3)
+  assert point['far'] == pytest.approx(2 / 5)
+  assert point['far_unseen_impostors'] == 1.0
+
+
+def test_references_and_scores():
+  emb = np.array([[1., 0.], [0., 1.], [3., 0.]])
+  refs = verification.mean_references(emb, np.array([0, 0, 1]), 2)
+  np.testing.assert_allclose(refs, [[2 ** -.5, 2 ** -.5], [1., 0.]])
+  with pytest.raises(ValueError, match='enrollment'):
+    verification.mean_references(emb, np.array([0, 0, 0]), 2)
+  code_refs = verification.codeword_references(np.array([[1., -1., 1., 1.]]))
+  np.testing.assert_allclose(
+      verification.score_matrix(np.array([[.5, -.5, .5, .5]]), code_refs),
+      [[1.0]])
+
+
+# ---------------------------------------------------------------- losses
+
+
+def _tiny_feduv(n=15):
+  return verification.build_verifier('feduv', 'mlp', embedding_dim=n,
+                                     num_users=3, hidden=(8,), norm='none')
+
+
+def test_feduv_loss_is_one_minus_cosine_with_own_codeword():
+  model = _tiny_feduv()
+  code = codes.bch_code(4, 2)
+  words = codes.to_signs(codes.user_codewords(code, [0, 1, 2], 3,
+                                              jax.random.key(0)))
+  x = jax.random.normal(jax.random.key(1), (4, 4, 3))
+  state = train.init_state(model, optax.sgd(0.1), x, jax.random.key(2))
+  batch = {'x': x, 'y': jnp.array([0, 2, 1, 0]),
+           'mask': jnp.array([1., 1., 1., 0.])}
+  loss_fn = jax.jit(verification.feduv_loss(model, words))
+  loss, (sums, _) = loss_fn(state.params, state.model_state, batch,
+                            jax.random.key(3))
+  f = jax.jit(model.apply)({'params': state.params}, x)
+  cos = np.sum(np.asarray(f) * words[[0, 2, 1, 0]] / np.sqrt(15), axis=1)
+  assert float(loss) == pytest.approx(np.mean(1 - cos[:3]), abs=1e-5)
+  assert float(sums['count']) == 3
+
+
+def test_feduv_loss_rejects_mismatched_codeword_length():
+  with pytest.raises(ValueError, match='code length'):
+    verification.feduv_loss(_tiny_feduv(7), np.ones((3, 15), np.float32))
+  with pytest.raises(ValueError, match='Unknown verifier'):
+    verification.build_verifier('triplet', 'mlp', embedding_dim=4,
+                                num_users=3)
+
+
+# ---------------------------------------------------------------- splits
+
+
+def _synthetic(num_speakers, per_speaker, seed, offset=0):
+  rng = np.random.default_rng(seed)
+  means = rng.normal(0, 1, (num_speakers, 4, 3)) * 3
+  speaker = np.repeat(np.arange(num_speakers), per_speaker)
+  x = (means[speaker] + rng.normal(0, .3, (len(speaker), 4, 3)))
+  return ArrayDataset(x=x.astype(np.float32),
+                      y=np.tile(np.arange(per_speaker) % 2, num_speakers),
+                      client_id=(speaker + offset).astype(np.int32),
+                      class_names=('yes', 'no'))
+
+
+def test_split_utterances_partitions_every_user():
+  ds, speakers = verification_data.relabel_by_speaker(_synthetic(3, 10, 0, 5))
+  np.testing.assert_array_equal(speakers, [5, 6, 7])
+  assert ds.meta['word'].tolist()[:3] == [0, 1, 0]
+  train_ds, warm, test = verification_data.split_utterances(ds, .2, .2, 0)
+  for part, n in ((train_ds, 6), (warm, 2), (test, 2)):
+    np.testing.assert_array_equal(np.bincount(part.y), [n] * 3)
+  ids = np.concatenate([p.x[:, 0, 0] for p in (train_ds, warm, test)])
+  assert len(np.unique(ids)) == 30  # Disjoint and complete.
+  with pytest.raises(ValueError, match='too few'):
+    verification_data.split_utterances(ds, .02, .2, 0)
+  with pytest.raises(ValueError, match='< 1'):
+    verification_data.split_utterances(ds, .5, .5, 0)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def _tiny_config():
+  config = feduv_kws.get_config('smoke')
+  config.model = 'mlp'
+  config.norm = 'none'
+  config.model_kwargs = ml_collections.ConfigDict({'hidden': (16,)})
+  config.cohort_size = 3
+  config.num_rounds = 25
+  config.eval_every = 25
+  config.local.num_steps = 4
+  config.algorithm = 'fedavg'  # Pinned: independent of the full config.
+  config.algorithm_kwargs = ml_collections.ConfigDict()
+  config.client_learning_rate = 0.1
+  config.client_momentum = 0.9
+  return config
+
+
+def test_config_errors_name_the_key():
+  config = _tiny_config()
+  config.variants = 'feduv,arcface'
+  with pytest.raises(ValueError, match='arcface'):
+    verification_report.validate_config(config)
+  config = _tiny_config()
+  del config['fars']
+  with pytest.raises(ValueError, match='fars'):
+    verification_report.validate_config(config)
+  config = _tiny_config()
+  config.dp.delta = 2.0
+  config.variants = 'feduv_dp'
+  with pytest.raises(ValueError, match='delta'):
+    verification_report.validate_config(config)
+  with pytest.raises(ValueError, match='smoke'):
+    feduv_kws.get_config('smok')
+
+
+def test_feduv_learns_separable_speakers_end_to_end():
+  seen, speakers = verification_data.relabel_by_speaker(_synthetic(6, 12, 0))
+  unseen, others = verification_data.relabel_by_speaker(
+      _synthetic(2, 12, 1, offset=6))
+  train_ds, warm, test = verification_data.split_utterances(seen, .2, .2, 0)
+  splits = verification_data.VerificationSplits(train_ds, warm, test, unseen,
+                                                speakers, others)
+  config = _tiny_config()
+  code = codes.bch_code(4, 2)
+  words = codes.user_codewords(code, np.arange(6), 6, jax.random.key(0))
+  model = _tiny_feduv()
+  params = train.init_state(model, optax.sgd(1.), train_ds.x[:1],
+                            jax.random.key(1))
+  before, _ = verification_report.evaluate(
+      config, 'feduv', model, params.params, {}, splits, words)
+  row, trials = verification_report.run_variant(
+      config, 'feduv', splits, words, jax.random.key(1))
+  # Random W: chance level; trained: the 6 clusters (3 std apart) separate.
+  assert before['eer'] > 0.2
+  assert row['eer'] < 0.05 and row['tpr_at_far0.1'] > 0.95
+  assert trials['genuine'].size == 12
+  assert trials['impostor'].size == 12 * 5 + 24 * 6
+  assert row['shares_class_embeddings'] is False
+
+
+def test_combine_refuses_runs_with_different_configs(tmp_path):
+  for name, seed in (('a', 0), ('b', 1)):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'results.json').write_text(json.dumps(
+        {'config': {'seed': seed, 'variants': 'feduv'}, 'variants': {}}))
+  with pytest.raises(ValueError, match='seed'):
+    verification_report.combine([tmp_path / 'a', tmp_path / 'b'],
+                                str(tmp_path / 'out'))
