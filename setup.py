@@ -1,6 +1,6 @@
 """Installs the on-device learning research codebase.
 
-    pip install -e '.[test]'          # library + pytest
+    pip install -e '.[test]'          # library + pytest (+ fedjax for interop)
     pip install -e '.[test,tfds]'     # + tensorflow-cpu for TFDS audio builders
     pip install -e '.[fedjax]'        # + fedjax, for interop and the comparison benchmark
 """
@@ -33,7 +33,7 @@ setuptools.setup(
         'dp-accounting',
     ],
     extras_require={
-        'test': ['pytest', 'pytest-xdist'],
+        'test': ['pytest', 'pytest-xdist', 'fedjax'],
         'tfds': ['tensorflow-cpu'],
         'fedjax': ['fedjax'],
         'bench': ['aqtp'],

@@ -1,0 +1,1 @@
+"""Small compatibility shims for third-party packages (see each README)."""
