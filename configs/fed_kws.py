@@ -1,12 +1,15 @@
 r"""Federated keyword spotting: every synthesised speaker is one client.
 
-The project's main job (`make demo`). FedAvg over DS-CNN S; the server model
-is evaluated on speakers that never took part in training.
+The project's main job (`make demo`). FedAdam (Reddi et al. 2021) over DS-CNN
+S: 10 speakers a round, each taking 16 local momentum-SGD steps of 8 examples;
+the server model is evaluated on the 40 speakers that never took part in
+training, the same held-out split as configs/kws_central.py. Measured runs
+and the tuning behind these settings: benchmarks/results/fed_kws/.
 
     python -m experiments.federated --config=configs/fed_kws.py \
         --workdir=/tmp/fed_kws
     python -m experiments.federated --config=configs/fed_kws.py:smoke \
-        --config.algorithm=fedadam --config.server_learning_rate=1e-2 \
+        --config.algorithm=fedavg --config.server_learning_rate=1.0 \
         --workdir=/tmp/run
 """
 import ml_collections
@@ -28,14 +31,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.trainable = 'full'
 
   # fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad | scaffold.
-  config.algorithm = 'fedavg'
+  # Adaptive server steps escape the early loss plateau in far fewer rounds
+  # than FedAvg at the same client work (benchmarks/results/fed_kws/).
+  config.algorithm = 'fedadam'
   config.algorithm_kwargs = ml_collections.ConfigDict()  # e.g. mu, momentum.
-  config.server_learning_rate = 1.0
+  config.server_learning_rate = 0.03
   config.client_learning_rate = 0.05
   config.client_momentum = 0.9
+  # Batches of 8 halve the cost of a round of batches of 16 at the same
+  # number of sequential local steps, which is what early progress needs.
   config.local = ml_collections.ConfigDict(dict(
-      batch_size=16, num_steps=8, num_epochs=0))
-  config.cohort_size = 20
+      batch_size=8, num_steps=16, num_epochs=0))
+  config.cohort_size = 10
   config.weighted_sampling = False
   config.max_examples_per_client = 128   # Each speaker has 36 x 3 = 108.
   config.num_rounds = 150

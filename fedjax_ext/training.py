@@ -204,6 +204,7 @@ def train_and_evaluate(
 
   dp = config.get('dp', None)
   t0 = t_last = time.time()
+  r_start = r_last = int(state.round)
   totals = {'num_nonfinite_clients': 0.0, 'num_dropped': 0.0}
   for r in range(int(state.round), config.num_rounds):
     sample_key, gather_key, apply_key = jax.random.split(
@@ -217,6 +218,9 @@ def train_and_evaluate(
     state, metrics = algorithm.apply(state, cohort, ids, apply_key)
     done = r + 1
     metrics = {k: float(v) for k, v in metrics.items()}
+    if done == r_start + 1:
+      logging.info('round %d/%d done in %.0f s (compilation included).',
+                   done, config.num_rounds, time.time() - t0)
     for key in totals:
       totals[key] += metrics.get(key, 0.0)
     if metrics.get('num_nonfinite_clients', 0):
@@ -233,13 +237,18 @@ def train_and_evaluate(
       test = train.evaluate(eval_fn, state.params, state.model_state,
                             test_ds.x, test_ds.y, eval_batch)
       record.update(test_loss=test['loss'], test_accuracy=test['accuracy'])
-      rate = config.eval_every / max(time.time() - t_last, 1e-9)
-      t_last = time.time()
+      # Rounds since the last report (fewer after a resume or at the end);
+      # the first report also pays for compilation.
+      rate = (done - r_last) / max(time.time() - t_last, 1e-9)
+      t_last, r_last = time.time(), done
       logging.info(
           'round %d/%d  train loss %.4f  test acc %.4f  %.0f bytes/client  '
           '(%.2f rounds/s, ETA %.0f s)', done, config.num_rounds,
           record['train_loss'], test['accuracy'], record['bytes_per_client'],
           rate, (config.num_rounds - done) / max(rate, 1e-9))
+    # Wall seconds since this process started its rounds (restarts at 0
+    # after a resume; includes compilation and evaluation).
+    record['elapsed_seconds'] = time.time() - t0
     writer.write(done, record)
     if (done % config.checkpoint_every == 0 or done == config.num_rounds or
         done == stop_after_rounds):

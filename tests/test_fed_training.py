@@ -25,6 +25,9 @@ def _clients(num_clients, per_client, seed):
 
 def _config(**overrides):
   config = fed_kws.get_config('smoke')
+  # The numbers below are for FedAvg, whatever the main job's default.
+  config.algorithm = 'fedavg'
+  config.server_learning_rate = 1.0
   config.model = 'mlp'
   config.norm = 'none'
   config.model_kwargs = {}
@@ -74,6 +77,13 @@ def test_outputs_and_bytes_per_client(tmp_path):
   assert record['bytes_per_client'] == params + 4 * 4
   # y = [x > 0] on one feature: far above chance after 30 rounds.
   assert out['metrics']['test_accuracy'] > 0.8
+  with open(tmp_path / 'metrics.jsonl') as f:
+    elapsed = [json.loads(line)['elapsed_seconds'] for line in f]
+  # One wall-clock reading per round, taken after the round: 30 readings,
+  # non-decreasing, all within the run's training time.
+  assert len(elapsed) == 30
+  assert all(b >= a for a, b in zip(elapsed, elapsed[1:]))
+  assert 0 < elapsed[0] and elapsed[-1] <= out['metrics']['train_seconds']
 
 
 def test_dp_run_reports_epsilon(tmp_path):

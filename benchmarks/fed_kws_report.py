@@ -1,0 +1,270 @@
+r"""Federated KWS against the centralised main job: rounds, accuracy, time.
+
+Two modes:
+
+* `--mode=time`: steady-state seconds per federated round of
+  `configs/fed_kws.py` (with `--override`s) and seconds per step of the
+  centralised job (`configs/kws_central.py`) in the same process, as wall and
+  process CPU time. On a loaded machine the CPU-time ratio of the two, times
+  the centralised job's measured idle time, estimates the federated run's idle
+  time.
+* `--mode=report`: turns the metrics.jsonl / final_metrics.json of finished
+  runs (`--run=name:workdir`) into results.json, results.md and
+  accuracy_vs_round.png, with the rounds each run needed to come within
+  `--margin` of the centralised accuracy.
+
+    python -m benchmarks.fed_kws_report --mode=time --rounds=10 \
+        --out=/tmp/fed_time.json
+    python -m benchmarks.fed_kws_report --mode=report \
+        --run=default:/tmp/fed_kws --central_workdir=/tmp/kws_central \
+        --timing=/tmp/fed_time.json --out_dir=benchmarks/results/fed_kws
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from configs import fed_kws
+from configs import kws_central
+from fedjax_ext import cohort as cohort_lib
+from fedjax_ext import training
+from ondevice import metric_writer
+from ondevice import models
+from ondevice import optim
+from ondevice import train
+from ondevice.data import registry
+
+_MODE = flags.DEFINE_enum('mode', 'report', ['time', 'report'], 'What to do.')
+_OVERRIDE = flags.DEFINE_multi_string(
+    'override', [], 'key=value on configs/fed_kws.py, e.g. cohort_size=10 '
+    'or local.num_steps=16 (values parsed as JSON, else strings).')
+_ROUNDS = flags.DEFINE_integer('rounds', 10, 'Timed rounds (after warm-up).')
+_STEPS = flags.DEFINE_integer('steps', 50, 'Timed centralised steps.')
+_RUN = flags.DEFINE_multi_string('run', [], 'name:workdir of a finished '
+                                 'federated run (report mode).')
+_CENTRAL = flags.DEFINE_string('central_workdir', '', 'Workdir of a finished '
+                               'centralised run (report mode).')
+_TIMING = flags.DEFINE_multi_string('timing', [], 'JSONs written by '
+                                    '--mode=time.')
+_MARGIN = flags.DEFINE_float('margin', 0.03, 'Target = central - margin.')
+_OUT = flags.DEFINE_string('out', '', 'JSON output of --mode=time.')
+_OUT_DIR = flags.DEFINE_string('out_dir', 'benchmarks/results/fed_kws',
+                               'Report directory.')
+
+
+def _apply_overrides(config, overrides):
+  for item in overrides:
+    key, _, raw = item.partition('=')
+    try:
+      value = json.loads(raw)
+    except json.JSONDecodeError:
+      value = raw
+    node = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def _clock():
+  return time.perf_counter(), time.process_time()
+
+
+def time_federated(config, rounds: int, datasets) -> dict[str, float]:
+  """Seconds per round (host gather + one jitted round), after 2 warm-ups."""
+  train_ds, _ = training.partition_clients(config, *datasets)
+  pool = cohort_lib.ClientPool.from_dataset(train_ds)
+  model = models.build_model(
+      config.model, train_ds.num_classes, norm=config.norm,
+      **{k: tuple(v) if isinstance(v, list) else v
+         for k, v in config.model_kwargs.items()})
+  init_key, round_key = jax.random.split(jax.random.key(config.seed))
+  state0 = train.init_state(model, optax.sgd(1.0), train_ds.x[:1], init_key)
+  algorithm = training.build_algorithm(
+      config, train.classification_loss(model), pool.num_clients, None)
+  state = algorithm.init(state0.params, state0.model_state)
+
+  def one_round(state, r):
+    sample_key, gather_key, apply_key = jax.random.split(
+        jax.random.fold_in(round_key, r), 3)
+    ids = cohort_lib.sample_clients(sample_key, pool.sizes,
+                                    config.cohort_size)
+    cohort = cohort_lib.gather_cohort(train_ds, ids,
+                                      config.max_examples_per_client,
+                                      gather_key, pool)
+    state, metrics = algorithm.apply(state, cohort, ids, apply_key)
+    jax.block_until_ready((state, metrics))
+    return state
+
+  wall0, cpu0 = _clock()
+  for r in range(2):
+    state = one_round(state, r)
+  wall1, cpu1 = _clock()
+  for r in range(2, 2 + rounds):
+    state = one_round(state, r)
+  wall2, cpu2 = _clock()
+  examples = (config.cohort_size * config.local.num_steps *
+              config.local.batch_size)
+  return {'warmup_wall_s': wall1 - wall0,
+          'round_wall_s': (wall2 - wall1) / rounds,
+          'round_cpu_s': (cpu2 - cpu1) / rounds,
+          'examples_per_round': examples}
+
+
+def time_central(config, steps: int, datasets) -> dict[str, float]:
+  """Seconds per centralised train step of `config`, after 2 warm-ups."""
+  train_ds, _ = datasets
+  model = models.build_model(
+      config.model, train_ds.num_classes, norm=config.norm,
+      **{k: tuple(v) if isinstance(v, list) else v
+         for k, v in config.model_kwargs.items()})
+  optimizer = optim.build_optimizer(config)
+  state = train.init_state(model, optimizer, train_ds.x[:1],
+                           jax.random.key(config.seed))
+  paths = train.resolve_trainable(state.params, None)
+  step_fn = jax.jit(train.make_train_step(train.classification_loss(model),
+                                          optimizer, paths),
+                    donate_argnums=0)
+  rng = np.random.default_rng(0)
+
+  def one_step(state, s):
+    idx = rng.choice(len(train_ds), config.batch_size, replace=False)
+    batch = {'x': train_ds.x[idx], 'y': train_ds.y[idx],
+             'mask': np.ones(len(idx), np.float32)}
+    state, metrics = step_fn(state, batch, jax.random.key(s))
+    jax.block_until_ready(metrics)
+    return state
+
+  for s in range(2):
+    state = one_step(state, s)
+  wall1, cpu1 = _clock()
+  for s in range(2, 2 + steps):
+    state = one_step(state, s)
+  wall2, cpu2 = _clock()
+  return {'step_wall_s': (wall2 - wall1) / steps,
+          'step_cpu_s': (cpu2 - cpu1) / steps,
+          'examples_per_step': config.batch_size}
+
+
+def run_timing() -> dict:
+  fed_config = _apply_overrides(fed_kws.get_config(), _OVERRIDE.value)
+  central_config = kws_central.get_config()
+  datasets = registry.load_dataset(fed_config.data)
+  load1 = os.getloadavg()[0]
+  fed = time_federated(fed_config, _ROUNDS.value, datasets)
+  central = time_central(central_config, _STEPS.value, datasets)
+  out = {'overrides': list(_OVERRIDE.value), 'federated': fed,
+         'central': central, 'loadavg_1min_before': load1,
+         'loadavg_1min_after': os.getloadavg()[0],
+         'cpu_ratio_round_per_step': fed['round_cpu_s'] / central['step_cpu_s'],
+         'wall_ratio_round_per_step': (fed['round_wall_s'] /
+                                       central['step_wall_s']),
+         'jax_devices': str(jax.devices())}
+  print(json.dumps(out, indent=2))
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      json.dump(out, f, indent=2)
+  return out
+
+
+def rounds_to_target(records, target: float) -> int | None:
+  """First evaluated round whose test accuracy is >= target, else None."""
+  for rec in records:
+    if rec.get('test_accuracy', -1.0) >= target:
+      return int(rec['round'])
+  return None
+
+
+def _read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_report() -> dict:
+  central = _read_json(os.path.join(_CENTRAL.value, 'final_metrics.json'))
+  central_acc = central['test_accuracy']
+  target = central_acc - _MARGIN.value
+  timing = [_read_json(path) for path in _TIMING.value]
+  rows, curves = [], {}
+  for item in _RUN.value:
+    name, _, workdir = item.partition(':')
+    records = metric_writer.read_metrics(os.path.join(workdir,
+                                                      'metrics.jsonl'))
+    final_path = os.path.join(workdir, 'final_metrics.json')
+    finished = os.path.exists(final_path)
+    evals = [r for r in records if 'test_accuracy' in r]
+    reached = rounds_to_target(evals, target)
+    curves[name] = [(r['round'], r['test_accuracy']) for r in evals]
+    last = evals[-1] if evals else {}
+    row = {'run': name, 'finished': finished,
+           'rounds_run': int(records[-1]['round']) if records else 0,
+           'rounds_to_target': reached,
+           'last_eval_round': int(last.get('round', 0)),
+           'last_test_accuracy': round(last.get('test_accuracy', 0.0), 4),
+           'best_test_accuracy': round(max(
+               [r['test_accuracy'] for r in evals] or [0.0]), 4),
+           'final_test_accuracy': None, 'gap_to_central': None,
+           'train_seconds_measured': None}
+    if finished:
+      final = _read_json(final_path)
+      row.update(final_test_accuracy=round(final['test_accuracy'], 4),
+                 gap_to_central=round(central_acc - final['test_accuracy'],
+                                      4),
+                 train_seconds_measured=round(final['train_seconds'], 1))
+    rows.append(row)
+  out = {'central_test_accuracy': central_acc,
+         'central_train_seconds': central.get('train_seconds'),
+         'target': target, 'margin': _MARGIN.value, 'runs': rows,
+         'curves': curves, 'timing': timing}
+  os.makedirs(_OUT_DIR.value, exist_ok=True)
+  with open(os.path.join(_OUT_DIR.value, 'results.json'), 'w') as f:
+    json.dump(out, f, indent=2)
+  with open(os.path.join(_OUT_DIR.value, 'results.md'), 'w') as f:
+    f.write(f'Centralised (configs/kws_central.py): test accuracy '
+            f'{central_acc:.4f}; target = {target:.4f}.\n\n')
+    f.write(metric_writer.markdown_table(rows) + '\n')
+  _plot(curves, central_acc, target,
+        os.path.join(_OUT_DIR.value, 'accuracy_vs_round.png'))
+  print(metric_writer.markdown_table(rows))
+  return out
+
+
+def _plot(curves, central_acc, target, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, points in curves.items():
+    ax.plot([p[0] for p in points], [p[1] for p in points], 'o-', ms=3,
+            label=name)
+  ax.axhline(central_acc, color='k', ls='--', label='centralised')
+  ax.axhline(target, color='r', ls=':', label='target (central - 3 pts)')
+  ax.set_xlabel('round')
+  ax.set_ylabel('test accuracy (held-out speakers)')
+  ax.set_ylim(0, 1)
+  ax.legend(loc='lower right')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  jnp.zeros(())  # Initialise the backend before timing.
+  if _MODE.value == 'time':
+    run_timing()
+  else:
+    run_report()
+
+
+if __name__ == '__main__':
+  app.run(main)
