@@ -72,7 +72,8 @@ def _settings(cfg: ml_collections.ConfigDict) -> learner.Settings:
       method=cfg.learner.method, steps_per_chunk=cfg.learner.steps_per_chunk,
       batch_size=cfg.learner.batch_size, distill_batch_size=distill,
       replay_capacity=cfg.learner.replay_capacity,
-      confidence=cfg.pseudo.confidence, verify=cfg.pseudo.verify)
+      confidence=cfg.pseudo.confidence, verify=cfg.pseudo.verify,
+      bn_window=cfg.learner.bn_window, teacher_bn=cfg.learner.teacher_bn)
 
 
 def _quant_kwargs(name: str) -> dict[str, Any]:
@@ -135,10 +136,10 @@ def _variant_functions(cfg, model, pre, fisher, paths, masks,
   if cfg.learner.method == 'tent':
     return shared._replace(tent_step=jax.jit(tta.make_tent_step(
         model, optax.adam(cfg.learner.tent_learning_rate), pre.params)))
+  adapt_bn = jax.jit(lambda p, s, x, m: tta.adapt_batch_norm(
+      model, p, s, x, cfg.learner.bn_prior, m))
   if cfg.learner.method == 'bn_adapt':
-    return shared._replace(adapt_bn=jax.jit(
-        lambda p, s, x, m: tta.adapt_batch_norm(model, p, s, x,
-                                                cfg.learner.bn_prior, m)))
+    return shared._replace(adapt_bn=adapt_bn)
   loss = regularizers.build(
       cfg.regularizer.name, objectives.frozen_stats_loss(model),
       reference=pre.params, reference_state=pre.model_state,
@@ -148,8 +149,10 @@ def _variant_functions(cfg, model, pre, fisher, paths, masks,
       min_confidence=cfg.regularizer.min_teacher_confidence)
   if cfg.learner.augment:
     loss = objectives.with_augmentation(loss)
-  return shared._replace(train_step=jax.jit(train.make_train_step(
-      loss, _optimizer(cfg.learner.learning_rate, masks), paths)))
+  return shared._replace(
+      train_step=jax.jit(train.make_train_step(
+          loss, _optimizer(cfg.learner.learning_rate, masks), paths)),
+      adapt_bn=adapt_bn if cfg.learner.teacher_bn else None)
 
 
 def _users(config, pre: pretrained_lib.Pretrained) -> list[dict[str, Any]]:

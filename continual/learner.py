@@ -12,7 +12,11 @@ keeps learning, so its calibration stays valid.
 Each chunk of the stream is first labelled by the current model (so the
 measured pseudo-label quality is what training really sees), then the
 model takes a few pure train steps `(state, batch, rng) -> (state,
-metrics)`. Methods:
+metrics)`. With `teacher_bn` the labelling model (classifier and verifier)
+normalises with batch-norm statistics adapted to the clips heard recently
+(Schneider et al. 2020), so labels follow acoustics that drift after
+enrollment, while the student trains with the source statistics and keeps
+them. Methods:
 
   pseudo_label  steps on accepted pseudo-labels (+ a reservoir replay buffer
                 seeded with the enrollment clips), with the unlabelled clips
@@ -70,6 +74,7 @@ class Settings:
   confidence: float = 0.5
   verify: bool = True
   bn_window: int = 512
+  teacher_bn: bool = False
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -204,6 +209,41 @@ def _tent_steps(fns, settings, state, chunk_x, key):
   return state, float(np.mean(losses)) if losses else float('nan')
 
 
+def _recent(stream: streams.Stream, end: int, window: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+  """The last `window` clips heard before `end`, zero-padded, and a mask."""
+  heard = stream.x[max(0, end - window):end]
+  pad = window - len(heard)
+  padded = np.concatenate([heard, np.zeros((pad,) + heard.shape[1:],
+                                           np.float32)])
+  mask = np.concatenate([np.ones(len(heard)), np.zeros(pad)]).astype(
+      np.float32)
+  return padded, mask
+
+
+def _teacher(fns, settings, state, enrolled_params, source_state, verifier,
+             stream, chunk, seen, stream_scores, chunk_size):
+  """Model state that labels a chunk, and the chunk's template scores.
+
+  Without `teacher_bn` the current model labels with its own statistics and
+  the precomputed scores (enrolled model, source statistics) verify. With
+  it, both the classifier and the verifier's embedding network normalise
+  with batch-norm statistics adapted to the clips heard recently
+  (Schneider et al. 2020): labels and verification follow the current
+  acoustics, while the student keeps training with the source statistics.
+  """
+  here = slice(seen, seen + len(chunk))
+  if not settings.teacher_bn:
+    return state.model_state, stream_scores[here]
+  window = _recent(stream, seen + len(chunk), settings.bn_window)
+  teacher_state = fns.adapt_bn(state.params, source_state, *window)
+  verify_state = fns.adapt_bn(enrolled_params, source_state, *window)
+  emb = batched(lambda b: fns.embed(enrolled_params, verify_state, b),
+                chunk.x, chunk_size)
+  return teacher_state, np.asarray(pl.template_scores(verifier.templates,
+                                                      emb))
+
+
 def run_stream(fns: Functions, settings: Settings, state: train.TrainState,
                stream: streams.Stream, chunk_size: int, verifier: Verifier,
                stream_scores: np.ndarray, enroll_x: np.ndarray,
@@ -231,7 +271,11 @@ def run_stream(fns: Functions, settings: Settings, state: train.TrainState,
     over the whole stream, also by source (nothing is accepted unless the
     method pseudo-labels); and the final train state.
   """
+  if settings.teacher_bn and fns.adapt_bn is None:
+    raise ValueError('Settings.teacher_bn needs Functions.adapt_bn (see '
+                     'tta.adapt_batch_norm); pass it or set teacher_bn=False.')
   source_state = state.model_state
+  enrolled_params = state.params
   buffer = None
   if settings.method == 'pseudo_label' and settings.replay_capacity:
     buffer = replay.init(settings.replay_capacity,
@@ -249,11 +293,13 @@ def run_stream(fns: Functions, settings: Settings, state: train.TrainState,
     accepted = np.zeros(len(chunk), bool)
     loss = float('nan')
     if settings.method == 'pseudo_label':
-      logits = batched(lambda b: fns.classify(state.params, state.model_state,
-                                              b), chunk.x, chunk_size)
-      result = _label(logits, stream_scores[seen:seen + len(chunk)],
-                      settings.confidence, verifier.threshold,
-                      verify=settings.verify)
+      teacher_state, scores = _teacher(
+          fns, settings, state, enrolled_params, source_state, verifier,
+          stream, chunk, seen, stream_scores, chunk_size)
+      logits = batched(lambda b: fns.classify(state.params, teacher_state, b),
+                       chunk.x, chunk_size)
+      result = _label(logits, scores, settings.confidence,
+                      verifier.threshold, verify=settings.verify)
       labels = np.asarray(result.labels, np.int32)
       accepted = np.asarray(result.accepted)
       if buffer is not None:
@@ -263,15 +309,9 @@ def run_stream(fns: Functions, settings: Settings, state: train.TrainState,
                                         accepted, buffer,
                                         jax.random.fold_in(chunk_key, 2))
     elif settings.method == 'bn_adapt':
-      heard = stream.x[max(0, seen + len(chunk) - settings.bn_window):
-                       seen + len(chunk)]
-      pad = settings.bn_window - len(heard)
-      padded = np.concatenate([heard, np.zeros((pad,) + heard.shape[1:],
-                                               np.float32)])
-      mask = np.concatenate([np.ones(len(heard)), np.zeros(pad)]).astype(
-          np.float32)
       state = state._replace(model_state=fns.adapt_bn(
-          state.params, source_state, padded, mask))
+          state.params, source_state,
+          *_recent(stream, seen + len(chunk), settings.bn_window)))
     else:
       state, loss = _tent_steps(fns, settings, state, chunk.x, chunk_key)
     all_labels[seen:seen + len(chunk)] = labels

@@ -68,12 +68,25 @@ def _scenario(config: dict[str, Any]) -> str:
            'stream to ' + (f"{stream['drift_snr_db']:g} dB SNR"
                            if stream['drift'] == 'noise' else
                            f"{stream['drift_rate']:g}x tempo") + ' at its end')
+  learner, pseudo = config['learner'], config['pseudo']
+  reg = config['regularizer']
   return (f"Scenario: {users['num_users']} users, K = {users['num_enroll']} "
           f"enrollment utterances per keyword, a stream of "
           f"{stream['length']} clips (mix {tuple(stream['mix'])} of user "
           f"keywords, user non-keywords, other speakers, noise) in chunks of "
           f"{stream['chunk_size']}, {drift}; quant {config['quant']}, "
-          f"trainable {config['trainable']}.")
+          f"trainable {config['trainable']}. Base run: pseudo-labels at "
+          f"confidence >= {pseudo['confidence']:g} and verification at "
+          f"{pseudo['target_far']:.0%} enrollment FAR"
+          + (', labelled with batch-norm statistics of the last '
+             f"{learner['bn_window']} clips" if learner.get('teacher_bn')
+             else '')
+          + f"; {learner['steps_per_chunk']} steps per chunk; regulariser "
+          f"{reg['name']} (strength {reg['strength']:g}"
+          + (f", teacher confidence >= {reg['min_teacher_confidence']:g}"
+             if reg['name'] == 'distillation' and
+             reg.get('min_teacher_confidence') else '')
+          + '). Each variant changes the fields its name says.')
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -144,6 +157,10 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append(f"| {source} | {total['clips']} | {total['accepted']} | "
                  f"{total['correct']} |")
   lines.append(f"\nRun time: {results.get('seconds', 0):.0f} s.")
+  if results.get('processes'):
+    lines.append('Variants ran in parallel processes on the same users, '
+                 'streams and seeds: ' + '; '.join(
+                     ', '.join(p) for p in results['processes']) + '.')
   return '\n'.join(lines) + '\n'
 
 

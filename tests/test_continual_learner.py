@@ -159,3 +159,81 @@ def test_config_variants_merge_and_validate():
   assert counts[0] <= 36 * per_word
   assert counts[3] <= smoke.users.num_noise
   assert dataclasses.is_dataclass(learner.Settings())
+
+
+def test_recent_window_pads_and_masks(setup):
+  stream = setup['stream']
+  x, mask = learner._recent(stream, 5, 8)
+  np.testing.assert_array_equal(x[:5], stream.x[:5])
+  np.testing.assert_array_equal(x[5:], 0.0)
+  np.testing.assert_array_equal(mask, [1, 1, 1, 1, 1, 0, 0, 0])
+  x, mask = learner._recent(stream, 40, 8)
+  np.testing.assert_array_equal(x, stream.x[32:40])
+  assert mask.sum() == 8
+
+
+def test_teacher_bn_with_source_statistics_changes_nothing(setup):
+  """Statistics that stay the source's (N = inf) label exactly as without.
+
+  The verifier then embeds with the enrolled params and source statistics,
+  which is how `setup['scores']` were computed.
+  """
+  settings = learner.Settings(steps_per_chunk=2, batch_size=8,
+                              replay_capacity=16, confidence=0.4)
+  curve, quality, final = _run(setup, settings)
+  keep = dict(setup, fns=setup['fns']._replace(
+      adapt_bn=lambda p, s, x, m: s))
+  curve2, quality2, final2 = _run(
+      keep, dataclasses.replace(settings, teacher_bn=True))
+  with pytest.raises(ValueError, match='adapt_bn'):
+    _run(dict(setup, fns=setup['fns']._replace(adapt_bn=None)),
+         dataclasses.replace(settings, teacher_bn=True))
+  assert quality == quality2
+  np.testing.assert_allclose([p['user_accuracy'] for p in curve],
+                             [p['user_accuracy'] for p in curve2])
+  for a, b in zip(jax.tree.leaves(final.params),
+                  jax.tree.leaves(final2.params)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_teacher_bn_follows_a_shift_the_source_statistics_miss(setup):
+  """Clips shifted by a constant: adapted statistics undo the shift.
+
+  A model trained on unshifted clips labels the shifted stream with its
+  source statistics poorly; with statistics of the shifted clips themselves
+  (N = 0) its first batch norm sees what it saw in training. The student
+  keeps training with the source statistics.
+  """
+  model = setup['model']
+  state = train.init_state(model, optax.adam(1e-2), jnp.zeros((1, 6, 4)),
+                           jax.random.key(1))
+  step = jax.jit(train.make_train_step(train.classification_loss(model),
+                                       optax.adam(1e-2)))
+  x, y = _data(256, 7)
+  for i in range(60):
+    part = slice(32 * (i % 8), 32 * (i % 8 + 1))
+    state, _ = step(state, {'x': x[part], 'y': y[part],
+                            'mask': np.ones(32, np.float32)},
+                    jax.random.key(i))
+  shifted = dataclasses.replace(setup['stream'],
+                                x=setup['stream'].x + 3.0)
+  fns = setup['fns']._replace(adapt_bn=jax.jit(
+      lambda p, s, x, m: tta.adapt_batch_norm(model, p, s, x, 0.0, m)))
+  s = dict(setup, stream=shifted, fns=fns)
+  settings = learner.Settings(steps_per_chunk=1, batch_size=8,
+                              replay_capacity=0, confidence=0.0,
+                              verify=False, bn_window=48)
+  start = train.state_from_params(state.params, state.model_state,
+                                  setup['opt'])
+  _, plain, _ = _run(s, settings, state=start)
+  _, adapted, final = _run(s, dataclasses.replace(settings, teacher_bn=True),
+                           state=start)
+  # Everything is accepted; 24 + 10 of the 48 clips (user keywords and
+  # other speakers, streams.source_counts) hold a keyword.
+  assert plain['accepted'] == adapted['accepted'] == 48
+  assert np.sum(shifted.label >= 0) == 34
+  assert adapted['precision'] > plain['precision'] + 0.1
+  assert adapted['precision'] <= 34 / 48
+  np.testing.assert_array_equal(
+      final.model_state['batch_stats']['hidden1_norm']['mean'],
+      state.model_state['batch_stats']['hidden1_norm']['mean'])
