@@ -10,7 +10,12 @@ change of machine load hits them all alike. Workloads:
   AQT's ``fully_quantized(fwd_bits=8, bwd_bits=8)`` and ``config_v4()``;
 * DS-CNN small (``ondevice.models.build_model('ds_cnn_s', 36, ...)``) at batch
   64 on [64, 98, 40] log-mel inputs, for float32 and each of our modes, when
-  ``ondevice.models`` is importable.
+  ``ondevice.models`` is importable. Our simulated-path modes run their
+  convolutions through the fast CPU forms (``impl='cpu_friendly'``: depthwise
+  convs as shifted sums of int8 codes, conv0 as an im2col matmul; the
+  pointwise convs and the classifier are int8 dots either way); the rows
+  ``<mode>[lax convs]`` time the same mode with ``lax`` convolutions (the
+  reference, and what quantised DS-CNNs ran before), for the before/after.
 
 Goal (issue 4): ``int8_fwd_bwd_sr`` at most 1.5x float32 and at most 0.6x AQT
 fully_quantized on the dense layer.
@@ -55,6 +60,9 @@ _DSCNN_MODES = flags.DEFINE_list(
     'dscnn_modes', ['none', 'int8_fwd', 'int8_fwd_bwd', 'int8_fwd_bwd_sr',
                     'int8_fwd_bwd_fgrad'],
     'Quant modes timed on DS-CNN.')
+_DSCNN_LAX_MODES = flags.DEFINE_list(
+    'dscnn_lax_modes', ['int8_fwd_bwd_sr'],
+    'Quant modes also timed on DS-CNN with lax (reference) convolutions.')
 _SKIP_DSCNN = flags.DEFINE_bool('skip_dscnn', False, 'Only the dense layer.')
 
 GOAL_MODE = 'int8_fwd_bwd_sr'
@@ -146,7 +154,17 @@ def bench_dense(repeats: int, iters: int) -> dict[str, Any]:
           'aqt_error': aqt_error}
 
 
-def bench_dscnn(modes: list[str], repeats: int, iters: int) -> dict[str, Any]:
+def _dscnn_model_kwargs(name: str, lax_convs: bool) -> dict[str, Any]:
+  spec = qt.get_quant(name)
+  kwargs = spec.model_kwargs()
+  if lax_convs and spec.config is not None:
+    kwargs['conv_general_dilated_cls'] = functools.partial(
+        qt.Int8ConvGeneralDilated, config=spec.config, impl='lax')
+  return kwargs
+
+
+def bench_dscnn(modes: list[str], repeats: int, iters: int,
+                lax_modes: tuple[str, ...] = ()) -> dict[str, Any]:
   try:
     from ondevice import models  # pylint: disable=g-import-not-at-top
   except Exception as e:  # pylint: disable=broad-except
@@ -156,9 +174,10 @@ def bench_dscnn(modes: list[str], repeats: int, iters: int) -> dict[str, Any]:
   x = jnp.asarray(rng.normal(size=(64, 98, 40)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 36, size=64))
   runs = {}
-  for name in modes:
-    spec = qt.get_quant(name)
-    model = models.build_model('ds_cnn_s', 36, **spec.model_kwargs())
+  rows = [(n, False) for n in modes] + [(n, True) for n in lax_modes]
+  for name, lax_convs in rows:
+    model = models.build_model('ds_cnn_s', 36,
+                               **_dscnn_model_kwargs(name, lax_convs))
     variables = jax.jit(functools.partial(model.init, train=False))(
         jax.random.key(0), x[:1])
     params = variables['params']
@@ -182,8 +201,10 @@ def bench_dscnn(modes: list[str], repeats: int, iters: int) -> dict[str, Any]:
       params = jax.tree.map(lambda p, g: p - 0.01 * g, params, grads)
       return params, updated, loss
 
-    runs['float32' if name == 'none' else name] = functools.partial(
-        step, params, others, x, y, jax.random.key(1))
+    row = 'float32' if name == 'none' else name
+    row += ' [lax convs]' if lax_convs else ''
+    runs[row] = functools.partial(step, params, others, x, y,
+                                  jax.random.key(1))
   return {'workload': 'DS-CNN small, batch 64, [64, 98, 40], CE, SGD',
           'times': _time_interleaved(runs, repeats, iters)}
 
@@ -226,6 +247,14 @@ def _markdown(results: dict[str, Any]) -> str:
                    f'{aqt} |')
     if bench.get('aqt_error'):
       lines.append(f"\nAQT rows skipped: {bench['aqt_error']}")
+    if key == 'dscnn':
+      lines.append(
+          '\nOur simulated-path modes run DS-CNN convolutions through the '
+          'fast CPU forms (depthwise: 9 shifted elementwise multiply-adds '
+          'of int8 codes; conv0: im2col matmul of codes; pointwise and '
+          'classifier: int8 dots), like the float32 model. '
+          '"[lax convs]" is the same mode with lax convolutions, i.e. '
+          'before the fast forms.')
     lines.append('')
   goal = results['goal']
   lines += ['## Goal', '', goal['text'], '',
@@ -257,7 +286,8 @@ def main(argv):
     results['aqtp'] = None
   if not _SKIP_DSCNN.value:
     results['dscnn'] = bench_dscnn(_DSCNN_MODES.value, _DSCNN_REPEATS.value,
-                                   _DSCNN_ITERS.value)
+                                   _DSCNN_ITERS.value,
+                                   tuple(_DSCNN_LAX_MODES.value))
   times = results['dense']['times']
   vs_float = _ratios(times, 'float32')[GOAL_MODE]
   vs_aqt = _ratios(times, 'aqt_fully_quantized').get(GOAL_MODE)

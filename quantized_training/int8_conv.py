@@ -15,6 +15,18 @@ convolution, so strides, padding, dilations and feature groups (depthwise
 convolutions) are handled by JAX's own rules. For the real integer path the
 transposed computation is traced once in float32 and replayed on the int8
 codes with each convolution asked for an int32 result.
+
+``impl`` picks how the convolutions of codes are computed. 'lax' (the
+reference) calls ``lax.conv_general_dilated``. 'cpu_friendly' runs the same
+quantised convolutions through the fast CPU forms of
+``ondevice.models.layers`` (XLA:CPU conv gradients are pathological, above
+all for depthwise convs): a depthwise conv becomes k*k shifted elementwise
+multiply-adds of the int8 codes and a dense conv an im2col matmul
+``patches(q_x) @ q_w``; their transposes (also from ``jax.linear_transpose``)
+are shifted sums and matmuls of the quantised gradient with the saved codes.
+Codes, scales and dither are those of 'lax', so the two agree up to float32
+summation order. 'cpu_friendly' runs on integer-valued float32 codes (the
+simulated path) only; the real integer path keeps 'lax'.
 """
 
 from __future__ import annotations
@@ -27,11 +39,13 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 from jax import lax
 
+from ondevice.models import layers as model_layers
 from quantized_training import quantizers
 from quantized_training.config import BwdConfig, Int8Config
 from quantized_training.int8_dot import code_dtype, SavedOperand
 
 DEFAULT_CONFIG = Int8Config()
+IMPLS = ('lax', 'cpu_friendly')
 
 # Primitives that only move data; safe to replay on int8 codes.
 _LAYOUT_PRIMITIVES = frozenset({
@@ -48,9 +62,16 @@ class ConvParams(NamedTuple):
   dimension_numbers: lax.ConvDimensionNumbers
   feature_group_count: int
   precision: Any
+  impl: str = 'lax'
 
 
 def _conv(lhs, rhs, p: ConvParams, preferred_element_type=jnp.float32):
+  if p.impl == 'cpu_friendly':
+    # Float32 operands only (checked in int8_conv_general_dilated).
+    return model_layers.cpu_friendly_conv_general_dilated(
+        lhs, rhs, p.window_strides, p.padding, lhs_dilation=p.lhs_dilation,
+        rhs_dilation=p.rhs_dilation, dimension_numbers=p.dimension_numbers,
+        feature_group_count=p.feature_group_count, precision=p.precision)
   return lax.conv_general_dilated(
       lhs, rhs, p.window_strides, p.padding, lhs_dilation=p.lhs_dilation,
       rhs_dilation=p.rhs_dilation, dimension_numbers=p.dimension_numbers,
@@ -221,6 +242,13 @@ def _int8_conv_bwd(p, config, res, g):
 _int8_conv.defvjp(_int8_conv_fwd, _int8_conv_bwd)
 
 
+def uses_int_path(config: Int8Config) -> bool:
+  """Whether any quantised conv of ``config`` runs int8 x int8 -> int32."""
+  return ((config.fwd.use_int and config.fwd.bits is not None) or
+          (config.dlhs.use_int and config.dlhs.quantized) or
+          (config.drhs.use_int and config.drhs.quantized))
+
+
 def _static_padding(padding):
   if isinstance(padding, str):
     return padding
@@ -237,13 +265,21 @@ def int8_conv_general_dilated(
     feature_group_count: int = 1, batch_group_count: int = 1,
     precision: Any = None, preferred_element_type: Any = None, *,
     config: Int8Config = DEFAULT_CONFIG,
-    key: jax.Array | None = None) -> jax.Array:
+    key: jax.Array | None = None, impl: str = 'lax') -> jax.Array:
   """``lax.conv_general_dilated`` with quantised forward and backward convs.
 
   Arguments are those of ``lax.conv_general_dilated`` plus ``config`` (which
-  convs are quantised and how) and ``key`` (for stochastic rounding of the
-  gradient; required only when ``config.needs_rng`` and a gradient is taken).
+  convs are quantised and how), ``key`` (for stochastic rounding of the
+  gradient; required only when ``config.needs_rng`` and a gradient is taken)
+  and ``impl`` ('lax' or 'cpu_friendly', see the module docstring).
   """
+  if impl not in IMPLS:
+    raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}.')
+  if impl == 'cpu_friendly' and uses_int_path(config):
+    raise ValueError(
+        "impl='cpu_friendly' runs the simulated (float32 codes) path only; "
+        "this config sets use_int=True somewhere: pass impl='lax' or "
+        'use_int=False.')
   if config.is_float:
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
@@ -260,7 +296,7 @@ def int8_conv_general_dilated(
     precision = tuple(precision)
   p = ConvParams(_static_tuple(window_strides), _static_padding(padding),
                  _static_tuple(lhs_dilation), _static_tuple(rhs_dilation), dn,
-                 int(feature_group_count), precision)
+                 int(feature_group_count), precision, impl)
   out = _int8_conv(p, config, lhs.astype(jnp.float32),
                    rhs.astype(jnp.float32),
                    key if config.needs_rng else None)

@@ -64,9 +64,13 @@ class Int8ConvGeneralDilated(nn.Module):
   Attributes:
     config: how the forward and the two gradient convolutions are quantised.
     rng_collection: the RNG stream stochastic rounding draws from.
+    impl: 'lax' (reference ``lax.conv_general_dilated``) or 'cpu_friendly'
+      (the same quantised convs as shifted sums / im2col matmuls, fast on
+      XLA:CPU; simulated path only), see ``int8_conv``.
   """
   config: Int8Config = Int8Config()
   rng_collection: str = QUANT_RNG
+  impl: str = 'lax'
 
   def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None,
                rhs_dilation=None, dimension_numbers=None,
@@ -76,4 +80,4 @@ class Int8ConvGeneralDilated(nn.Module):
     return int8_conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
         dimension_numbers, feature_group_count, batch_group_count, precision,
-        preferred_element_type, config=self.config, key=key)
+        preferred_element_type, config=self.config, key=key, impl=self.impl)

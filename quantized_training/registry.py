@@ -18,7 +18,10 @@ passes ``rngs={'quant': key}`` to ``apply``.
 
 "sim" runs float32 matmuls on integer-valued codes (the fastest path on
 CPU, where XLA widens some int8 matmuls to int32); "int" runs
-int8 x int8 -> int32 matmuls. "_tensor" uses one scale per tensor instead of
+int8 x int8 -> int32 matmuls. On the "sim" path convolutions use the fast
+CPU forms (``impl='cpu_friendly'``: depthwise convs as shifted elementwise
+products of the int8 codes, dense convs as im2col matmuls of them), exactly
+as the float models do; the "int" path keeps ``lax`` convolutions. "_tensor" uses one scale per tensor instead of
 per row / per channel. ``_fgrad`` follows SwitchBack (Wortsman et al. 2023).
 """
 
@@ -33,6 +36,7 @@ import jax
 from quantized_training import config as qconfig
 from quantized_training.config import BwdConfig, Int8Config
 from quantized_training.int8_conv import int8_conv_general_dilated
+from quantized_training.int8_conv import uses_int_path
 from quantized_training.int8_dot import int8_dot_general
 from quantized_training.layers import Int8ConvGeneralDilated, Int8DotGeneral
 
@@ -68,12 +72,16 @@ class QuantSpec:
     dot_general_cls: pass to ``nn.Dense(dot_general_cls=...)``; None: float.
     conv_general_dilated_cls: pass to ``nn.Conv(conv_general_dilated_cls=...)``.
     needs_rng: whether ``apply`` needs ``rngs={'quant': key}`` when training.
+    conv_impl: how quantised convolutions run: 'cpu_friendly' (shifted sums
+      and im2col matmuls of the codes) on the simulated path, 'lax' on the
+      integer path.
   """
   name: str
   config: Int8Config | None
   dot_general_cls: Any
   conv_general_dilated_cls: Any
   needs_rng: bool
+  conv_impl: str = 'lax'
 
   def model_kwargs(self) -> dict[str, Any]:
     """Keyword arguments for ``build_model(name, num_classes, **kwargs)``."""
@@ -96,19 +104,21 @@ class QuantSpec:
         'dot_general': functools.partial(int8_dot_general,
                                          config=self.config, key=key),
         'conv_general_dilated': functools.partial(
-            int8_conv_general_dilated, config=self.config, key=key)}
+            int8_conv_general_dilated, config=self.config, key=key,
+            impl=self.conv_impl)}
 
 
 def spec_from_config(name: str, config: Int8Config | None) -> QuantSpec:
   """Wraps any ``Int8Config`` (or None for float) into a ``QuantSpec``."""
   if config is None or config.is_float:
     return QuantSpec(name, None, None, None, False)
+  impl = 'lax' if uses_int_path(config) else 'cpu_friendly'
   return QuantSpec(
       name=name, config=config,
       dot_general_cls=functools.partial(Int8DotGeneral, config=config),
-      conv_general_dilated_cls=functools.partial(Int8ConvGeneralDilated,
-                                                 config=config),
-      needs_rng=config.needs_rng)
+      conv_general_dilated_cls=functools.partial(
+          Int8ConvGeneralDilated, config=config, impl=impl),
+      needs_rng=config.needs_rng, conv_impl=impl)
 
 
 def get_quant(name: str) -> QuantSpec:
