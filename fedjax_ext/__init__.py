@@ -12,7 +12,10 @@ Modules: `cohort` (sampling and padding clients), `client` (the local
 update), `rounds` (one round: faults, transform and aggregator hooks),
 `execution` (vmap / chunked / sharded), `server_optimizers` (Reddi et al.
 2021), `algorithms` (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad,
-SCAFFOLD).
+SCAFFOLD), `aggregators`, `compression`, `privacy` (DP-FedAvg),
+`secure_aggregation`, `training` (the config-driven run), `fedjax_interop`
+(a `fedjax.FederatedData` as a client source), `codes` (BCH codes) and
+`verification` (FedUV: user verification without sharing embeddings).
 """
 from fedjax_ext.algorithms import ALGORITHMS
 from fedjax_ext.algorithms import fedadagrad
