@@ -36,6 +36,7 @@ from ondevice import train
 from ondevice.data import partition
 from ondevice.data import registry
 from ondevice.data.base import ArrayDataset
+from sparse_updates import presets
 
 REQUIRED_KEYS = ('data', 'model', 'algorithm', 'num_rounds', 'cohort_size',
                  'local', 'client_learning_rate', 'server_learning_rate',
@@ -64,6 +65,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.local.batch_size <= 0:
     raise ValueError('config.local.batch_size must be > 0; got '
                      f'{config.local.batch_size}.')
+  if config.get('trainable', 'full') not in presets.PRESETS:
+    raise ValueError(f'config.trainable={config.trainable!r} is unknown; '
+                     f'choose one of {presets.PRESETS}.')
   dp = config.get('dp', None)
   if dp is not None and dp.enabled and config.algorithm == 'scaffold':
     raise ValueError('config.dp.enabled with config.algorithm=scaffold is '
@@ -114,6 +118,28 @@ def _rounds_config(config, num_train_clients: int) -> rounds_lib.RoundConfig:
       uniform_weights=bool(dp is not None and dp.enabled),
       execution=execution.ExecutionConfig(
           strategy=config.get('execution', 'auto')))
+
+
+def trainable_from_config(config, params) -> tuple[str, ...] | None:
+  """The paths clients train and send under `config.trainable`.
+
+  A `sparse_updates` preset name (full, bias_only, norm_only,
+  classifier_only, last_k, tte, ...; arguments in config.trainable_kwargs)
+  applied to `params` in `model.init` order. Presets that train part of a
+  leaf's channels are refused: a client sends whole leaves.
+  """
+  name = config.get('trainable', 'full') or 'full'
+  if name == 'full':
+    return None
+  scheme = presets.resolve(name, params,
+                           **dict(config.get('trainable_kwargs', {})))
+  if scheme.masks:
+    raise ValueError(
+        f'config.trainable={name!r} trains part of the channels of '
+        f'{sorted(scheme.masks)}; federated clients send whole leaves, so '
+        'use a whole-leaf scheme (bias_only, norm_only, classifier_only, '
+        'last_k, tte with weight_fraction=1).')
+  return scheme.paths
 
 
 def build_algorithm(config, loss_fn, num_train_clients: int,
@@ -180,6 +206,8 @@ def train_and_evaluate(
   model = models.build_model(config.model, train_ds.num_classes, **kwargs)
   init_key, round_key = jax.random.split(jax.random.key(config.seed))
   state0 = train.init_state(model, optax.sgd(1.0), train_ds.x[:1], init_key)
+  if trainable is None:
+    trainable = trainable_from_config(config, state0.params)
   loss_fn = train.classification_loss(model)
   algorithm = build_algorithm(config, loss_fn, pool.num_clients, trainable)
   state = algorithm.init(state0.params, state0.model_state)

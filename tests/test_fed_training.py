@@ -4,11 +4,14 @@ import os
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from configs import fed_fmnist
 from configs import fed_kws
 from fedjax_ext import training
+from ondevice import models
+from ondevice import train
 from ondevice.data.base import ArrayDataset
 
 
@@ -101,6 +104,7 @@ def test_dp_run_reports_epsilon(tmp_path):
     ('algorithm', 'fedsgdx', 'config.algorithm'),
     ('client_learning_rate', -1.0, 'client_learning_rate'),
     ('model', 'nope', 'config.model'),
+    ('trainable', 'biases', 'config.trainable'),
 ])
 def test_bad_config_values_fail_before_compilation(tmp_path, monkeypatch, key,
                                                    value, match):
@@ -129,3 +133,29 @@ def test_fmnist_without_partition_is_an_error(tmp_path):
                        class_names=train.class_names)
   with pytest.raises(ValueError, match='partition'):
     training.train_and_evaluate(config, str(tmp_path), datasets=(train, train))
+
+
+def test_bias_only_clients_train_and_send_only_biases(tmp_path):
+  config = _config(num_rounds=2, trainable='bias_only')
+  out = training.train_and_evaluate(config, str(tmp_path), datasets=_data())
+  # MLP 24 -> 128 -> 2: bias_only trains both biases and the classifier's
+  # kernel (the head): 128 + 2 + 128 * 2 = 386 float32 values.
+  assert out['metrics']['bytes_per_client_float32'] == 4 * 386
+  with open(tmp_path / 'metrics.jsonl') as f:
+    assert json.loads(f.readline())['bytes_per_client'] == 4 * 386
+  # The frozen hidden kernel is where initialisation left it.
+  model = models.build_model('mlp', 2, norm='none')
+  init_key, _ = jax.random.split(jax.random.key(config.seed))
+  init = train.init_state(model, optax.sgd(1.0), _data()[0].x[:1], init_key)
+  server = train.flatten_params(out['state'].params)
+  start = train.flatten_params(init.params)
+  frozen = [p for p in server if p.startswith('hidden')
+            and p.endswith('kernel')]
+  assert frozen
+  for path in frozen:
+    np.testing.assert_array_equal(server[path], start[path])
+  assert np.any(server['classifier/bias'] != start['classifier/bias'])
+  with pytest.raises(ValueError, match='whole leaves'):
+    training.train_and_evaluate(
+        _config(num_rounds=1, trainable='sparse_channels'),
+        str(tmp_path / 'sc'), datasets=_data())
