@@ -21,7 +21,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.norm = 'none'
   config.model_kwargs = ml_collections.ConfigDict()
   config.quant = 'none'
+  # A sparse_updates preset; clients train and send only its leaves.
   config.trainable = 'full'
+  config.trainable_kwargs = ml_collections.ConfigDict()  # e.g. k for last_k.
   config.algorithm = 'fedavg'
   config.algorithm_kwargs = ml_collections.ConfigDict()
   config.server_learning_rate = 1.0

@@ -28,7 +28,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.norm = 'batch'
   config.model_kwargs = ml_collections.ConfigDict({'first_stride': (4, 4)})
   config.quant = 'none'
+  # A sparse_updates preset; clients train and send only its leaves.
   config.trainable = 'full'
+  config.trainable_kwargs = ml_collections.ConfigDict()  # e.g. k for last_k.
 
   # fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad | scaffold.
   # Adaptive server steps escape the early loss plateau in far fewer rounds
