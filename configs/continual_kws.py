@@ -96,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
   config.regularizer = ml_collections.ConfigDict(dict(
       name='distillation',    # 'none', 'distillation', 'l2_sp' or 'ewc'.
-      strength=1.0,
+      strength=2.0,            # LwF weight (1.0 forgot 1.1 points; 2.0: 0.7).
       temperature=2.0,
       min_teacher_confidence=0.8,  # Distil only where the teacher is sure.
       fisher_examples=512,
