@@ -10,22 +10,16 @@ their unlabelled streams for every variant of the config and writes
 results.json, results.md and curves.png to --workdir.
 """
 from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
 
 import continual
+from experiments import common
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Path to a config file, e.g. configs/continual_kws.py.',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
-flags.mark_flags_as_required(['config', 'workdir'])
+_CONFIG, _WORKDIR = common.define_flags('configs/continual_kws.py')
 
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.INFO)
+  common.setup()
   continual.run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -7,22 +7,16 @@ Writes contribution.json, contribution.md and contribution_gains.png (and
 the pre-training run under pretrain/) to --workdir.
 """
 from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
 
+from experiments import common
 from sparse_updates import contribution
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Path to a config file, e.g. '
-    'configs/contribution_kws.py:smoke.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
-flags.mark_flags_as_required(['config', 'workdir'])
+_CONFIG, _WORKDIR = common.define_flags('configs/contribution_kws.py:smoke')
 
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.INFO)
+  common.setup()
   contribution.run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -15,24 +15,20 @@ directory. Variants can run in separate processes and be merged:
 """
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
+from experiments import common
 from fedjax_ext import verification_report
-from ondevice import logs
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Path to a config file, e.g. configs/feduv_kws.py:smoke.',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
+_CONFIG, _WORKDIR = common.define_flags('configs/feduv_kws.py:smoke',
+                                         config_required=False)
 _COMBINE = flags.DEFINE_list(
     'combine', None, 'Work directories of finished runs to merge into '
     '--workdir instead of training (then --config is not needed).')
-flags.mark_flag_as_required('workdir')
 
 
 def main(argv):
   del argv
-  logs.setup_experiment_logging()
+  common.setup()
   if _COMBINE.value:
     verification_report.combine(_COMBINE.value, _WORKDIR.value)
     return

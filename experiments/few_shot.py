@@ -8,23 +8,16 @@ the global model (resumable) under global/ and meta-training metrics under
 meta_<name>/ and keyword_split/.
 """
 from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
 
+from experiments import common
 import few_shot
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None,
-    'Path to a config file, e.g. configs/few_shot_kws.py:smoke.',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
-flags.mark_flags_as_required(['config', 'workdir'])
+_CONFIG, _WORKDIR = common.define_flags('configs/few_shot_kws.py:smoke')
 
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.INFO)
+  common.setup()
   few_shot.run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -7,23 +7,17 @@ Writes metrics.jsonl, TensorBoard summaries, checkpoints, learning_curve.png
 and final_metrics.json to --workdir; rerunning with the same workdir resumes.
 """
 from absl import app
-from absl import flags
-from ml_collections import config_flags
 
-from ondevice import logs
+from experiments import common
 from ondevice import supervised
 import quantized_training
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Path to a config file, e.g. configs/kws_central.py:smoke.',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
-flags.mark_flags_as_required(['config', 'workdir'])
+_CONFIG, _WORKDIR = common.define_flags('configs/kws_central.py:smoke')
 
 
 def main(argv):
   del argv
-  logs.setup_experiment_logging()
+  common.setup()
   config = _CONFIG.value
   quant = quantized_training.get_quant(config.quant)
   supervised.train_and_evaluate(config, _WORKDIR.value,
