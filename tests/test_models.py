@@ -317,8 +317,10 @@ def test_im2col_conv_matches_lax(stride, padding):
   got = layers.im2col_conv_general_dilated(x, w, stride, padding,
                                            dimension_numbers=dn)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-  loss = lambda f: lambda w: jnp.sum(jnp.sin(f(x, w, stride, padding,
-                                               dimension_numbers=dn)))
-  np.testing.assert_allclose(
-      jax.grad(loss(layers.im2col_conv_general_dilated))(w),
-      jax.grad(loss(jax.lax.conv_general_dilated))(w), rtol=1e-4, atol=1e-4)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, stride, padding,
+                                                  dimension_numbers=dn)))
+  # Both gradients: the input gradient is the transpose of the slicing.
+  got_grads = jax.grad(loss(layers.im2col_conv_general_dilated), (0, 1))(x, w)
+  want_grads = jax.grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
+  for a, b in zip(got_grads, want_grads):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

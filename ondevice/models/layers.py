@@ -110,6 +110,18 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
   return total // 2, total - total // 2
 
 
+def _pads(padding, in_sizes, kernel, strides) -> tuple[tuple[int, int], ...]:
+  """lax-style padding (a string or (low, high) pairs) as explicit pairs."""
+  if isinstance(padding, str):
+    if padding == 'SAME':
+      return tuple(_same_padding(n, k, s)
+                   for n, k, s in zip(in_sizes, kernel, strides))
+    if padding == 'VALID':
+      return tuple((0, 0) for _ in in_sizes)
+    raise ValueError(f'Unsupported padding {padding!r}.')
+  return tuple(tuple(p) for p in padding)
+
+
 def _is_nhwc_hwio(dimension_numbers, lhs_shape, rhs_shape) -> bool:
   # Flax passes a ConvDimensionNumbers of axis indices, lax users strings.
   if dimension_numbers is None:
@@ -148,15 +160,7 @@ def depthwise_conv_general_dilated(lhs, rhs, window_strides, padding,
   kh, kw = rhs.shape[0], rhs.shape[1]
   sh, sw = window_strides
   height, width = lhs.shape[1], lhs.shape[2]
-  if isinstance(padding, str):
-    if padding == 'SAME':
-      pads = (_same_padding(height, kh, sh), _same_padding(width, kw, sw))
-    elif padding == 'VALID':
-      pads = ((0, 0), (0, 0))
-    else:
-      raise ValueError(f'Unsupported padding {padding!r}.')
-  else:
-    pads = tuple(tuple(p) for p in padding)
+  pads = _pads(padding, (height, width), (kh, kw), (sh, sw))
   x = jnp.pad(lhs, ((0, 0), pads[0], pads[1], (0, 0)))
   out_h = (x.shape[1] - kh) // sh + 1
   out_w = (x.shape[2] - kw) // sw + 1
@@ -172,6 +176,31 @@ def depthwise_conv_general_dilated(lhs, rhs, window_strides, padding,
   return out
 
 
+def im2col_patches(x: jax.Array, kernel: tuple[int, int],
+                   strides: tuple[int, int], padding) -> jax.Array:
+  """[N, H, W, C] -> [N, H', W', kh*kw*C] patches, by slicing.
+
+  Feature order is (row, column, channel), so `patches @ w.reshape(-1, O)`
+  is the convolution with an HWIO kernel `w`. Built from kh*kw strided
+  slices of the padded input (not `lax.conv_general_dilated_patches`, which
+  is itself a convolution): its transpose, the input gradient, is then pads
+  and adds instead of an XLA:CPU transposed convolution, which measured
+  6-15x slower on 3x3 convs of small batches (benchmarks in the commit log).
+  """
+  kh, kw = kernel
+  sh, sw = strides
+  pads = _pads(padding, x.shape[1:3], kernel, strides)
+  x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  out_h = (x.shape[1] - kh) // sh + 1
+  out_w = (x.shape[2] - kw) // sw + 1
+  cols = [jax.lax.slice(
+      x, (0, i, j, 0),
+      (x.shape[0], i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1,
+       x.shape[3]), (1, sh, sw, 1))
+          for i in range(kh) for j in range(kw)]
+  return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+
+
 def im2col_conv_general_dilated(lhs, rhs, window_strides, padding,
                                 lhs_dilation=None, rhs_dilation=None,
                                 dimension_numbers=None,
@@ -180,8 +209,9 @@ def im2col_conv_general_dilated(lhs, rhs, window_strides, padding,
 
   The weight gradient then is one matmul (patches^T @ dy), where XLA's CPU
   conv weight-gradient measured 6x slower on the DS-CNN's first layer
-  (10x4 kernel, one input channel, batch 64). The patches do not need a
-  gradient when the input is data. Falls back to lax otherwise.
+  (10x4 kernel, one input channel, batch 64), and the input gradient is a
+  matmul followed by the pads and adds of `im2col_patches`' transpose.
+  Falls back to lax for dilated or grouped convs and other layouts.
   """
   plain = (
       feature_group_count == 1 and lhs.ndim == 4 and
@@ -194,11 +224,8 @@ def im2col_conv_general_dilated(lhs, rhs, window_strides, padding,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
         feature_group_count=feature_group_count, **kwargs)
   kh, kw, cin, cout = rhs.shape
-  patches = jax.lax.conv_general_dilated_patches(
-      lhs, (kh, kw), window_strides, padding,
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  # Patch features are ordered (input channel, row, column), channel major.
-  kernel = jnp.transpose(rhs, (2, 0, 1, 3)).reshape(cin * kh * kw, cout)
+  patches = im2col_patches(lhs, (kh, kw), tuple(window_strides), padding)
+  kernel = rhs.reshape(kh * kw * cin, cout)
   out = jnp.dot(patches.reshape(-1, patches.shape[-1]),
                 kernel.astype(patches.dtype))
   return out.reshape(patches.shape[:-1] + (cout,))
