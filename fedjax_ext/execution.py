@@ -1,13 +1,23 @@
 """How a cohort's client updates are laid out on the hardware.
 
-One function, `map_clients(fn, broadcast, per_client, config)`, maps a
-per-client function over the leading client axis of `per_client` (the server
-params in `broadcast` are shared) with one of four strategies:
+`map_clients(fn, broadcast, per_client, config)` maps a per-client function
+over the leading client axis of `per_client` (the server params in
+`broadcast` are shared); `stream_clients` runs clients one after the other
+and sums part of their output. Five strategies:
 
 * 'vmap': one `jax.vmap` over the whole cohort. Fastest while every client's
   params, gradients and activations fit in memory at once.
 * 'chunked': `lax.map` over chunks of `chunk_size` vmapped clients, so only
   one chunk is live at a time: lower peak memory for big models or cohorts.
+* 'streamed': a `lax.scan` over the clients (or over chunks of `chunk_size`
+  vmapped clients) that adds each client's weighted delta to a running sum
+  as it finishes, so no [C, params] stack of deltas is ever built. Only for
+  rounds whose aggregate is the weighted mean (`stream_clients`). On a CPU
+  this is the fastest layout at every model size we measured: one client's
+  params, gradients and activations stay in cache, where a vmap streams C
+  copies through memory at every local step (FedAvg round of 100 clients x
+  4 local steps on one core: 784-256-10 MLP 0.42 s vmapped, 0.087 s
+  streamed; 20k-param CNN 3.4 s vs 1.7 s).
 * 'sharded': the client axis is split over the 'clients' axis of a
   `jax.sharding.Mesh` (all local devices by default), with
   `vmap(..., spmd_axis_name='clients')` and sharding constraints on inputs
@@ -37,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
 PyTree = Any
-STRATEGIES = ('auto', 'vmap', 'chunked', 'sharded')
+STRATEGIES = ('auto', 'vmap', 'chunked', 'streamed', 'sharded')
 CLIENT_AXIS = 'clients'
 # 'auto' keeps one vmap while params x cohort stays below this many scalars
 # (2^26 floats = 256 MiB for one copy of every client's params; with
@@ -51,7 +61,8 @@ class ExecutionConfig:
 
   Attributes:
     strategy: one of STRATEGIES.
-    chunk_size: clients per chunk for 'chunked' (None: from the budget).
+    chunk_size: clients per chunk for 'chunked' (None: from the budget) and
+      'streamed' (None: 1).
     mesh: mesh with a 'clients' axis for 'sharded' (None: every device of
       `jax.devices()` on one 'clients' axis).
   """
@@ -78,29 +89,49 @@ def _balanced_chunk(cohort_size: int, max_chunk: int) -> int:
 
 
 def resolve_strategy(config: ExecutionConfig, param_count: int,
-                     cohort_size: int, num_devices: int | None = None
+                     cohort_size: int, num_devices: int | None = None, *,
+                     streamable: bool = False, backend: str | None = None
                      ) -> tuple[str, int]:
   """Returns (strategy, chunk_size) for a round.
 
   The 'auto' rule:
     1. more than one device and at least one client per device: 'sharded';
-    2. else if param_count * cohort_size > AUTO_VMAP_BUDGET: 'chunked' with
+    2. else if the round can be streamed (`streamable`: its aggregate is the
+       weighted mean) and the backend is a CPU: 'streamed', one client at a
+       time (see the module docstring for the measurements);
+    3. else if param_count * cohort_size > AUTO_VMAP_BUDGET: 'chunked' with
        chunks of about AUTO_VMAP_BUDGET // param_count clients (balanced so
        the last chunk is nearly full);
-    3. else 'vmap'.
-  chunk_size is only meaningful for 'chunked' (otherwise the cohort size).
+    4. else 'vmap'.
+  chunk_size is only meaningful for 'chunked' and 'streamed' (otherwise the
+  cohort size).
+
+  Raises:
+    ValueError: 'streamed' asked for a round that is not `streamable`.
   """
   if num_devices is None:
     num_devices = (config.mesh.shape[CLIENT_AXIS] if config.mesh is not None
                    else jax.device_count())
+  if backend is None:
+    backend = jax.default_backend()
   strategy = config.strategy
+  if strategy == 'streamed' and not streamable:
+    raise ValueError(
+        "execution 'streamed' sums weighted client deltas as clients finish, "
+        'so it needs the default weighted-mean aggregation; this round has '
+        'a custom or stateful aggregator (robust rules and DP need every '
+        "client's delta at once). Use 'vmap', 'chunked' or 'auto'.")
   if strategy == 'auto':
     if num_devices > 1 and cohort_size >= num_devices:
       strategy = 'sharded'
+    elif streamable and backend == 'cpu':
+      strategy = 'streamed'
     elif param_count * cohort_size > AUTO_VMAP_BUDGET:
       strategy = 'chunked'
     else:
       strategy = 'vmap'
+  if strategy == 'streamed':
+    return strategy, _balanced_chunk(cohort_size, config.chunk_size or 1)
   if strategy != 'chunked':
     return strategy, cohort_size
   max_chunk = config.chunk_size or max(1, AUTO_VMAP_BUDGET // max(param_count,
@@ -172,3 +203,62 @@ def map_clients(fn: Callable[[PyTree, PyTree], PyTree], broadcast: PyTree,
       broadcast, padded)
   out = jax.lax.with_sharding_constraint(out, split)
   return jax.tree.map(lambda x: x[:size], out)
+
+
+def stream_clients(fn: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]],
+                   broadcast: PyTree, per_client: PyTree,
+                   chunk_size: int = 1) -> tuple[PyTree, PyTree]:
+  """Runs `fn` client after client, summing one part of its output.
+
+  Args:
+    fn: `fn(broadcast, one_client) -> (to_sum, to_stack)`. `to_sum` (e.g.
+      weight * delta) is added over clients as they finish; `to_stack`
+      (small per-client outputs: weights, metrics) is stacked.
+    broadcast: shared inputs (server params, model state).
+    per_client: PyTree whose leaves all have the leading client axis C.
+    chunk_size: clients run together (vmapped) per scan step; 1 runs them
+      strictly one after the other (no vmap at all).
+
+  Returns:
+    (sum over the C clients of `to_sum`, `to_stack` stacked on axis 0).
+    Clients padded in to fill the last chunk add nothing to the sum and are
+    dropped from the stack.
+  """
+  sizes = {leaf.shape[0] for leaf in jax.tree.leaves(per_client)}
+  if len(sizes) != 1:
+    raise ValueError(f'Per-client inputs disagree on the number of clients: '
+                     f'{sorted(sizes)}.')
+  size = sizes.pop()
+  one = jax.tree.map(lambda x: x[0], per_client)
+  sum_shape, _ = jax.eval_shape(fn, broadcast, one)
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sum_shape)
+
+  if chunk_size == 1:
+    def body(total, client):
+      to_sum, to_stack = fn(broadcast, client)
+      return jax.tree.map(jnp.add, total, to_sum), to_stack
+
+    return jax.lax.scan(body, zeros, per_client)
+
+  padded, _ = _pad_clients(per_client, chunk_size)
+  chunks = jax.tree.map(
+      lambda x: x.reshape((-1, chunk_size) + x.shape[1:]), padded)
+  num_chunks = jax.tree.leaves(chunks)[0].shape[0]
+  vmapped = jax.vmap(fn, in_axes=(None, 0))
+
+  def chunk_body(total, inputs):
+    index, chunk = inputs
+    to_sum, to_stack = vmapped(broadcast, chunk)
+    real = index * chunk_size + jnp.arange(chunk_size) < size
+
+    def add(t, x):
+      keep = real.reshape((-1,) + (1,) * (x.ndim - 1))
+      return t + jnp.sum(jnp.where(keep, x, jnp.zeros_like(x)), axis=0)
+
+    return jax.tree.map(add, total, to_sum), to_stack
+
+  total, stacked = jax.lax.scan(chunk_body, zeros,
+                                (jnp.arange(num_chunks), chunks))
+  stacked = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:size],
+                         stacked)
+  return total, stacked

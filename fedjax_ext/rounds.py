@@ -57,6 +57,7 @@ import optax
 from fedjax_ext import client as client_lib
 from fedjax_ext import cohort as cohort_lib
 from fedjax_ext import execution
+from ondevice import train
 
 PyTree = Any
 FlatParams = dict[str, jax.Array]
@@ -244,32 +245,68 @@ def run_round(client_fn: ClientFn, params: PyTree, model_state: PyTree,
             'info': info, 'extras': out.extras}
 
   param_count = sum(x.size for x in jax.tree.leaves(params))
-  out = execution.map_clients(one_client, (params, model_state), per_client,
-                              config.execution, param_count)
-
   dropped = _dropped(keys.dropout, num_clients, config.dropout_rate)
   arrived = ~dropped
+
+  def client_weight(weight, finite, client_arrived):
+    included = client_arrived & finite & (weight > 0)
+    base = jnp.ones_like(weight) if config.uniform_weights else weight
+    return jnp.where(included, base, 0.0).astype(jnp.float32)
+
+  streamable = (config.aggregator is None and
+                config.stateful_aggregator is None)
+  strategy, chunk = execution.resolve_strategy(
+      config.execution, param_count, num_clients, streamable=streamable)
+  if strategy == 'streamed':
+    # The weighted mean, summed as clients finish (see execution.py).
+    def streamed_client(broadcast, inputs):
+      out = one_client(broadcast, inputs)
+      w = client_weight(out['weight'], out['finite'], inputs['arrived'])
+      # where, not w * x alone: 0 * NaN is NaN (a non-finite model state).
+      weigh = lambda x: jnp.where(w > 0, w * x.astype(jnp.float32), 0.0)
+      to_sum = {'sent': jax.tree.map(weigh, out.pop('sent')),
+                'model_state': jax.tree.map(weigh, out.pop('model_state')),
+                'weight': w}
+      return to_sum, out
+
+    params_dtype = {k: v.dtype for k, v in
+                    train.flatten_params(params).items()}
+    summed, out = execution.stream_clients(
+        streamed_client, (params, model_state),
+        {**per_client, 'arrived': arrived}, chunk)
+    weights = client_weight(out['weight'], out['finite'], arrived)
+    total = summed['weight']
+    aggregate = {k: (x / jnp.maximum(total, 1e-12)).astype(params_dtype[k])
+                 for k, x in summed['sent'].items()}
+    agg_metrics, new_agg_state = {}, aggregator_state
+    new_model_state = jax.tree.map(
+        lambda m, old: jnp.where(
+            total > 0, (m / jnp.maximum(total, 1e-12)).astype(old.dtype),
+            old), summed['model_state'], model_state)
+  else:
+    out = execution.map_clients(one_client, (params, model_state),
+                                per_client, config.execution, param_count)
+    weights = client_weight(out['weight'], out['finite'], arrived)
+    included = weights > 0
+    sent = jax.tree.map(
+        lambda d: jnp.where(
+            included.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0),
+        out['sent'])
+    if config.stateful_aggregator is not None:
+      aggregate, new_agg_state, agg_metrics = (
+          config.stateful_aggregator.aggregate(aggregator_state, sent,
+                                               weights, keys.aggregate))
+    else:
+      aggregator = config.aggregator or weighted_mean
+      aggregate, agg_metrics = aggregator(sent, weights, keys.aggregate)
+      new_agg_state = aggregator_state
+    new_model_state = _masked_mean_tree(out['model_state'], weights,
+                                        model_state)
   has_data = out['weight'] > 0
   included = arrived & out['finite'] & has_data
-  base_weight = (jnp.ones_like(out['weight']) if config.uniform_weights
-                 else out['weight'])
-  weights = jnp.where(included, base_weight, 0.0).astype(jnp.float32)
-  sent = jax.tree.map(
-      lambda d: jnp.where(
-          included.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0), out['sent'])
-  if config.stateful_aggregator is not None:
-    aggregate, new_agg_state, agg_metrics = (
-        config.stateful_aggregator.aggregate(aggregator_state, sent, weights,
-                                             keys.aggregate))
-  else:
-    aggregator = config.aggregator or weighted_mean
-    aggregate, agg_metrics = aggregator(sent, weights, keys.aggregate)
-    new_agg_state = aggregator_state
   updated = (jnp.sum(weights) > 0) & _all_finite(aggregate)
   new_agg_state = jax.tree.map(lambda n, o: jnp.where(updated, n, o),
                                new_agg_state, aggregator_state)
-  new_model_state = _masked_mean_tree(out['model_state'], weights,
-                                      model_state)
 
   def as_f32(flags):
     return jnp.sum(flags.astype(jnp.float32))

@@ -107,10 +107,12 @@ def _rounds_config(config, num_train_clients: int) -> rounds_lib.RoundConfig:
         expected_num_clients=config.cohort_size, adaptive=dp.adaptive,
         target_quantile=dp.target_quantile)
     stateful = privacy.dp_aggregator(dp_config)
-  else:
+  elif config.aggregator.name != 'mean' or len(config.aggregator) > 1:
     aggregator = aggregators.get_aggregator(
         config.aggregator.name,
         **{k: v for k, v in config.aggregator.items() if k != 'name'})
+  # else: the round's own weighted mean (None), which execution 'auto' can
+  # stream client by client.
   del num_train_clients
   return rounds_lib.RoundConfig(
       aggregator=aggregator, stateful_aggregator=stateful,

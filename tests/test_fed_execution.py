@@ -89,6 +89,26 @@ def test_auto_rule():
   assert execution.resolve_strategy(chunked, small, 10, 1) == ('chunked', 4)
 
 
+def test_auto_rule_streams_mean_rounds_on_cpu():
+  config = execution.ExecutionConfig()
+  small, big = 10_000, 10_000_000
+  for params in (small, big):
+    assert execution.resolve_strategy(config, params, 100, 1, streamable=True,
+                                      backend='cpu') == ('streamed', 1)
+  # Accelerators keep the vmap; several devices still shard.
+  assert execution.resolve_strategy(config, small, 100, 1, streamable=True,
+                                    backend='gpu') == ('vmap', 100)
+  assert execution.resolve_strategy(config, small, 100, 4, streamable=True,
+                                    backend='cpu') == ('sharded', 100)
+  # An explicit chunk is balanced like 'chunked': 10 clients in chunks of
+  # at most 4 -> 3 chunks of 4.
+  streamed = execution.ExecutionConfig('streamed', chunk_size=4)
+  assert execution.resolve_strategy(streamed, small, 10, 1,
+                                    streamable=True) == ('streamed', 4)
+  with pytest.raises(ValueError, match='weighted-mean aggregation'):
+    execution.resolve_strategy(streamed, small, 10, 1, streamable=False)
+
+
 def test_bad_execution_configs_are_errors():
   with pytest.raises(ValueError, match='Unknown execution strategy'):
     execution.ExecutionConfig('pmap')
@@ -108,6 +128,39 @@ def test_chunked_equals_vmap():
   assert m_chunk == pytest.approx(m_vmap, rel=1e-5, abs=1e-6)
   assert m_vmap['num_dropped'] == 2.0
   assert 'transform/norm' in m_vmap
+
+
+@pytest.mark.parametrize('chunk_size', [None, 4])
+def test_streamed_equals_vmap(chunk_size):
+  run = _round_module()['run']
+  vmapped, m_vmap = run(execution.ExecutionConfig('vmap'))
+  # One client at a time, or chunks of 4 (the second padded with copies,
+  # which must add nothing to the running sums).
+  streamed, m_stream = run(execution.ExecutionConfig('streamed',
+                                                     chunk_size=chunk_size))
+  np.testing.assert_allclose(streamed, vmapped, rtol=1e-5, atol=1e-6)
+  assert m_stream == pytest.approx(m_vmap, rel=1e-5, abs=1e-6)
+  assert m_stream['num_dropped'] == 2.0
+  assert m_stream['num_aggregated'] == 4.0
+
+
+def test_streamed_round_with_a_robust_aggregator_is_an_error():
+  import jax.numpy as jnp
+  import optax
+  from fedjax_ext import aggregators, algorithms, client, rounds
+  from ondevice import train
+  model = _round_module()['Linear']()
+  params = model.init(jax.random.key(0), jnp.zeros((1, 4)))['params']
+  algorithm = algorithms.fedavg(
+      train.classification_loss(model), optax.sgd(0.1),
+      client.LocalConfig(batch_size=2, num_steps=1),
+      rounds=rounds.RoundConfig(
+          aggregator=aggregators.coordinate_median(),
+          execution=execution.ExecutionConfig('streamed')))
+  cohort = {'x': jnp.ones((3, 2, 4)), 'y': jnp.zeros((3, 2), jnp.int32),
+            'mask': jnp.ones((3, 2))}
+  with pytest.raises(ValueError, match='weighted-mean aggregation'):
+    algorithm.apply(algorithm.init(params), cohort, None, jax.random.key(0))
 
 
 _SHARDED = _ROUND + textwrap.dedent('''
