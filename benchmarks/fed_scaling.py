@@ -7,6 +7,8 @@ for cohorts of 10, 100 and 1,000 clients with
 * 'vmap': one `jax.vmap` over the cohort;
 * 'chunked': `lax.map` over chunks of `--chunk_size` vmapped clients
   (balanced by `execution.resolve_strategy`; the chunk used is reported);
+* 'streamed': a scan over the clients that adds each weighted delta to a
+  running sum (the CPU default of 'auto' for all but tiny client updates);
 * 'sharded': the client axis split over 4 devices. It runs in a subprocess
   started with XLA_FLAGS=--xla_force_host_platform_device_count=4 (the flag
   must be set before JAX starts), which also times 'vmap' on one of its
@@ -71,7 +73,7 @@ _COHORTS = flags.DEFINE_list('cohorts', ['10', '100', '1000'],
 _SHARDED_COHORTS = flags.DEFINE_list('sharded_cohorts', ['100', '1000'],
                                      'Cohort sizes of the sharded runs '
                                      '(multiples of --devices).')
-_STRATEGIES = flags.DEFINE_list('strategies', ['vmap', 'chunked'],
+_STRATEGIES = flags.DEFINE_list('strategies', ['vmap', 'chunked', 'streamed'],
                                 'Single-device strategies.')
 _CHUNK = flags.DEFINE_integer('chunk_size', 32, "Clients per 'chunked' chunk.")
 _DEVICES = flags.DEFINE_integer('devices', 4, 'Host devices of the sharded '
@@ -155,7 +157,8 @@ def _sweep(configs: list[tuple[str, int]]) -> dict[str, Any]:
                    statistics.median(times[(strategy, size)]))
   out = {}
   for (strategy, size), (_, config) in built.items():
-    _, chunk = execution.resolve_strategy(config, param_count, size)
+    _, chunk = execution.resolve_strategy(config, param_count, size,
+                                          streamable=True)
     t = times[(strategy, size)]
     out[f'{strategy}/{size}'] = {
         'strategy': strategy, 'cohort': size,

@@ -53,6 +53,13 @@ CLIENT_AXIS = 'clients'
 # (2^26 floats = 256 MiB for one copy of every client's params; with
 # gradients, optimiser state and activations a vmap holds several copies).
 AUTO_VMAP_BUDGET = 2 ** 26
+# 'auto' streams a CPU round only when one client's traced update costs at
+# least this many FLOPs (XLA's cost analysis, loop bodies counted once).
+# Below it, per-op overhead dominates and one vmap amortises it: FedAvg with
+# a 2k-param MLP (64 kFLOP) ran 0.010 s/round vmapped vs 0.023 s streamed,
+# while a 2k-param CNN (12.5 MFLOP) and a 200k-param MLP (4.9 MFLOP) ran
+# 2-6x faster streamed (100 clients, 2-core CPU).
+AUTO_STREAM_MIN_FLOPS = 1e6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,15 +97,17 @@ def _balanced_chunk(cohort_size: int, max_chunk: int) -> int:
 
 def resolve_strategy(config: ExecutionConfig, param_count: int,
                      cohort_size: int, num_devices: int | None = None, *,
-                     streamable: bool = False, backend: str | None = None
+                     streamable: bool = False, backend: str | None = None,
+                     client_flops: float | None = None
                      ) -> tuple[str, int]:
   """Returns (strategy, chunk_size) for a round.
 
   The 'auto' rule:
     1. more than one device and at least one client per device: 'sharded';
     2. else if the round can be streamed (`streamable`: its aggregate is the
-       weighted mean) and the backend is a CPU: 'streamed', one client at a
-       time (see the module docstring for the measurements);
+       weighted mean), the backend is a CPU and one client's update is not
+       tiny (`client_flops` unknown or >= AUTO_STREAM_MIN_FLOPS): 'streamed',
+       one client at a time (see the module docstring for measurements);
     3. else if param_count * cohort_size > AUTO_VMAP_BUDGET: 'chunked' with
        chunks of about AUTO_VMAP_BUDGET // param_count clients (balanced so
        the last chunk is nearly full);
@@ -124,7 +133,8 @@ def resolve_strategy(config: ExecutionConfig, param_count: int,
   if strategy == 'auto':
     if num_devices > 1 and cohort_size >= num_devices:
       strategy = 'sharded'
-    elif streamable and backend == 'cpu':
+    elif (streamable and backend == 'cpu' and
+          (client_flops is None or client_flops >= AUTO_STREAM_MIN_FLOPS)):
       strategy = 'streamed'
     elif param_count * cohort_size > AUTO_VMAP_BUDGET:
       strategy = 'chunked'
@@ -262,3 +272,26 @@ def stream_clients(fn: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]],
   stacked = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:size],
                          stacked)
   return total, stacked
+
+
+def client_flops(fn: Callable[[PyTree, PyTree], Any], broadcast: PyTree,
+                 per_client: PyTree) -> float | None:
+  """XLA's FLOP estimate of `fn` on one client (None if unavailable).
+
+  Lowers (does not compile) `fn` on abstract values, so it also works while
+  an outer function is being traced.
+  """
+  def spec(x):
+    return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+
+  one = jax.tree.map(lambda x: spec(x[0]), per_client)
+  try:
+    cost = jax.jit(fn).lower(jax.tree.map(spec, broadcast),
+                             one).cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None  # Backends without a cost model: 'auto' ignores FLOPs.
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or 'flops' not in cost:
+    return None
+  return float(cost['flops'])

@@ -255,8 +255,14 @@ def run_round(client_fn: ClientFn, params: PyTree, model_state: PyTree,
 
   streamable = (config.aggregator is None and
                 config.stateful_aggregator is None)
+  flops = None
+  if (streamable and config.execution.strategy == 'auto' and
+      jax.default_backend() == 'cpu'):
+    flops = execution.client_flops(one_client, (params, model_state),
+                                   per_client)
   strategy, chunk = execution.resolve_strategy(
-      config.execution, param_count, num_clients, streamable=streamable)
+      config.execution, param_count, num_clients, streamable=streamable,
+      client_flops=flops)
   if strategy == 'streamed':
     # The weighted mean, summed as clients finish (see execution.py).
     def streamed_client(broadcast, inputs):

@@ -95,6 +95,13 @@ def test_auto_rule_streams_mean_rounds_on_cpu():
   for params in (small, big):
     assert execution.resolve_strategy(config, params, 100, 1, streamable=True,
                                       backend='cpu') == ('streamed', 1)
+  # A tiny client update (below AUTO_STREAM_MIN_FLOPS) keeps the vmap.
+  assert execution.resolve_strategy(config, small, 100, 1, streamable=True,
+                                    backend='cpu',
+                                    client_flops=5e4) == ('vmap', 100)
+  assert execution.resolve_strategy(config, small, 100, 1, streamable=True,
+                                    backend='cpu',
+                                    client_flops=5e6) == ('streamed', 1)
   # Accelerators keep the vmap; several devices still shard.
   assert execution.resolve_strategy(config, small, 100, 1, streamable=True,
                                     backend='gpu') == ('vmap', 100)
@@ -107,6 +114,17 @@ def test_auto_rule_streams_mean_rounds_on_cpu():
                                     streamable=True) == ('streamed', 4)
   with pytest.raises(ValueError, match='weighted-mean aggregation'):
     execution.resolve_strategy(streamed, small, 10, 1, streamable=False)
+
+
+def test_client_flops_counts_one_clients_matmul():
+  import jax.numpy as jnp
+  # One client: [8, 16] @ [16, 4] is 2 * 8 * 16 * 4 = 1024 FLOPs (+ the
+  # add of the broadcast bias, 32).
+  fn = lambda w, c: c['x'] @ w['k'] + w['b']
+  flops = execution.client_flops(
+      fn, {'k': jnp.ones((16, 4)), 'b': jnp.ones(4)},
+      {'x': jnp.ones((5, 8, 16))})
+  assert flops == pytest.approx(1024 + 32, rel=0.05)
 
 
 def test_bad_execution_configs_are_errors():
