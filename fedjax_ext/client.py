@@ -166,15 +166,26 @@ def make_client_update(loss_fn: train.LossFn,
     batch_key, step_key = jax.random.split(key)
     max_examples = client_data['mask'].shape[0]
 
-    def body(state, step):
-      batch = local_batch(client_data, batch_key, step, local.batch_size,
-                          local.num_epochs)
+    def train_step(state, batch, step):
       state, metrics = step_fn(state, batch,
                                jax.random.fold_in(step_key, step))
       # 'loss' and 'grad_norm' are per-step means, not sums: dropped here.
-      sums = {k: v for k, v in metrics.items()
-              if k not in ('loss', 'grad_norm')}
-      return state, sums
+      return state, {k: v for k, v in metrics.items()
+                     if k not in ('loss', 'grad_norm')}
+
+    def skip_step(state, batch, step):
+      # An all-padding batch: the train step would leave the state as it is
+      # and sum zeros; skipping it saves the work when the client update
+      # runs unbatched (streamed execution). Under vmap, lax.cond becomes a
+      # select and both branches run, as before.
+      sums = jax.eval_shape(train_step, state, batch, step)[1]
+      return state, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sums)
+
+    def body(state, step):
+      batch = local_batch(client_data, batch_key, step, local.batch_size,
+                          local.num_epochs)
+      return lax.cond(jnp.any(batch['mask'] > 0), train_step, skip_step,
+                      state, batch, step)
 
     steps = jnp.arange(local.scan_length(max_examples))
     final, per_step = lax.scan(body, state, steps)
