@@ -16,7 +16,9 @@ mask 0 (it never crosses into the next epoch). The scan has a fixed length:
   are done (like FedJAX's `shuffle_repeat_batch(num_steps=S)`).
 * `num_epochs=E`: E * ceil(M / B) steps, enough for the largest possible
   client; a smaller client finishes its E epochs early and its remaining
-  steps have all-zero masks, which the train step turns into no-ops.
+  steps have all-zero masks. Such steps are skipped with `lax.cond` when
+  the client runs on its own (streamed execution), and are no-ops of the
+  train step under a vmap, where the cond becomes a select.
 * both: whichever ends first.
 
 A client with no valid example (a padded cohort slot) takes no step and has
