@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.max_examples_per_client = 128   # Each speaker has 36 x 3 = 108.
   config.num_rounds = 150
   config.dropout_rate = 0.0
-  config.execution = 'auto'              # vmap | chunked | sharded | auto.
+  config.execution = 'auto'  # vmap | chunked | streamed | sharded | auto.
   config.aggregator = ml_collections.ConfigDict(dict(name='mean'))
   config.compression = ml_collections.ConfigDict(dict(name='none'))
   config.dp = ml_collections.ConfigDict(dict(
