@@ -79,6 +79,23 @@ def _clock():
   return time.perf_counter(), time.process_time()
 
 
+def _time_loop(one, state, count: int, warmup: int = 2
+               ) -> tuple[float, float, float]:
+  """Runs `state = one(state, i)` warmup + count times.
+
+  Returns (wall seconds of the warm-up, then wall and process-CPU seconds
+  per timed call).
+  """
+  wall0, _ = _clock()
+  for i in range(warmup):
+    state = one(state, i)
+  wall1, cpu1 = _clock()
+  for i in range(warmup, warmup + count):
+    state = one(state, i)
+  wall2, cpu2 = _clock()
+  return wall1 - wall0, (wall2 - wall1) / count, (cpu2 - cpu1) / count
+
+
 def time_federated(config, rounds: int, datasets) -> dict[str, float]:
   """Seconds per round (host gather + one jitted round), after 2 warm-ups."""
   train_ds, _ = training.partition_clients(config, *datasets)
@@ -105,19 +122,11 @@ def time_federated(config, rounds: int, datasets) -> dict[str, float]:
     jax.block_until_ready((state, metrics))
     return state
 
-  wall0, cpu0 = _clock()
-  for r in range(2):
-    state = one_round(state, r)
-  wall1, cpu1 = _clock()
-  for r in range(2, 2 + rounds):
-    state = one_round(state, r)
-  wall2, cpu2 = _clock()
+  warmup_wall, wall, cpu = _time_loop(one_round, state, rounds)
   examples = (config.cohort_size * config.local.num_steps *
               config.local.batch_size)
-  return {'warmup_wall_s': wall1 - wall0,
-          'round_wall_s': (wall2 - wall1) / rounds,
-          'round_cpu_s': (cpu2 - cpu1) / rounds,
-          'examples_per_round': examples}
+  return {'warmup_wall_s': warmup_wall, 'round_wall_s': wall,
+          'round_cpu_s': cpu, 'examples_per_round': examples}
 
 
 def time_central(config, steps: int, datasets) -> dict[str, float]:
@@ -144,14 +153,8 @@ def time_central(config, steps: int, datasets) -> dict[str, float]:
     jax.block_until_ready(metrics)
     return state
 
-  for s in range(2):
-    state = one_step(state, s)
-  wall1, cpu1 = _clock()
-  for s in range(2, 2 + steps):
-    state = one_step(state, s)
-  wall2, cpu2 = _clock()
-  return {'step_wall_s': (wall2 - wall1) / steps,
-          'step_cpu_s': (cpu2 - cpu1) / steps,
+  _, wall, cpu = _time_loop(one_step, state, steps)
+  return {'step_wall_s': wall, 'step_cpu_s': cpu,
           'examples_per_step': config.batch_size}
 
 

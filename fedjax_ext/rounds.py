@@ -263,7 +263,8 @@ def run_round(client_fn: ClientFn, params: PyTree, model_state: PyTree,
   strategy, chunk = execution.resolve_strategy(
       config.execution, param_count, num_clients, streamable=streamable,
       client_flops=flops)
-  if strategy == 'streamed':
+  streamed = strategy == 'streamed'
+  if streamed:
     # The weighted mean, summed as clients finish (see execution.py).
     def streamed_client(broadcast, inputs):
       out = one_client(broadcast, inputs)
@@ -275,13 +276,20 @@ def run_round(client_fn: ClientFn, params: PyTree, model_state: PyTree,
                 'weight': w}
       return to_sum, out
 
-    params_dtype = {k: v.dtype for k, v in
-                    train.flatten_params(params).items()}
     summed, out = execution.stream_clients(
         streamed_client, (params, model_state),
         {**per_client, 'arrived': arrived}, chunk)
-    weights = client_weight(out['weight'], out['finite'], arrived)
+  else:
+    out = execution.map_clients(one_client, (params, model_state),
+                                per_client, config.execution, param_count)
+  weights = client_weight(out['weight'], out['finite'], arrived)
+  has_data = out['weight'] > 0
+  included = weights > 0  # arrived, finite and has data.
+
+  if streamed:
     total = summed['weight']
+    params_dtype = {k: v.dtype for k, v in
+                    train.flatten_params(params).items()}
     aggregate = {k: (x / jnp.maximum(total, 1e-12)).astype(params_dtype[k])
                  for k, x in summed['sent'].items()}
     agg_metrics, new_agg_state = {}, aggregator_state
@@ -290,10 +298,6 @@ def run_round(client_fn: ClientFn, params: PyTree, model_state: PyTree,
             total > 0, (m / jnp.maximum(total, 1e-12)).astype(old.dtype),
             old), summed['model_state'], model_state)
   else:
-    out = execution.map_clients(one_client, (params, model_state),
-                                per_client, config.execution, param_count)
-    weights = client_weight(out['weight'], out['finite'], arrived)
-    included = weights > 0
     sent = jax.tree.map(
         lambda d: jnp.where(
             included.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0),
@@ -308,8 +312,6 @@ def run_round(client_fn: ClientFn, params: PyTree, model_state: PyTree,
       new_agg_state = aggregator_state
     new_model_state = _masked_mean_tree(out['model_state'], weights,
                                         model_state)
-  has_data = out['weight'] > 0
-  included = arrived & out['finite'] & has_data
   updated = (jnp.sum(weights) > 0) & _all_finite(aggregate)
   new_agg_state = jax.tree.map(lambda n, o: jnp.where(updated, n, o),
                                new_agg_state, aggregator_state)
