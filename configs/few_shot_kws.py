@@ -63,11 +63,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # the same SGD rate and steps, so inits are compared under one procedure.
   # The rate is the best of {0.01, 0.03, 0.1} for plain fine-tuning on the
   # shared corpus's held-out speakers (not the evaluated users).
+  # replay_per_word > 0 adds that many labelled clips of every non-keyword
+  # word (from the pre-training speakers) to each enrollment, so that
+  # fine-tuning does not make the user's other words fire
+  # (few_shot.enrollment.with_replay; measured in
+  # benchmarks/results/few_shot_replay, 4 per word best there).
   learning_rate, steps = 0.01, 5
   config.personalize = ml_collections.ConfigDict(dict(
       k_values=(1, 2, 3, 5),
       trainable=('full', 'bias_only', 'classifier_only'),
-      learning_rate=learning_rate, num_steps=steps, eval_chunk=16))
+      learning_rate=learning_rate, num_steps=steps, eval_chunk=16,
+      replay_per_word=0))
   # ProtoNets are left out here: prototypes exist only for enrolled
   # keywords, so they cannot reject non-keywords (no "unknown" prototype).
   # Meta-training uses a quarter of the training speakers, held out from
@@ -101,7 +107,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                            log_every=5, eval_every=10, checkpoint_every=10)
     config.users.update(num_typical=1, num_outlier=1, utterances_per_word=3)
     config.personalize.update(k_values=(1,), trainable=('full',),
-                              num_steps=2)
+                              num_steps=2, replay_per_word=1)
     config.meta.update(names=('maml',), train_k=1, inner_steps=1,
                        eval_inner_steps=2, num_steps=2, tasks_per_step=2,
                        log_every=1, all_speakers_baseline=False,

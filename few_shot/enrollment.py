@@ -149,3 +149,65 @@ def sample_enrollment_tasks(table: EnrollmentTable, key: jax.Array, *,
   sample = functools.partial(enrollment_task, k_shot=k_shot)
   return jax.vmap(sample, in_axes=(None, 0, 0))(
       table, users, jax.random.split(task_key, num_tasks))
+
+
+class ReplayBuffer(NamedTuple):
+  """Labelled non-keyword clips that a device ships for enrollment.
+
+  Fine-tuning on a user's keyword clips alone pulls every sound of that
+  user's voice towards the keywords, so the user's non-keywords start to
+  fire and the threshold at a fixed false-accept rate climbs. Mixing a
+  small fixed set of labelled non-keyword clips of *other* speakers into
+  every enrollment (experience replay, as in continual learning) keeps the
+  "unknown" words competitive. Attributes: x [R, ...], y int32 [R].
+  """
+  x: jax.Array
+  y: jax.Array
+
+
+def replay_buffer(x: np.ndarray, y: np.ndarray, keywords: Sequence[int],
+                  per_word: int, seed: int) -> ReplayBuffer:
+  """`per_word` clips of every non-keyword word of (x, y), chosen by `seed`.
+
+  Raises:
+    ValueError: per_word < 1, or a non-keyword word with fewer clips.
+  """
+  if per_word < 1:
+    raise ValueError(f'replay per_word must be >= 1; got {per_word}.')
+  rng = np.random.default_rng(seed)
+  keywords = {int(k) for k in keywords}
+  rows = []
+  for word in np.unique(y):
+    if int(word) in keywords:
+      continue
+    candidates = np.flatnonzero(y == word)
+    if len(candidates) < per_word:
+      raise ValueError(f'Word {int(word)} has {len(candidates)} clips, fewer '
+                       f'than replay per_word={per_word}.')
+    rows.append(rng.choice(candidates, per_word, replace=False))
+  if not rows:
+    raise ValueError('Every word of the replay source is a keyword; there is '
+                     'no non-keyword to replay.')
+  rows = np.sort(np.concatenate(rows))
+  return ReplayBuffer(x=jnp.asarray(x[rows]),
+                      y=jnp.asarray(y[rows], jnp.int32))
+
+
+def with_replay(tasks: Task, replay: ReplayBuffer) -> Task:
+  """Appends the replay clips to every task's support set.
+
+  Works on one task or on a batch with a leading task axis; the query sets
+  (what is evaluated) are unchanged.
+  """
+  support = tasks['support']
+  lead = support['y'].shape[:-1]
+
+  def tiled(a):
+    return jnp.broadcast_to(a, lead + a.shape)
+
+  extra = {'x': tiled(replay.x).astype(support['x'].dtype),
+           'y': tiled(replay.y),
+           'mask': jnp.ones(lead + replay.y.shape, support['mask'].dtype)}
+  joined = {k: jnp.concatenate([support[k], extra[k]], axis=len(lead))
+            for k in ('x', 'y', 'mask')}
+  return {**tasks, 'support': {**support, **joined}}

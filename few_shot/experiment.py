@@ -80,6 +80,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if preset not in sparse_updates.presets.PRESETS:
       raise ValueError(f'config.personalize.trainable has {preset!r}; valid '
                        f'presets are {sparse_updates.presets.PRESETS}.')
+  replay = config.personalize.get('replay_per_word', 0)
+  if not isinstance(replay, int) or replay < 0:
+    raise ValueError('config.personalize.replay_per_word must be an int >= 0 '
+                     f'(0: enroll on keyword clips only); got {replay!r}.')
   quantized_training.get_quant(config.quant)
 
 
@@ -122,8 +126,10 @@ def _adapters(config, model, loss_fn, params) -> dict[str, Any]:
   return out
 
 
-def _personalisation(config, model, loss_fn, inits, users, keywords, key):
-  """Detection metrics of every (init, adaptation) at every K."""
+def _personalisation(config, model, loss_fn, inits, users, keywords, key,
+                     replay=None):
+  """Detection metrics of every (init, adaptation) at every K; `replay`
+  (an `enrollment.ReplayBuffer`) joins every user's enrollment support."""
   table = enrollment.enrollment_table(
       users.x, users.y, users.client_id, keywords,
       pool_size=max(config.personalize.k_values))
@@ -138,6 +144,8 @@ def _personalisation(config, model, loss_fn, inits, users, keywords, key):
     results[label] = {}
     for k in config.personalize.k_values:
       tasks = enrollment.all_enrollment_tasks(table, key, k_shot=k)
+      if replay is not None:
+        tasks = enrollment.with_replay(tasks, replay)
       per_user = personalize.evaluate_in_chunks(
           evaluate, state, tasks, jax.random.fold_in(key, k),
           config.personalize.eval_chunk)
@@ -222,8 +230,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   if users is None:
     users = _load_users(config, train_ds)
+  replay = None
+  if config.personalize.get('replay_per_word', 0):
+    # Clips of the global model's own training speakers: what a device can
+    # ship next to the model, never the user's or a meta-training speaker's.
+    replay = enrollment.replay_buffer(
+        pre_ds.x, pre_ds.y, keywords, config.personalize.replay_per_word,
+        seed=config.seed)
   personal, user_info = _personalisation(config, model, loss_fn, inits, users,
-                                         keywords, jax.random.fold_in(key, 7))
+                                         keywords, jax.random.fold_in(key, 7),
+                                         replay)
   keyword_split = {}
   if config.keyword_split.names:
     keyword_split = meta_training.keyword_benchmark(

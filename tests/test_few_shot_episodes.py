@@ -117,3 +117,50 @@ def test_enrollment_supports_are_nested_and_evaluation_is_fixed():
     assert (client_id[s4] == user).all()
     # Non-keywords (words other than 0 and 2) are evaluated too.
     assert set(y[evaluated]) == set(range(8))
+
+
+def test_replay_buffer_takes_per_word_clips_of_every_non_keyword():
+  x, y, _ = _dataset()  # 4 speakers x 8 words x 5 utterances: 20 per word.
+  replay = enrollment.replay_buffer(x, y, keywords=[0, 2], per_word=3,
+                                    seed=1)
+  rows = np.asarray(replay.x)[:, 0].astype(int)
+  # 6 non-keyword words x 3 clips, no repeats, labels those of their rows.
+  assert len(rows) == 18 and len(set(rows)) == 18
+  np.testing.assert_array_equal(np.asarray(replay.y), y[rows])
+  counts = np.bincount(np.asarray(replay.y), minlength=8)
+  np.testing.assert_array_equal(counts, [0, 3, 0, 3, 3, 3, 3, 3])
+  again = enrollment.replay_buffer(x, y, keywords=[0, 2], per_word=3, seed=1)
+  np.testing.assert_array_equal(np.asarray(again.x), np.asarray(replay.x))
+  with pytest.raises(ValueError, match='fewer than replay per_word=21'):
+    enrollment.replay_buffer(x, y, keywords=[0], per_word=21, seed=1)
+  with pytest.raises(ValueError, match='per_word must be >= 1'):
+    enrollment.replay_buffer(x, y, keywords=[0], per_word=0, seed=1)
+  with pytest.raises(ValueError, match='no non-keyword'):
+    enrollment.replay_buffer(x, y, keywords=range(8), per_word=1, seed=1)
+
+
+def test_with_replay_appends_the_buffer_to_every_support_only():
+  x, y, client_id = _dataset(utterances=6)
+  table = enrollment.enrollment_table(x, y, client_id, keywords=[0, 2],
+                                      pool_size=4)
+  replay = enrollment.replay_buffer(x, y, keywords=[0, 2], per_word=1,
+                                    seed=0)
+  tasks = enrollment.all_enrollment_tasks(table, jax.random.key(3), k_shot=2)
+  joined = jax.tree.map(np.asarray, enrollment.with_replay(tasks, replay))
+  tasks = jax.tree.map(np.asarray, tasks)
+  # 4 users; 2 keywords x 2 shots of their own, then the 6 replayed clips.
+  assert joined['support']['x'].shape == (4, 10, 1)
+  np.testing.assert_array_equal(joined['support']['x'][:, :4],
+                                tasks['support']['x'])
+  for user in range(4):
+    np.testing.assert_array_equal(joined['support']['x'][user, 4:],
+                                  np.asarray(replay.x))
+    np.testing.assert_array_equal(joined['support']['y'][user, 4:],
+                                  np.asarray(replay.y))
+  np.testing.assert_array_equal(joined['support']['mask'], 1.0)
+  for part in ('x', 'y', 'mask'):
+    np.testing.assert_array_equal(joined['query'][part], tasks['query'][part])
+  # One unbatched task works the same way.
+  one = enrollment.with_replay(jax.tree.map(lambda a: a[0], tasks), replay)
+  np.testing.assert_array_equal(np.asarray(one['support']['y']),
+                                joined['support']['y'][0])

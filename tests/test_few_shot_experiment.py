@@ -65,5 +65,9 @@ def test_config_errors_name_the_key_and_the_fix(tmp_path):
   config.personalize.k_values = (3,)
   with pytest.raises(ValueError, match='utterances_per_word - 1'):
     few_shot.run(config, str(tmp_path))
+  config = few_shot_kws.get_config('smoke')
+  config.personalize.replay_per_word = -1
+  with pytest.raises(ValueError, match='replay_per_word must be an int >= 0'):
+    few_shot.run(config, str(tmp_path))
   with pytest.raises(ValueError, match='Unknown config argument'):
     few_shot_kws.get_config('smok')
