@@ -22,6 +22,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+import numpy as np
 import optax
 
 from configs import few_shot_kws
@@ -68,10 +69,8 @@ def main(argv):
   table = enrollment.enrollment_table(users.x, users.y, users.client_id,
                                       keywords, pool_size=5)
   first = {int(c): i for i, c in reversed(list(enumerate(users.client_id)))}
-  is_outlier = jax.numpy.asarray(
-      [bool(users.meta['is_outlier_accent'][first[int(s)]])
-       for s in table.speakers])
-  is_outlier = is_outlier.__array__()
+  is_outlier = np.array([bool(users.meta['is_outlier_accent'][first[int(s)]])
+                         for s in table.speakers])
   state = personalize.as_state(params, glob['state'].model_state)
   key = jax.random.key(config.seed)
 
