@@ -126,6 +126,12 @@ def _adapters(config, model, loss_fn, params) -> dict[str, Any]:
   return out
 
 
+def _with_replay(tasks, replay):
+  # Meta-training supports get the same replay as enrollment, so that the
+  # inner loop a learner is meta-trained for is the one it runs at test time.
+  return tasks if replay is None else enrollment.with_replay(tasks, replay)
+
+
 def _personalisation(config, model, loss_fn, inits, users, keywords, key,
                      replay=None):
   """Detection metrics of every (init, adaptation) at every K; `replay`
@@ -143,9 +149,8 @@ def _personalisation(config, model, loss_fn, inits, users, keywords, key,
     evaluate = personalize.make_user_evaluator(model, adapt_fn, config.far)
     results[label] = {}
     for k in config.personalize.k_values:
-      tasks = enrollment.all_enrollment_tasks(table, key, k_shot=k)
-      if replay is not None:
-        tasks = enrollment.with_replay(tasks, replay)
+      tasks = _with_replay(
+          enrollment.all_enrollment_tasks(table, key, k_shot=k), replay)
       per_user = personalize.evaluate_in_chunks(
           evaluate, state, tasks, jax.random.fold_in(key, k),
           config.personalize.eval_chunk)
@@ -205,6 +210,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     for label, adapt_fn in _adapters(config, model, loss_fn,
                                      out['state'].params).items():
       inits[f'{prefix}+{label}'] = (state, adapt_fn)
+  replay = None
+  if config.personalize.get('replay_per_word', 0):
+    # Clips of the global model's own training speakers: what a device can
+    # ship next to the model, never the user's or a meta-training speaker's.
+    replay = enrollment.replay_buffer(
+        pre_ds.x, pre_ds.y, keywords, config.personalize.replay_per_word,
+        seed=config.seed)
   timings = {}
   if meta_cfg.names:
     train_table = enrollment.enrollment_table(
@@ -217,9 +229,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         eval_inner_steps=meta_cfg.eval_inner_steps,
         outer_lr=meta_cfg.outer_lr,
         reptile_step_size=meta_cfg.reptile_step_size, loss_fn=loss_fn)
-    sample = lambda k: enrollment.sample_enrollment_tasks(
+    sample = lambda k: _with_replay(enrollment.sample_enrollment_tasks(
         train_table, k, num_tasks=meta_cfg.tasks_per_step,
-        k_shot=meta_cfg.train_k)
+        k_shot=meta_cfg.train_k), replay)
     state, timings[name] = meta_training.meta_train(
         learner, learner.init(params, glob['state'].model_state), sample,
         num_steps=meta_cfg.num_steps,
@@ -230,13 +242,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   if users is None:
     users = _load_users(config, train_ds)
-  replay = None
-  if config.personalize.get('replay_per_word', 0):
-    # Clips of the global model's own training speakers: what a device can
-    # ship next to the model, never the user's or a meta-training speaker's.
-    replay = enrollment.replay_buffer(
-        pre_ds.x, pre_ds.y, keywords, config.personalize.replay_per_word,
-        seed=config.seed)
   personal, user_info = _personalisation(config, model, loss_fn, inits, users,
                                          keywords, jax.random.fold_in(key, 7),
                                          replay)
