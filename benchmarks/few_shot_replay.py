@@ -74,18 +74,16 @@ def main(argv):
   state = personalize.as_state(params, glob['state'].model_state)
   key = jax.random.key(config.seed)
 
-  def run(adapt_fn, replay, k):
-    evaluate = personalize.make_user_evaluator(model, adapt_fn, config.far)
-    tasks = enrollment.all_enrollment_tasks(table, jax.random.fold_in(key, 7),
-                                            k_shot=k)
-    if replay is not None:
-      tasks = enrollment.with_replay(tasks, replay)
+  def run(evaluate, replay, k):
+    tasks = enrollment.with_replay(enrollment.all_enrollment_tasks(
+        table, jax.random.fold_in(key, 7), k_shot=k), replay)
     per_user = personalize.evaluate_in_chunks(
         evaluate, state, tasks, jax.random.fold_in(key, k), 16)
     return personalize.group_summary(per_user, is_outlier)
 
   rows = []
-  base_row = run(personalize.no_adaptation(), None, 1)
+  base_row = run(personalize.make_user_evaluator(
+      model, personalize.no_adaptation(), config.far), None, 1)
   rows.append({'method': 'global', 'k': 0, 'per_word': 0, **{
       g: base_row[g]['detection_rate'] for g in base_row}})
   for preset in _PRESETS.value:
@@ -93,14 +91,15 @@ def main(argv):
         params, sparse_updates.presets.get_rules(preset, params))
     for setting in _SETTINGS.value:
       lr, steps = setting.split('x')
-      adapt_fn = personalize.finetune_adapter(
-          loss_fn, optax.sgd(float(lr)), int(steps), paths)
+      evaluate = personalize.make_user_evaluator(
+          model, personalize.finetune_adapter(
+              loss_fn, optax.sgd(float(lr)), int(steps), paths), config.far)
       for per_word in map(int, _PER_WORD.value):
         replay = (enrollment.replay_buffer(
             pre_ds.x, pre_ds.y, keywords, per_word, seed=config.seed)
                   if per_word else None)
         for k in map(int, _KS.value):
-          summary = run(adapt_fn, replay, k)
+          summary = run(evaluate, replay, k)
           row = {'method': f'finetune_{preset}', 'lr': float(lr),
                  'steps': int(steps), 'k': k, 'per_word': per_word}
           for group, stats in summary.items():

@@ -59,15 +59,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       first_index=200, num_typical=16, num_outlier=16,
       utterances_per_word=8))
 
-  # Plain fine-tuning (the baseline) and the meta-learners' inner loop use
-  # the same SGD rate and steps, so inits are compared under one procedure.
-  # The rate is the best of {0.01, 0.03, 0.1} for plain fine-tuning on the
-  # shared corpus's held-out speakers (not the evaluated users).
   # replay_per_word > 0 adds that many labelled clips of every non-keyword
   # word (from the pre-training speakers) to each enrollment, so that
   # fine-tuning does not make the user's other words fire
   # (few_shot.enrollment.with_replay; measured in
   # benchmarks/results/few_shot_replay, 4 per word best there).
+  # Plain fine-tuning (the baseline) and the meta-learners' inner loop use
+  # the same SGD rate and steps, so inits are compared under one procedure.
+  # The rate is the best of {0.01, 0.03, 0.1} for plain fine-tuning on the
+  # shared corpus's held-out speakers (not the evaluated users).
   learning_rate, steps = 0.01, 5
   config.personalize = ml_collections.ConfigDict(dict(
       k_values=(1, 2, 3, 5),

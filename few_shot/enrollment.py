@@ -193,12 +193,15 @@ def replay_buffer(x: np.ndarray, y: np.ndarray, keywords: Sequence[int],
                       y=jnp.asarray(y[rows], jnp.int32))
 
 
-def with_replay(tasks: Task, replay: ReplayBuffer) -> Task:
+def with_replay(tasks: Task, replay: ReplayBuffer | None) -> Task:
   """Appends the replay clips to every task's support set.
 
   Works on one task or on a batch with a leading task axis; the query sets
-  (what is evaluated) are unchanged.
+  (what is evaluated) are unchanged. `replay=None` returns `tasks` as they
+  are (enrollment on keyword clips only).
   """
+  if replay is None:
+    return tasks
   support = tasks['support']
   lead = support['y'].shape[:-1]
 

@@ -126,12 +126,6 @@ def _adapters(config, model, loss_fn, params) -> dict[str, Any]:
   return out
 
 
-def _with_replay(tasks, replay):
-  # Meta-training supports get the same replay as enrollment, so that the
-  # inner loop a learner is meta-trained for is the one it runs at test time.
-  return tasks if replay is None else enrollment.with_replay(tasks, replay)
-
-
 def _personalisation(config, model, loss_fn, inits, users, keywords, key,
                      replay=None):
   """Detection metrics of every (init, adaptation) at every K; `replay`
@@ -149,7 +143,7 @@ def _personalisation(config, model, loss_fn, inits, users, keywords, key,
     evaluate = personalize.make_user_evaluator(model, adapt_fn, config.far)
     results[label] = {}
     for k in config.personalize.k_values:
-      tasks = _with_replay(
+      tasks = enrollment.with_replay(
           enrollment.all_enrollment_tasks(table, key, k_shot=k), replay)
       per_user = personalize.evaluate_in_chunks(
           evaluate, state, tasks, jax.random.fold_in(key, k),
@@ -229,9 +223,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         eval_inner_steps=meta_cfg.eval_inner_steps,
         outer_lr=meta_cfg.outer_lr,
         reptile_step_size=meta_cfg.reptile_step_size, loss_fn=loss_fn)
-    sample = lambda k: _with_replay(enrollment.sample_enrollment_tasks(
-        train_table, k, num_tasks=meta_cfg.tasks_per_step,
-        k_shot=meta_cfg.train_k), replay)
+    # Meta-training supports get the same replay as enrollment, so that the
+    # inner loop a learner is meta-trained for is the one it runs at test
+    # time.
+    sample = lambda k: enrollment.with_replay(
+        enrollment.sample_enrollment_tasks(
+            train_table, k, num_tasks=meta_cfg.tasks_per_step,
+            k_shot=meta_cfg.train_k), replay)
     state, timings[name] = meta_training.meta_train(
         learner, learner.init(params, glob['state'].model_state), sample,
         num_steps=meta_cfg.num_steps,

@@ -160,6 +160,8 @@ def test_with_replay_appends_the_buffer_to_every_support_only():
   np.testing.assert_array_equal(joined['support']['mask'], 1.0)
   for part in ('x', 'y', 'mask'):
     np.testing.assert_array_equal(joined['query'][part], tasks['query'][part])
+  # No buffer: the tasks come back as they are.
+  assert enrollment.with_replay(tasks, None) is tasks
   # One unbatched task works the same way.
   one = enrollment.with_replay(jax.tree.map(lambda a: a[0], tasks), replay)
   np.testing.assert_array_equal(np.asarray(one['support']['y']),
