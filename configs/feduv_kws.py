@@ -54,6 +54,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.embedding_dim = 63      # softmax baselines (FedUV uses n).
   config.logit_scale = 16.0
   config.feduv_margin = 1.0
+  # Each FedUV model is scored against every reference listed: 'codeword'
+  # (the paper: the user's secret codeword; row feduv) and 'mean' (the mean
+  # embedding of the user's own training utterances, computed on the
+  # device like the softmax baselines' enrollment; row feduv_mean_ref).
+  config.feduv_references = ('codeword', 'mean')
   config.variants = 'central_softmax,fed_softmax,feduv,fed_softmax_dp,feduv_dp'
   config.target_tpr = 0.9
   config.fars = (0.01, 0.1)

@@ -12,6 +12,13 @@ Trains each variant named in `config.variants` on the same splits
   *_dp             the federated ones with DP-FedAvg (`fedjax_ext.privacy`);
                    (epsilon, delta) is reported beside the metrics
 
+A FedUV model is scored once per entry of `config.feduv_references`:
+'codeword' (the paper: a user correlates an utterance's embedding with its
+secret codeword; row 'feduv') and 'mean' (the cosine to the mean embedding
+of the user's own training utterances, computed on the device, i.e. the
+enrollment the softmax baselines use; row 'feduv_mean_ref'). Both keep
+every embedding and codeword on the device; only the scoring differs.
+
 Federated variants run `fedjax_ext.training.build_algorithm`'s round (one
 `jit(vmap)` over the cohort); the centralised one runs
 `ondevice.train.make_train_step`. Every key derives from `config.seed`.
@@ -50,6 +57,8 @@ VARIANTS = {
     'fed_softmax_dp': ('softmax', True, True),
     'feduv_dp': ('feduv', True, True),
 }
+# Reference a FedUV score compares with -> suffix of its row name.
+FEDUV_REFERENCES = {'codeword': '', 'mean': '_mean_ref'}
 REQUIRED_KEYS = ('data', 'split', 'model', 'norm', 'code', 'embedding_dim',
                  'logit_scale', 'feduv_margin', 'variants', 'central', 'dp',
                  'target_tpr', 'fars', 'seed') + training.REQUIRED_KEYS
@@ -66,6 +75,11 @@ def validate_config(config: ml_collections.ConfigDict) -> list[str]:
     raise ValueError(f'config.variants has unknown or no variants {unknown}; '
                      f'choose a comma-separated subset of {list(VARIANTS)}.')
   training.validate_config(config)
+  references = tuple(config.get('feduv_references', ('codeword',)))
+  bad = [r for r in references if r not in FEDUV_REFERENCES]
+  if bad or not references or len(set(references)) < len(references):
+    raise ValueError(f'config.feduv_references={references}: choose distinct '
+                     f'entries of {tuple(FEDUV_REFERENCES)}.')
   if not 0 < config.target_tpr <= 1:
     raise ValueError(f'config.target_tpr must lie in (0, 1]; got '
                      f'{config.target_tpr}.')
@@ -174,17 +188,30 @@ def embed_all(model, params, model_state, x: np.ndarray,
   return np.concatenate(out)
 
 
-def evaluate(config, kind, model, params, model_state, splits, codewords
+def evaluate(config, kind, model, params, model_state, splits, codewords,
+             reference: str | None = None
              ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """Scores every trial; returns (metrics, trials)."""
+  """Scores every trial; returns (metrics, trials).
+
+  Args:
+    reference: 'codeword' (FedUV's default) or 'mean' (the softmax models'
+      only one): what each user's scores compare with.
+  """
+  reference = reference or ('codeword' if kind == 'feduv' else 'mean')
+  if reference == 'codeword' and kind != 'feduv':
+    raise ValueError('Only a FedUV model has codeword references; a softmax '
+                     "model enrolls with reference='mean'.")
   emb = {name: embed_all(model, params, model_state, getattr(splits, name).x)
          for name in ('warmup', 'test', 'unseen')}
-  if kind == 'feduv':
+  if reference == 'codeword':
     refs = verification.codeword_references(codes.to_signs(codewords))
-  else:  # Enrollment = the user's own training utterances.
+  elif reference == 'mean':  # Enrollment = the user's own train utterances.
     train_emb = embed_all(model, params, model_state, splits.train.x)
     refs = verification.mean_references(train_emb, splits.train.y,
                                         splits.num_users)
+  else:
+    raise ValueError(f'reference={reference!r}: choose one of '
+                     f'{tuple(FEDUV_REFERENCES)}.')
   scores = {k: verification.score_matrix(v, refs) for k, v in emb.items()}
   trials = verification.trial_scores(scores['test'], splits.test.y,
                                      scores['unseen'])
@@ -198,8 +225,15 @@ def evaluate(config, kind, model, params, model_state, splits, codewords
   return metrics, trials
 
 
-def run_variant(config, name, splits, codewords, key) -> tuple[dict, dict]:
-  """Trains and evaluates one variant; returns (row, trials)."""
+def run_variant(config, name, splits, codewords, key
+                ) -> tuple[dict[str, dict], dict[str, dict]]:
+  """Trains and evaluates one variant.
+
+  Returns:
+    (rows, trials), both keyed by row name: the variant's name, and for a
+    FedUV variant one row per `config.feduv_references` entry (the name plus
+    FEDUV_REFERENCES' suffix), all scored from the same trained model.
+  """
   kind, federated, dp = VARIANTS[name]
   dim = codewords.shape[1] if kind == 'feduv' else config.embedding_dim
   model = verification.build_verifier(
@@ -227,33 +261,53 @@ def run_variant(config, name, splits, codewords, key) -> tuple[dict, dict]:
         config, loss_fn, splits.train, state0.params, state0.model_state,
         train_key, name, trainable)
   train_seconds = time.time() - t0
-  metrics, trials = evaluate(config, kind, model, params, model_state, splits,
-                             codewords)
-  row = {'variant': name, **metrics, 'train_seconds': train_seconds,
-         'num_params': int(sum(np.size(v) for v in
-                               jax.tree.leaves(state0.params))),
-         'shares_class_embeddings': kind == 'softmax' and federated, **info}
-  logging.info('%s: EER %.4f  TPR@FAR10%% %.4f  (%.0f s)', name, row['eer'],
-               row.get('tpr_at_far0.1', float('nan')), train_seconds)
-  return row, trials
+  references = (tuple(config.get('feduv_references', ('codeword',)))
+                if kind == 'feduv' else ('mean',))
+  rows, trials = {}, {}
+  for reference in references:
+    row_name = name + (FEDUV_REFERENCES[reference] if kind == 'feduv' else '')
+    metrics, trials[row_name] = evaluate(config, kind, model, params,
+                                         model_state, splits, codewords,
+                                         reference)
+    rows[row_name] = {
+        'variant': row_name, 'trained_as': name, 'reference': reference,
+        **metrics, 'train_seconds': train_seconds,
+        'num_params': int(sum(np.size(v) for v in
+                              jax.tree.leaves(state0.params))),
+        'shares_class_embeddings': kind == 'softmax' and federated, **info}
+    logging.info('%s: EER %.4f  TPR@FAR10%% %.4f  (%.0f s)', row_name,
+                 rows[row_name]['eer'],
+                 rows[row_name].get('tpr_at_far0.1', float('nan')),
+                 train_seconds)
+  return rows, trials
 
 
 def goals(rows: dict[str, dict]) -> list[dict[str, Any]]:
   """The issue's measured goals, for every (FedUV, softmax) pair present."""
   out = []
-  for suffix in ('', '_dp'):
-    uv, sm = rows.get('feduv' + suffix), rows.get('fed_softmax' + suffix)
-    if uv is None:
-      continue
-    if sm is not None:
-      ratio = uv['eer'] / max(sm['eer'], 1e-12)
-      out.append({'goal': f'EER(feduv{suffix}) <= 1.5 x EER(fed_softmax'
-                          f'{suffix})', 'value': ratio, 'met': ratio <= 1.5})
-    tpr = uv.get('tpr_at_far0.1')
-    if tpr is not None:
-      out.append({'goal': f'TPR@FAR10% (feduv{suffix}) > 0.8', 'value': tpr,
-                  'met': tpr > 0.8})
+  for dp in ('', '_dp'):
+    for ref in FEDUV_REFERENCES.values():
+      name = f'feduv{dp}{ref}'
+      uv, sm = rows.get(name), rows.get('fed_softmax' + dp)
+      if uv is None:
+        continue
+      if sm is not None:
+        ratio = uv['eer'] / max(sm['eer'], 1e-12)
+        out.append({'goal': f'EER({name}) <= 1.5 x EER(fed_softmax{dp})',
+                    'value': ratio, 'met': ratio <= 1.5})
+      tpr = uv.get('tpr_at_far0.1')
+      if tpr is not None:
+        out.append({'goal': f'TPR@FAR10% ({name}) > 0.8', 'value': tpr,
+                    'met': tpr > 0.8})
   return out
+
+
+def row_order(names) -> list[str]:
+  """Row names in VARIANTS order, each variant's references after it."""
+  names = set(names)
+  return [n for v in VARIANTS
+          for n in [v] + [v + s for s in FEDUV_REFERENCES.values() if s]
+          if n in names]
 
 
 def plot_roc(trials_by_variant: dict[str, dict], path: str) -> str:
@@ -303,11 +357,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   for i, name in enumerate(names):
     # Keys by variant name, so a variant's numbers do not depend on which
     # others run in the same process.
-    rows[name], trials[name] = run_variant(
+    new_rows, new_trials = run_variant(
         config, name, splits, codewords,
         jax.random.fold_in(variant_key, list(VARIANTS).index(name)))
-    np.savez_compressed(os.path.join(workdir, f'trials_{name}.npz'),
-                        **trials[name])
+    rows.update(new_rows)
+    trials.update(new_trials)
+    for row_name, row_trials in new_trials.items():
+      np.savez_compressed(os.path.join(workdir, f'trials_{row_name}.npz'),
+                          **row_trials)
     results = {  # Rewritten after every variant: a killed run keeps them.
         'code': {'n': code.n, 'k': code.k, 't': code.t,
                  'min_distance_lower_bound': code.designed_distance},
@@ -352,10 +409,11 @@ def combine(workdirs, out_dir: str) -> dict[str, Any]:
       merged['variants'][name] = row
       with np.load(os.path.join(d, f'trials_{name}.npz')) as z:
         trials[name] = {k: z[k] for k in z.files}
-  order = [v for v in VARIANTS if v in merged['variants']]
+  order = row_order(merged['variants'])
   merged['variants'] = {v: merged['variants'][v] for v in order}
   trials = {v: trials[v] for v in order}
-  merged['config']['variants'] = ','.join(order)
+  trained = {r.get('trained_as', n) for n, r in merged['variants'].items()}
+  merged['config']['variants'] = ','.join(v for v in VARIANTS if v in trained)
   merged['goals'] = goals(merged['variants'])
   os.makedirs(out_dir, exist_ok=True)
   write_outputs(merged, trials, out_dir)

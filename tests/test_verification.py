@@ -182,6 +182,10 @@ def test_config_errors_name_the_key():
   config.variants = 'feduv_dp'
   with pytest.raises(ValueError, match='delta'):
     verification_report.validate_config(config)
+  config = _tiny_config()
+  config.feduv_references = ('codewords',)
+  with pytest.raises(ValueError, match='feduv_references'):
+    verification_report.validate_config(config)
   with pytest.raises(ValueError, match='smoke'):
     feduv_kws.get_config('smok')
 
@@ -201,14 +205,69 @@ def test_feduv_learns_separable_speakers_end_to_end():
                             jax.random.key(1))
   before, _ = verification_report.evaluate(
       config, 'feduv', model, params.params, {}, splits, words)
-  row, trials = verification_report.run_variant(
+  rows, trials = verification_report.run_variant(
       config, 'feduv', splits, words, jax.random.key(1))
-  # Random W: chance level; trained: the 6 clusters (3 std apart) separate.
+  # Random W: chance level; trained: the 6 clusters (3 std apart) separate,
+  # whether a user compares with its codeword or its mean embedding.
   assert before['eer'] > 0.2
-  assert row['eer'] < 0.05 and row['tpr_at_far0.1'] > 0.95
-  assert trials['genuine'].size == 12
-  assert trials['impostor'].size == 12 * 5 + 24 * 6
-  assert row['shares_class_embeddings'] is False
+  assert list(rows) == ['feduv', 'feduv_mean_ref']
+  for name, row in rows.items():
+    assert row['eer'] < 0.05 and row['tpr_at_far0.1'] > 0.95, name
+    assert trials[name]['genuine'].size == 12
+    assert trials[name]['impostor'].size == 12 * 5 + 24 * 6
+    assert row['shares_class_embeddings'] is False
+    assert row['trained_as'] == 'feduv'
+  assert [rows[n]['reference'] for n in rows] == ['codeword', 'mean']
+  # One trained model: the same parameters behind both rows, so the same
+  # training loss; only the scores differ.
+  assert (rows['feduv']['final_train_loss'] ==
+          rows['feduv_mean_ref']['final_train_loss'])
+  assert not np.allclose(trials['feduv']['genuine'],
+                         trials['feduv_mean_ref']['genuine'])
+
+
+def test_mean_reference_scores_by_hand():
+  seen, speakers = verification_data.relabel_by_speaker(_synthetic(3, 10, 0))
+  unseen, others = verification_data.relabel_by_speaker(
+      _synthetic(1, 10, 1, offset=3))
+  train_ds, warm, test = verification_data.split_utterances(seen, .2, .2, 0)
+  splits = verification_data.VerificationSplits(train_ds, warm, test, unseen,
+                                                speakers, others)
+  model = _tiny_feduv()
+  params = train.init_state(model, optax.sgd(1.), train_ds.x[:1],
+                            jax.random.key(1)).params
+  words = codes.user_codewords(codes.bch_code(4, 2), np.arange(3), 3,
+                               jax.random.key(0))
+  _, trials = verification_report.evaluate(
+      _tiny_config(), 'feduv', model, params, {}, splits, words,
+      reference='mean')
+  emb = lambda x: np.asarray(model.apply({'params': params}, x), np.float64)
+  ref = np.stack([emb(train_ds.x[train_ds.y == u]).sum(0) for u in range(3)])
+  ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+  test_emb = emb(test.x)
+  test_emb /= np.linalg.norm(test_emb, axis=1, keepdims=True)
+  genuine = np.sum(test_emb * ref[test.y], axis=1)
+  np.testing.assert_allclose(np.sort(trials['genuine']), np.sort(genuine),
+                             atol=1e-5)
+  with pytest.raises(ValueError, match='codeword references'):
+    verification_report.evaluate(_tiny_config(), 'softmax', model, params,
+                                 {}, splits, words, reference='codeword')
+
+
+def test_goals_pair_each_feduv_row_with_fed_softmax():
+  rows = {'fed_softmax': {'eer': 0.1, 'tpr_at_far0.1': 0.9},
+          'feduv': {'eer': 0.3, 'tpr_at_far0.1': 0.5},
+          'feduv_mean_ref': {'eer': 0.12, 'tpr_at_far0.1': 0.85}}
+  got = {g['goal']: (round(g['value'], 6), g['met'])
+         for g in verification_report.goals(rows)}
+  assert got == {
+      'EER(feduv) <= 1.5 x EER(fed_softmax)': (3.0, False),
+      'TPR@FAR10% (feduv) > 0.8': (0.5, False),
+      'EER(feduv_mean_ref) <= 1.5 x EER(fed_softmax)': (1.2, True),
+      'TPR@FAR10% (feduv_mean_ref) > 0.8': (0.85, True)}
+  assert verification_report.row_order(
+      ['feduv_mean_ref', 'fed_softmax', 'feduv']) == [
+          'fed_softmax', 'feduv', 'feduv_mean_ref']
 
 
 def test_combine_refuses_runs_with_different_configs(tmp_path):
@@ -219,3 +278,24 @@ def test_combine_refuses_runs_with_different_configs(tmp_path):
   with pytest.raises(ValueError, match='seed'):
     verification_report.combine([tmp_path / 'a', tmp_path / 'b'],
                                 str(tmp_path / 'out'))
+
+
+def test_smoke_run_writes_every_row_and_combine_merges(tmp_path):
+  config = feduv_kws.get_config('smoke')
+  config.data.cache_dir = str(tmp_path / 'cache')
+  config.variants = 'fed_softmax,feduv'
+  out = verification_report.run(config, str(tmp_path / 'a'))
+  assert list(out['variants']) == ['fed_softmax', 'feduv', 'feduv_mean_ref']
+  assert len(out['goals']) == 4
+  for name in out['variants']:
+    assert (tmp_path / 'a' / f'trials_{name}.npz').exists()
+  for f in ('results.json', 'results.md', 'roc.png'):
+    assert (tmp_path / 'a' / f).exists()
+  assert 'feduv_mean_ref' in (tmp_path / 'a' / 'results.md').read_text()
+  # A second run of the FedUV variant alone merges into the same table.
+  config.variants = 'feduv'
+  verification_report.run(config, str(tmp_path / 'b'))
+  merged = verification_report.combine(
+      [str(tmp_path / 'a'), str(tmp_path / 'b')], str(tmp_path / 'c'))
+  assert list(merged['variants']) == list(out['variants'])
+  assert merged['config']['variants'] == 'fed_softmax,feduv'
