@@ -11,6 +11,13 @@ and the same evaluation utterances.
 
     python -m benchmarks.few_shot_replay \
         --out=benchmarks/results/few_shot_replay/results.json
+    python -m benchmarks.few_shot_replay \
+        --config=configs/few_shot_kws.py:backbone=ds_cnn_s \
+        --workdir=/tmp/few_shot_replay_cnn --out=/tmp/cnn/results.json
+
+`--config` is configs/few_shot_kws.py and takes the usual overrides (model,
+pre-training schedule, users); its `personalize` block is not used: the
+flags below choose the fine-tuning settings.
 
 Writes results.json and results.md beside it.
 """
@@ -21,11 +28,11 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections import config_flags
 import jax
 import numpy as np
 import optax
 
-from configs import few_shot_kws
 from few_shot import enrollment
 from few_shot import experiment
 from few_shot import personalize
@@ -36,6 +43,8 @@ from ondevice.data import registry
 import sparse_updates.presets
 import sparse_updates.rules
 
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', 'configs/few_shot_kws.py', 'Few-shot experiment config.')
 _OUT = flags.DEFINE_string(
     'out', 'benchmarks/results/few_shot_replay/results.json', 'JSON path.')
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/few_shot_replay',
@@ -52,7 +61,8 @@ _KS = flags.DEFINE_list('k', ['1', '5'], 'Enrollment utterances per keyword.')
 def main(argv):
   del argv
   start = time.time()
-  config = few_shot_kws.get_config()
+  config = _CONFIG.value
+  experiment.validate_config(config)
   train_ds, test_ds = registry.load_dataset(config.data)
   keywords = experiment._keyword_labels(config.keywords, train_ds.class_names)  # pylint: disable=protected-access
   pre_ds, _ = base.split_by_client(train_ds, config.meta.speaker_fraction,

@@ -12,13 +12,14 @@ keywords for every meta-learner (see few_shot/experiment.py).
         --workdir=/tmp/few_shot_kws
     python -m experiments.few_shot --config=configs/few_shot_kws.py:smoke \
         --workdir=/tmp/few_shot_smoke
+    python -m experiments.few_shot \
+        --config=configs/few_shot_kws.py:backbone=ds_cnn_s --workdir=/tmp/fs_cnn
 
 The model is the DNN keyword spotter of Zhang et al. 2017 ("Hello Edge",
 fully connected layers over the flattened features) with layer norm, so
 that meta-training fits a shared 2-core CPU; any model of
-`ondevice.models` with norm 'group', 'layer' or 'none' works
-(e.g. --config.model=ds_cnn_s --config.norm=group, with model_kwargs
-emptied). Batch norm is rejected: its statistics over a K-shot support set
+`ondevice.models` with norm 'group', 'layer' or 'none' works;
+`:backbone=ds_cnn_s` selects the main job's DS-CNN S with group norm. Batch norm is rejected: its statistics over a K-shot support set
 are meaningless (see few_shot/learner.py).
 """
 import ml_collections
@@ -34,14 +35,25 @@ OTHER_WORDS = ('backward', 'bed', 'bird', 'cat', 'dog', 'eight', 'five',
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, smoke=False)
+  args = common.parse_arg(arg, smoke=False, backbone='mlp')
   config = ml_collections.ConfigDict()
   config.data = ml_collections.ConfigDict(dict(
       name='speech_keywords', num_speakers=200, utterances_per_word=3,
       corpus_seed=0, test_fraction=0.2, split_seed=0, cache_dir=''))
-  config.model = 'mlp'
-  config.norm = 'layer'
-  config.model_kwargs = ml_collections.ConfigDict(dict(hidden=(256, 256)))
+  if args.backbone == 'mlp':
+    config.model = 'mlp'
+    config.norm = 'layer'
+    config.model_kwargs = ml_collections.ConfigDict(dict(hidden=(256, 256)))
+  elif args.backbone == 'ds_cnn_s':
+    # The main job's DS-CNN S (configs/kws_central.py) with group norm, which
+    # keeps no batch statistics and so can be fine-tuned on K clips.
+    config.model = 'ds_cnn_s'
+    config.norm = 'group'
+    config.model_kwargs = ml_collections.ConfigDict(
+        {'first_stride': (4, 4)})
+  else:
+    raise ValueError(f"backbone={args.backbone!r}: choose 'mlp' or "
+                     "'ds_cnn_s'.")
   config.quant = 'none'            # See quantized_training.QUANT_NAMES.
   config.keywords = KEYWORDS       # All other words are non-keywords.
   config.far = 0.05                # Detection rate at 5% false accepts.
@@ -52,6 +64,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       warmup_steps=50, num_steps=1500, batch_size=64, eval_batch_size=512,
       weight_decay=0.0, momentum=0.9, grad_clip=0.0, label_smoothing=0.0,
       log_every=100, eval_every=500, checkpoint_every=500))
+  if args.backbone == 'ds_cnn_s':  # configs/kws_central.py's schedule.
+    config.pretrain.update(learning_rate=3e-3, warmup_steps=100,
+                           num_steps=1200, eval_every=300,
+                           checkpoint_every=300)
 
   # New speakers (indices >= first_index) with enough utterances to enroll
   # K <= 5 per keyword and keep 3 for evaluation.
@@ -102,7 +118,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.num_speakers = 8
     config.data.utterances_per_word = 2
     config.data.test_fraction = 0.25
-    config.model_kwargs.hidden = (16,)
+    if args.backbone == 'mlp':
+      config.model_kwargs.hidden = (16,)
     config.pretrain.update(num_steps=10, batch_size=16, warmup_steps=2,
                            log_every=5, eval_every=10, checkpoint_every=10)
     config.users.update(num_typical=1, num_outlier=1, utterances_per_word=3)

@@ -71,3 +71,22 @@ def test_config_errors_name_the_key_and_the_fix(tmp_path):
     few_shot.run(config, str(tmp_path))
   with pytest.raises(ValueError, match='Unknown config argument'):
     few_shot_kws.get_config('smok')
+
+
+def test_ds_cnn_backbone_config_is_stateless_and_validates():
+  import jax  # pylint: disable=g-import-not-at-top
+  from few_shot import experiment  # pylint: disable=g-import-not-at-top
+  from ondevice import supervised  # pylint: disable=g-import-not-at-top
+  config = few_shot_kws.get_config('smoke,backbone=ds_cnn_s')
+  experiment.validate_config(config)
+  assert (config.model, config.norm) == ('ds_cnn_s', 'group')
+  assert config.pretrain.num_steps == 10  # smoke still shrinks the schedule
+  full = few_shot_kws.get_config('backbone=ds_cnn_s')
+  assert (full.pretrain.learning_rate, full.pretrain.num_steps) == (3e-3, 1200)
+  model = supervised.build_model(experiment._pretrain_config(full), 36,  # pylint: disable=protected-access
+                                 full.model_kwargs.to_dict())
+  variables = model.init(jax.random.key(0), np.zeros((1, 98, 40), np.float32))
+  # Group norm keeps no batch statistics, so K-shot fine-tuning is well posed.
+  assert set(variables) == {'params'}
+  with pytest.raises(ValueError, match="backbone='resnet'"):
+    few_shot_kws.get_config('backbone=resnet')
