@@ -12,7 +12,9 @@ is a hinge on the cosine between W g(x) and v_u. No user needs any other
 user's codeword or embedding: the code's minimum distance keeps codewords,
 and so the users' embeddings, apart. A user accepts x when v_u^T f(x) / n
 exceeds its own threshold, set in a warm-up on its own utterances for a
-target true-positive rate.
+target true-positive rate. The user may instead compare with the mean
+embedding of its own training utterances (`mean_references`), which never
+leaves the device either; benchmarks/results/feduv measures both.
 
 Baselines: a softmax over all training users (cosine logits, NormFace style:
 Wang et al. 2017), trained centrally or federated; federating it shares
