@@ -130,17 +130,14 @@ def markdown(results: Mapping[str, Any], config) -> str:
     lines.append(f'- outlier gain >= {GAIN_GOAL:.0%}: '
                  f'**{"met" if g["outlier_gain_goal_met"] else "missed"}**')
   versus = g.get('meta_vs_plain_finetune', {})
+  # Without config.meta.all_speakers_baseline there is no global_all column.
+  with_all = any('plain_all' in v for v in versus.values())
   if versus:
     lines += ['', 'Meta-learned init vs plain fine-tuning (detection rate; '
               '"global" is the init meta-learning starts from, "global_all" '
               'also saw the meta-training speakers):', '',
-              metric_writer.markdown_table([
-                  {'init/K/group': key, 'meta': v['meta'],
-                   'FT global': v.get('plain', float('nan')),
-                   'meta > FT global': v.get('meta_beats_plain', ''),
-                   'FT global_all': v.get('plain_all', float('nan')),
-                   'meta > FT global_all': v.get('meta_beats_plain_all', '')}
-                  for key, v in versus.items()])]
+              metric_writer.markdown_table([_versus_row(key, v, with_all)
+                                            for key, v in versus.items()])]
   lines += ['', '## Detection rate by K', '']
   rows = []
   for label, by_k in personal.items():
@@ -172,6 +169,17 @@ def markdown(results: Mapping[str, Any], config) -> str:
     lines.append(metric_writer.markdown_table(rows))
   lines += ['', f'Wall time: {results["seconds"]:.0f} s.', '']
   return '\n'.join(lines)
+
+
+def _versus_row(key: str, v: dict[str, Any], with_all: bool
+                ) -> dict[str, Any]:
+  row = {'init/K/group': key, 'meta': v['meta'],
+         'FT global': v.get('plain', float('nan')),
+         'meta > FT global': v.get('meta_beats_plain', '')}
+  if with_all:
+    row.update({'FT global_all': v.get('plain_all', float('nan')),
+                'meta > FT global_all': v.get('meta_beats_plain_all', '')})
+  return row
 
 
 def write(results: Mapping[str, Any], config, workdir: str) -> None:
