@@ -102,7 +102,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       speaker_fraction=0.25, all_speakers_baseline=True,
       train_k=2, inner_lr=learning_rate, inner_steps=steps,
       eval_inner_steps=steps, outer_lr=3e-5, reptile_step_size=0.5,
-      num_steps=150, tasks_per_step=4, log_every=25))
+      num_steps=150, tasks_per_step=4, log_every=25,
+      checkpoint_every=50))  # meta_<name>/checkpoints; a rerun resumes.
 
   # 5-way K-shot on keywords and speakers unseen in meta-training, from a
   # randomly initialised model (the global model heard every word).

@@ -235,7 +235,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         num_steps=meta_cfg.num_steps,
         key=jax.random.fold_in(key, 100 + index),
         log_every=meta_cfg.log_every,
-        workdir=os.path.join(workdir, f'meta_{name}'), name=f'meta {name}')
+        workdir=os.path.join(workdir, f'meta_{name}'), name=f'meta {name}',
+        checkpoint_every=meta_cfg.get('checkpoint_every', 0))
     inits[name] = (state, personalize.learner_adapter(learner))
 
   if users is None:

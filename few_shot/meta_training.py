@@ -3,7 +3,9 @@ N-way K-shot benchmark.
 
 `meta_train` is thin glue around a learner's jitted `apply`: the tasks of
 outer step i are sampled with `fold_in(task_key, i)` and the step runs with
-`fold_in(step_key, i)`, so a run is a deterministic function of its seed.
+`fold_in(step_key, i)`, so a run is a deterministic function of its seed,
+and one resumed from a checkpoint (`checkpoint_every`) ends bit for bit
+where an uninterrupted run ends.
 
 `keyword_benchmark` reproduces the protocol of Finn et al. 2017 (after
 Vinyals et al. 2016) on spoken keywords instead of Omniglot characters:
@@ -13,6 +15,7 @@ drawn from held-out keywords spoken by held-out speakers.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any, Callable, Mapping
@@ -24,6 +27,7 @@ import numpy as np
 from few_shot import episodes
 from few_shot import learner as learner_lib
 from few_shot import meta_learners
+from ondevice import checkpoint as checkpoint_lib
 from ondevice import metric_writer
 from ondevice import models
 
@@ -33,7 +37,8 @@ SampleFn = Callable[[jax.Array], Any]
 def meta_train(learner: learner_lib.MetaLearner,
                state: learner_lib.MetaState, sample_tasks: SampleFn, *,
                num_steps: int, key: jax.Array, log_every: int,
-               workdir: str | None = None, name: str = ''
+               workdir: str | None = None, name: str = '',
+               checkpoint_every: int = 0
                ) -> tuple[learner_lib.MetaState, dict[str, float]]:
   """Runs `num_steps` outer steps; logs means of the step metrics.
 
@@ -46,15 +51,39 @@ def meta_train(learner: learner_lib.MetaLearner,
     log_every: steps between log lines / metric records.
     workdir: where metrics.jsonl goes (None: nowhere).
     name: label for log lines.
+    checkpoint_every: with a workdir, save the state every this many outer
+      steps and at the end, and resume from the latest checkpoint there
+      (0: never).
 
   Returns:
-    (final state, {'steps_per_second', 'final_loss', ...}).
+    (final state, {'steps_per_second', 'final_loss', ..., 'resumed_from'}).
+
+  Raises:
+    ValueError: a checkpoint in workdir is past num_steps or does not match
+      the learner's state.
   """
   task_key, step_key = jax.random.split(key)
+  ckpt, first = None, 0
+  if workdir and checkpoint_every > 0:
+    ckpt = checkpoint_lib.Checkpointer(workdir)
+    latest = ckpt.latest_step()
+    if latest is not None:
+      if latest > num_steps:
+        raise ValueError(
+            f'{name}: {ckpt.directory} holds outer step {latest}, past '
+            f'num_steps={num_steps}; use a fresh workdir.')
+      state = ckpt.restore(latest, state)
+      first = latest
+      logging.info('%s: resumed from outer step %d.', name, latest)
+  last_path = os.path.join(workdir, 'last_metrics.json') if ckpt else None
+  last = {}
+  if first and os.path.exists(last_path):
+    with open(last_path) as f:
+      last = json.load(f)
   writer = metric_writer.MetricWriter(workdir, tensorboard=False) \
       if workdir else None
-  window, start, last = [], time.time(), {}
-  for step in range(num_steps):
+  window, start = [], time.time()
+  for step in range(first, num_steps):
     tasks = sample_tasks(jax.random.fold_in(task_key, step))
     state, metrics = learner.apply(state, tasks,
                                    jax.random.fold_in(step_key, step))
@@ -71,11 +100,22 @@ def meta_train(learner: learner_lib.MetaLearner,
       if writer:
         writer.write(step + 1, means)
       window, last = [], means
+    if ckpt and ((step + 1) % checkpoint_every == 0 or
+                 step + 1 == num_steps):
+      ckpt.save(step + 1, state)
+      tmp = last_path + '.tmp'
+      with open(tmp, 'w') as f:
+        json.dump(last, f)
+      os.replace(tmp, last_path)
   seconds = time.time() - start
   if writer:
     writer.close()
-  summary = {'steps': num_steps, 'seconds': seconds,
-             'steps_per_second': num_steps / max(seconds, 1e-9)}
+  if ckpt:
+    ckpt.close()
+  ran = num_steps - first
+  summary = {'steps': num_steps, 'seconds': seconds, 'resumed_from': first,
+             'steps_per_second': ran / max(seconds, 1e-9) if ran else
+                                 float('nan')}
   summary.update({f'final_{k}': v for k, v in last.items()})
   return state, summary
 

@@ -35,3 +35,42 @@ def test_keyword_benchmark_meta_trains_on_train_words_and_tests_on_others(
   assert entry['ci95'] >= 0.0 and entry['meta_train_steps_per_second'] > 0
   assert (tmp_path / 'protonet_1shot' / 'metrics.jsonl').exists()
 
+
+
+def test_meta_train_resumes_bit_for_bit_from_its_checkpoint(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  from few_shot import maml  # pylint: disable=g-import-not-at-top
+
+  def loss(params, model_state, batch, rng):
+    del rng
+    err = jax.numpy.square(batch['x'] * params['w'] - batch['y'])
+    count = jax.numpy.sum(batch['mask'])
+    return jax.numpy.sum(err * batch['mask']) / count, (
+        {'loss_sum': jax.numpy.sum(err), 'correct': 0.0, 'count': count},
+        model_state)
+
+  def sample(key):  # Two regression tasks whose slope depends on the key.
+    slope = jax.random.normal(key, (2, 1))
+    x = jax.random.normal(jax.random.fold_in(key, 1), (2, 4))
+    batch = {'x': x, 'y': slope * x, 'mask': jax.numpy.ones((2, 4))}
+    return {'support': batch, 'query': batch}
+
+  learn = maml.meta_sgd(loss, optax.adam(0.1), inner_lr=0.1, inner_steps=1)
+  init = learn.init({'w': jax.numpy.array(0.3)})
+  run = lambda steps, d: meta_training.meta_train(
+      learn, init, sample, num_steps=steps, key=jax.random.key(0),
+      log_every=1, workdir=str(tmp_path / d), checkpoint_every=2)
+  straight, summary = run(5, 'a')
+  assert summary['resumed_from'] == 0
+  run(3, 'b')  # Interrupted after 3 steps (checkpoints at 2 and 3).
+  resumed, summary = run(5, 'b')
+  assert summary['resumed_from'] == 3
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert summary['final_loss'] == run(5, 'b')[1]['final_loss']
+  # The init moved, so the comparison above is not trivially true.
+  assert not np.allclose(np.asarray(straight.params['w']), 0.3)
+  with pytest.raises(ValueError, match='past num_steps=4'):
+    run(4, 'a')
