@@ -162,6 +162,7 @@ def _tiny_config():
   config.eval_every = 25
   config.local.num_steps = 4
   config.algorithm = 'fedavg'  # Pinned: independent of the full config.
+  config.feduv_margin = 1.0
   config.algorithm_kwargs = ml_collections.ConfigDict()
   config.client_learning_rate = 0.1
   config.client_momentum = 0.9
