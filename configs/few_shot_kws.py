@@ -19,8 +19,10 @@ The model is the DNN keyword spotter of Zhang et al. 2017 ("Hello Edge",
 fully connected layers over the flattened features) with layer norm, so
 that meta-training fits a shared 2-core CPU; any model of
 `ondevice.models` with norm 'group', 'layer' or 'none' works;
-`:backbone=ds_cnn_s` selects the main job's DS-CNN S with group norm. Batch norm is rejected: its statistics over a K-shot support set
-are meaningless (see few_shot/learner.py).
+`:backbone=ds_cnn_s` selects the main job's DS-CNN S with group norm
+(measured in benchmarks/results/few_shot_kws/ds_cnn). Batch norm is
+rejected: its statistics over a K-shot support set are meaningless (see
+few_shot/learner.py).
 """
 import ml_collections
 

@@ -114,8 +114,8 @@ def meta_train(learner: learner_lib.MetaLearner,
     ckpt.close()
   ran = num_steps - first
   summary = {'steps': num_steps, 'seconds': seconds, 'resumed_from': first,
-             'steps_per_second': ran / max(seconds, 1e-9) if ran else
-                                 float('nan')}
+             # None when every step was restored (nothing was timed).
+             'steps_per_second': ran / max(seconds, 1e-9) if ran else None}
   summary.update({f'final_{k}': v for k, v in last.items()})
   return state, summary
 
