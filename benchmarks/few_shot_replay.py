@@ -30,7 +30,6 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 import jax
-import numpy as np
 import optax
 
 from few_shot import enrollment
@@ -78,9 +77,7 @@ def main(argv):
   users = experiment._load_users(config, train_ds)  # pylint: disable=protected-access
   table = enrollment.enrollment_table(users.x, users.y, users.client_id,
                                       keywords, pool_size=5)
-  first = {int(c): i for i, c in reversed(list(enumerate(users.client_id)))}
-  is_outlier = np.array([bool(users.meta['is_outlier_accent'][first[int(s)]])
-                         for s in table.speakers])
+  is_outlier = experiment.outlier_mask(users, table.speakers)
   state = personalize.as_state(params, glob['state'].model_state)
   key = jax.random.key(config.seed)
 

@@ -188,31 +188,40 @@ def embed_all(model, params, model_state, x: np.ndarray,
   return np.concatenate(out)
 
 
+def embed_splits(model, params, model_state, splits
+                 ) -> dict[str, np.ndarray]:
+  """Embeddings of every split's utterances, keyed by split name."""
+  return {name: embed_all(model, params, model_state, getattr(splits, name).x)
+          for name in ('train', 'warmup', 'test', 'unseen')}
+
+
 def evaluate(config, kind, model, params, model_state, splits, codewords,
-             reference: str | None = None
+             reference: str | None = None,
+             embeddings: dict[str, np.ndarray] | None = None
              ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """Scores every trial; returns (metrics, trials).
 
   Args:
     reference: 'codeword' (FedUV's default) or 'mean' (the softmax models'
       only one): what each user's scores compare with.
+    embeddings: `embed_splits` of this model, to score several references
+      without embedding again (None: computed here).
   """
   reference = reference or ('codeword' if kind == 'feduv' else 'mean')
   if reference == 'codeword' and kind != 'feduv':
     raise ValueError('Only a FedUV model has codeword references; a softmax '
                      "model enrolls with reference='mean'.")
-  emb = {name: embed_all(model, params, model_state, getattr(splits, name).x)
-         for name in ('warmup', 'test', 'unseen')}
+  emb = embeddings or embed_splits(model, params, model_state, splits)
   if reference == 'codeword':
     refs = verification.codeword_references(codes.to_signs(codewords))
   elif reference == 'mean':  # Enrollment = the user's own train utterances.
-    train_emb = embed_all(model, params, model_state, splits.train.x)
-    refs = verification.mean_references(train_emb, splits.train.y,
+    refs = verification.mean_references(emb['train'], splits.train.y,
                                         splits.num_users)
   else:
     raise ValueError(f'reference={reference!r}: choose one of '
                      f'{tuple(FEDUV_REFERENCES)}.')
-  scores = {k: verification.score_matrix(v, refs) for k, v in emb.items()}
+  scores = {k: verification.score_matrix(emb[k], refs)
+            for k in ('warmup', 'test', 'unseen')}
   trials = verification.trial_scores(scores['test'], splits.test.y,
                                      scores['unseen'])
   metrics = verification.verification_metrics(trials, tuple(config.fars))
@@ -263,12 +272,13 @@ def run_variant(config, name, splits, codewords, key
   train_seconds = time.time() - t0
   references = (tuple(config.get('feduv_references', ('codeword',)))
                 if kind == 'feduv' else ('mean',))
+  embeddings = embed_splits(model, params, model_state, splits)
   rows, trials = {}, {}
   for reference in references:
     row_name = name + (FEDUV_REFERENCES[reference] if kind == 'feduv' else '')
     metrics, trials[row_name] = evaluate(config, kind, model, params,
                                          model_state, splits, codewords,
-                                         reference)
+                                         reference, embeddings)
     rows[row_name] = {
         'variant': row_name, 'trained_as': name, 'reference': reference,
         **metrics, 'train_seconds': train_seconds,

@@ -114,6 +114,15 @@ def _load_users(config, train_ds):
   return user_corpus.normalise_like(users, train_ds)
 
 
+def outlier_mask(users: base.ArrayDataset, speakers) -> np.ndarray:
+  """Whether each of `speakers` (client ids of `users`) has an outlier
+  accent, from users.meta['is_outlier_accent'] of its first utterance."""
+  first_row = {int(s): i for i, s in
+               reversed(list(enumerate(users.client_id)))}
+  return np.array([bool(users.meta['is_outlier_accent'][first_row[int(s)]])
+                   for s in speakers])
+
+
 def _adapters(config, model, loss_fn, params) -> dict[str, Any]:
   """Plain fine-tuning of the global model with each trainable preset."""
   cfg = config.personalize
@@ -134,10 +143,7 @@ def _personalisation(config, model, loss_fn, inits, users, keywords, key,
       users.x, users.y, users.client_id, keywords,
       pool_size=max(config.personalize.k_values))
   speakers = np.asarray(table.speakers)
-  first_row = {int(s): i for i, s in
-               reversed(list(enumerate(users.client_id)))}
-  is_outlier = np.array([bool(users.meta['is_outlier_accent'][first_row[s]])
-                         for s in speakers])
+  is_outlier = outlier_mask(users, speakers)
   results = {}
   for label, (state, adapt_fn) in inits.items():
     evaluate = personalize.make_user_evaluator(model, adapt_fn, config.far)

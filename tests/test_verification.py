@@ -191,13 +191,20 @@ def test_config_errors_name_the_key():
     feduv_kws.get_config('smok')
 
 
-def test_feduv_learns_separable_speakers_end_to_end():
-  seen, speakers = verification_data.relabel_by_speaker(_synthetic(6, 12, 0))
+def _splits(num_seen, num_unseen, per_speaker):
+  """Verification splits of `_synthetic` speakers (seed 0 seen, 1 unseen)."""
+  seen, speakers = verification_data.relabel_by_speaker(
+      _synthetic(num_seen, per_speaker, 0))
   unseen, others = verification_data.relabel_by_speaker(
-      _synthetic(2, 12, 1, offset=6))
+      _synthetic(num_unseen, per_speaker, 1, offset=num_seen))
   train_ds, warm, test = verification_data.split_utterances(seen, .2, .2, 0)
-  splits = verification_data.VerificationSplits(train_ds, warm, test, unseen,
-                                                speakers, others)
+  return verification_data.VerificationSplits(train_ds, warm, test, unseen,
+                                              speakers, others)
+
+
+def test_feduv_learns_separable_speakers_end_to_end():
+  splits = _splits(6, 2, 12)
+  train_ds = splits.train
   config = _tiny_config()
   code = codes.bch_code(4, 2)
   words = codes.user_codewords(code, np.arange(6), 6, jax.random.key(0))
@@ -228,12 +235,8 @@ def test_feduv_learns_separable_speakers_end_to_end():
 
 
 def test_mean_reference_scores_by_hand():
-  seen, speakers = verification_data.relabel_by_speaker(_synthetic(3, 10, 0))
-  unseen, others = verification_data.relabel_by_speaker(
-      _synthetic(1, 10, 1, offset=3))
-  train_ds, warm, test = verification_data.split_utterances(seen, .2, .2, 0)
-  splits = verification_data.VerificationSplits(train_ds, warm, test, unseen,
-                                                speakers, others)
+  splits = _splits(3, 1, 10)
+  train_ds, test = splits.train, splits.test
   model = _tiny_feduv()
   params = train.init_state(model, optax.sgd(1.), train_ds.x[:1],
                             jax.random.key(1)).params
