@@ -54,9 +54,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.trainable = 'full'   # See sparse_updates.PRESETS.
 
   config.users = ml_collections.ConfigDict(dict(
-      num_users=3,
+      num_typical=0,          # Users of common accents.
+      num_outlier=3,          # Users of rare accents.
       first_index=200,        # Speakers the pre-training corpus never had.
-      outlier_only=True,      # Rare accents only.
       utterances_per_word=20,
       other_utterances=6,     # Of each out-of-vocabulary word.
       num_noise=150,
@@ -108,7 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if args.smoke:
     config.pretrain = kws_central.get_config('smoke')
-    config.users.update(num_users=1, utterances_per_word=4,
+    config.users.update(num_outlier=1, utterances_per_word=4,
                         other_utterances=1, num_noise=16, num_enroll=1,
                         num_test=1)
     config.stream.update(length=96, chunk_size=48)

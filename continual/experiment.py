@@ -1,7 +1,7 @@
 """`run(config, workdir)`: continual learning after enrollment, end to end.
 
 1. Pre-train (or restore) the global DS-CNN (`continual.pretrained`).
-2. Synthesise users of rare accents (`continual.user_corpus`), split each
+2. Synthesise new users (`ondevice.user_corpus`), split each
    user's keyword clips into enrollment / test / stream utterances and build
    their unlabelled streams (`continual.streams`).
 3. Enroll every user (a short fine-tune on K labelled utterances per
@@ -37,8 +37,8 @@ from continual import regularizers
 from continual import report
 from continual import streams
 from continual import tta
-from continual import user_corpus
 from ondevice import train
+from ondevice import user_corpus
 
 _EVAL_BATCH = 128
 
@@ -155,39 +155,43 @@ def _variant_functions(cfg, model, pre, fisher, paths, masks,
       adapt_bn=adapt_bn if cfg.learner.teacher_bn else None)
 
 
+def _load_users(config, pre: pretrained_lib.Pretrained
+                ) -> user_corpus.NewUsers:
+  """The config's new users, normalised like the pre-training data."""
+  corpus = user_corpus.corpus_config(config.pretrain.data)
+  cfg = config.users
+  indices = user_corpus.pick_users(corpus, cfg.first_index, cfg.num_typical,
+                                   cfg.num_outlier)
+  clips = user_corpus.UserClips(cfg.utterances_per_word,
+                                cfg.other_utterances, cfg.num_noise)
+  users = user_corpus.load_users(
+      corpus, indices, clips, config.pretrain.data.get('cache_dir', '') or None)
+  return user_corpus.normalise_like(users, pre.train_ds)
+
+
 def _users(config, pre: pretrained_lib.Pretrained) -> list[dict[str, Any]]:
   """Each user's split and unlabelled stream, features normalised."""
-  mean, std = pre.feature_stats
-  norm = lambda raw: ((raw - mean) / std).astype(np.float32)
-  first = max(config.users.first_index, config.pretrain.data.num_speakers)
-  indices = user_corpus.pick_users(config.users.num_users,
-                                   config.pretrain.data.corpus_seed, first,
-                                   config.users.outlier_only)
   drift = streams.DriftConfig(config.stream.drift, config.stream.drift_start,
                               config.stream.drift_snr_db,
                               config.stream.drift_rate)
-  others = pre.train_ds
+  corpus = _load_users(config, pre)
   users = []
-  for n, index in enumerate(indices):
-    data = user_corpus.load_user(user_corpus.UserCorpusConfig(
-        index=index, utterances_per_word=config.users.utterances_per_word,
-        other_utterances=config.users.other_utterances,
-        num_noise=config.users.num_noise,
-        corpus_seed=config.pretrain.data.corpus_seed),
-        config.pretrain.data.get('cache_dir', '') or None)
-    split = streams.split_user(norm(data['keyword_x']), data['keyword_y'],
-                               data['keyword_utt'], config.users.num_enroll,
-                               config.users.num_test)
-    no_kw = lambda k: np.full(len(data[k]), streams.NO_KEYWORD, np.int32)
+  for n, index in enumerate(corpus.indices):
+    data = corpus.of_user(index)
+    kw = data.keywords
+    split = streams.split_user(kw.x, kw.y, kw.meta['utterance'],
+                               config.users.num_enroll, config.users.num_test)
+    no_kw = lambda ds: np.full(len(ds), streams.NO_KEYWORD, np.int32)
     pools = {'user_keyword': (split.stream_x, split.stream_y),
-             'user_other_word': (norm(data['other_x']), no_kw('other_x')),
-             'other_speaker': (others.x, others.y),
-             'noise': (norm(data['noise_x']), no_kw('noise_x'))}
+             'user_other_word': (data.other_words.x, no_kw(data.other_words)),
+             'other_speaker': (pre.train_ds.x, pre.train_ds.y),
+             'noise': (data.noise.x, no_kw(data.noise))}
     key = jax.random.fold_in(jax.random.key(config.seed), 1000 + n)
     stream = streams.make_stream(pools, config.stream.length, key,
                                  tuple(config.stream.mix), drift,
-                                 (mean, std))
-    users.append(dict(index=index, accent=str(data['accent_group']),
+                                 pre.feature_stats)
+    users.append(dict(index=index,
+                      accent=corpus.speaker(index)['accent_group'],
                       split=split, stream=stream, drift=drift))
   return users
 

@@ -70,7 +70,9 @@ def _scenario(config: dict[str, Any]) -> str:
                            f"{stream['drift_rate']:g}x tempo") + ' at its end')
   learner, pseudo = config['learner'], config['pseudo']
   reg = config['regularizer']
-  return (f"Scenario: {users['num_users']} users, K = {users['num_enroll']} "
+  return (f"Scenario: {users['num_typical']} typical and "
+          f"{users['num_outlier']} rare-accent users, K = "
+          f"{users['num_enroll']} "
           f"enrollment utterances per keyword, a stream of "
           f"{stream['length']} clips (mix {tuple(stream['mix'])} of user "
           f"keywords, user non-keywords, other speakers, noise) in chunks of "

@@ -1,0 +1,411 @@
+"""New users: speakers no pre-training saw, with clips to enroll and evaluate.
+
+The shared speech corpus (`ondevice.data.speech_keywords`) speaks each word
+a few times per speaker, too few to enroll a user and still hold clips out.
+New users are speakers of the same synthetic population with indices at or
+above `first_index` (the pre-training corpus has speakers 0..num_speakers-1,
+so none of them was seen in pre-training), each saying every word
+`UserClips.utterances_per_word` times. A user's keyword clip of (word,
+utterance) is exactly the one a corpus holding that speaker would contain,
+since it comes from `speech_keywords.synthesize_speaker`. Optionally a user
+also has what a device hears besides keywords: out-of-vocabulary words in
+the same voice (`OTHER_WORDS`) and noise-only clips.
+
+API:
+
+    corpus = user_corpus.corpus_config(config.data)   # the population
+    indices = user_corpus.pick_users(corpus, first_index=200,
+                                     num_typical=4, num_outlier=4)
+    users = user_corpus.load_users(corpus, indices, UserClips(
+        utterances_per_word=8, other_utterances=0, num_noise=0))
+    users = user_corpus.normalise_like(users, train_ds)
+    users.keywords      # ArrayDataset: x [N, 98, 40] log-mel, y over
+                        # corpus.words, client_id = speaker index, meta
+                        # 'accent_group', 'is_outlier_accent', 'utterance'
+    users.other_words   # ArrayDataset, y over OTHER_WORDS, meta 'utterance'
+    users.noise         # ArrayDataset, one class 'noise'
+    users.of_user(i)    # the same three sets restricted to speaker i
+
+* `pick_users` is the one way to choose users: typical and outlier-accent
+  speakers in the numbers asked for, a deterministic function of the corpus
+  seed (outlier accents are rare by construction,
+  `speech_keywords.OUTLIER_ACCENTS`, so indices are scanned upwards).
+* One cache file per user (`cache_path`), named by a hash of everything that
+  generates it and holding a sha256 of its arrays. A cache file that cannot
+  be read or fails its checksum is logged as a warning and rebuilt.
+* Features are raw log-mel (`speech_keywords.log_mel_int16`);
+  `normalise_like` standardises every set with a training split's
+  statistics, the one normalisation callers use.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any
+
+from absl import logging
+import numpy as np
+
+from ondevice.data import espeak
+from ondevice.data import speech_keywords as sk
+from ondevice.data.base import ArrayDataset
+
+# Everyday words that are not keywords and sound unlike all of them.
+OTHER_WORDS = (
+    'hello', 'water', 'kitchen', 'music', 'today', 'please', 'window',
+    'coffee', 'tomorrow', 'garden', 'yellow', 'number', 'morning', 'dinner',
+    'paper', 'button', 'river', 'silver', 'table', 'pocket', 'orange',
+    'weather', 'little', 'picture')
+NOISE_LEVEL = (0.002, 0.05)  # RMS of noise-only clips, full scale 1.
+NOISE_CLASSES = ('noise',)
+_OTHER_WORD_OFFSET = 1000    # Keeps rng streams apart from the keywords'.
+_NOISE_OFFSET = 2000
+_CACHE_FORMAT = 1            # Bump when the arrays' meaning changes.
+_FEATURE_SHAPE = (98, 40)
+_CANDIDATES_PER_USER = 8     # Scan depth of `pick_users(spread_accents=True)`.
+
+
+@dataclasses.dataclass(frozen=True)
+class UserClips:
+  """Which clips each new user has; every field enters the cache key.
+
+  Attributes:
+    utterances_per_word: clips of every word of the corpus (>= 2: one to
+      enroll, one to evaluate).
+    other_utterances: clips of every word in `OTHER_WORDS` (0 = none).
+    num_noise: noise-only clips (0 = none).
+  """
+  utterances_per_word: int = 20
+  other_utterances: int = 0
+  num_noise: int = 0
+
+  def __post_init__(self):
+    if self.utterances_per_word < 2:
+      raise ValueError('UserClips.utterances_per_word must be >= 2 (one to '
+                       f'enroll, one to evaluate); got '
+                       f'{self.utterances_per_word}.')
+    if self.other_utterances < 0 or self.num_noise < 0:
+      raise ValueError('UserClips.other_utterances and num_noise must be '
+                       f'>= 0; got {self.other_utterances} and '
+                       f'{self.num_noise}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class NewUsers:
+  """Clips of new users; every set's client_id is the speaker index."""
+  keywords: ArrayDataset
+  other_words: ArrayDataset
+  noise: ArrayDataset
+
+  @property
+  def indices(self) -> list[int]:
+    """Speaker indices in the order they were loaded."""
+    return [s['index'] for s in self.keywords.info['speakers']]
+
+  def speaker(self, index: int) -> dict[str, Any]:
+    """The speaker record (accent group, voice, ...) of user `index`."""
+    for record in self.keywords.info['speakers']:
+      if record['index'] == index:
+        return record
+    raise KeyError(f'User {index} is not one of {self.indices}.')
+
+  def of_user(self, index: int) -> NewUsers:
+    """The clips of user `index` only."""
+    self.speaker(index)  # Raises for an unknown user.
+    return NewUsers(*(ds.take(ds.client_id == index) for ds in
+                      (self.keywords, self.other_words, self.noise)))
+
+
+def corpus_config(data_config) -> sk.SpeechCorpusConfig:
+  """The speech population of a `config.data` (name 'speech_keywords')."""
+  if data_config.get('name', 'speech_keywords') != 'speech_keywords':
+    raise ValueError(f'config.data.name={data_config.name!r}: new users need '
+                     "'speech_keywords'.")
+  kwargs = dict(num_speakers=data_config.num_speakers,
+                utterances_per_word=data_config.utterances_per_word,
+                seed=data_config.corpus_seed)
+  if data_config.get('words', None):
+    kwargs['words'] = tuple(data_config.words)
+  return sk.SpeechCorpusConfig(**kwargs)
+
+
+def _speaker(corpus: sk.SpeechCorpusConfig, index: int) -> sk.Speaker:
+  return sk.make_speaker(sk.speaker_seed(corpus.seed, index))
+
+
+def _candidates(corpus, first_index, wanted, max_scan
+                ) -> dict[bool, list[tuple[int, str]]]:
+  """(index, accent group) of typical (False) and outlier (True) speakers."""
+  found = {False: [], True: []}
+  for index in range(first_index, first_index + max_scan):
+    speaker = _speaker(corpus, index)
+    group = found[speaker.is_outlier_accent]
+    if len(group) < wanted[speaker.is_outlier_accent]:
+      group.append((index, speaker.accent_group))
+    if all(len(found[k]) >= wanted[k] for k in found):
+      return found
+  return found
+
+
+def _spread(candidates: list[tuple[int, str]], count: int) -> list[int]:
+  """Round robin over accent groups, in order of their first speaker."""
+  by_group: dict[str, list[int]] = {}
+  for index, group in candidates:
+    by_group.setdefault(group, []).append(index)
+  picked = []
+  for rank in range(max(map(len, by_group.values()), default=0)):
+    for members in by_group.values():  # Dicts keep insertion order.
+      if rank < len(members) and len(picked) < count:
+        picked.append(members[rank])
+  return picked
+
+
+def pick_users(corpus: sk.SpeechCorpusConfig, first_index: int,
+               num_typical: int, num_outlier: int,
+               spread_accents: bool = True, max_scan: int = 5000
+               ) -> list[int]:
+  """Speaker indices >= first_index: num_typical typical, num_outlier outliers.
+
+  Args:
+    corpus: the population; speakers are a function of corpus.seed, and
+      first_index must be >= corpus.num_speakers (unseen in pre-training).
+    first_index: the first index to consider.
+    num_typical: speakers of common accents.
+    num_outlier: speakers of rare accents (`speech_keywords.OUTLIER_ACCENTS`).
+    spread_accents: False takes the first speakers of each kind in index
+      order; True takes, among the first `_CANDIDATES_PER_USER` times as many,
+      one per accent group before any group twice.
+    max_scan: how many indices to scan at most.
+
+  Returns:
+    spread_accents: the typical users, then the outlier users, each in the
+    order picked; else all of them in increasing index order.
+
+  Raises:
+    ValueError: bad counts, first_index inside the corpus, or too few
+      speakers of a kind within max_scan indices.
+  """
+  if num_typical < 0 or num_outlier < 0 or num_typical + num_outlier == 0:
+    raise ValueError('num_typical and num_outlier must be >= 0 and not both '
+                     f'0; got {num_typical} and {num_outlier}.')
+  if first_index < corpus.num_speakers:
+    raise ValueError(f'first_index={first_index} is a speaker of the '
+                     f'{corpus.num_speakers}-speaker corpus; new users need '
+                     f'first_index >= {corpus.num_speakers}.')
+  counts = {False: num_typical, True: num_outlier}
+  depth = _CANDIDATES_PER_USER if spread_accents else 1
+  found = _candidates(corpus, first_index,
+                      {k: n * depth for k, n in counts.items()}, max_scan)
+  picked = []
+  for outlier, count in counts.items():
+    if len(found[outlier]) < count:
+      raise ValueError(
+          f'Found only {len(found[outlier])} '
+          f'{"outlier" if outlier else "typical"} speakers in {max_scan} '
+          f'indices from {first_index}; ask for at most that many.')
+    picked += (_spread(found[outlier], count) if spread_accents else
+               [index for index, _ in found[outlier][:count]])
+  return picked if spread_accents else sorted(picked)
+
+
+def _other_word_clips(corpus: sk.SpeechCorpusConfig, index: int,
+                      clips: UserClips) -> tuple[list[np.ndarray], list, list]:
+  """OTHER_WORDS in the user's voice; continues the keywords' engine state."""
+  speaker = _speaker(corpus, index)
+  waves, words, utts = [], [], []
+  for utt in range(clips.other_utterances):
+    for j, word in enumerate(OTHER_WORDS):
+      rng = np.random.default_rng(
+          (corpus.seed, index, _OTHER_WORD_OFFSET + j, utt))
+      rate = speaker.speed * np.exp(corpus.rate_jitter *
+                                    rng.standard_normal())
+      pitch = speaker.pitch + corpus.pitch_jitter * rng.standard_normal()
+      raw = espeak.synthesize(
+          word, voice=speaker.voice_name,
+          rate=np.clip(rate, *espeak.RATE_RANGE),
+          pitch=np.clip(pitch, *espeak.PITCH_RANGE),
+          pitch_range=speaker.pitch_range, noise_seed=int(rng.integers(2**32)))
+      waves.append(sk.place_in_clip(raw, rng, corpus))
+      words.append(j)
+      utts.append(utt)
+  return waves, words, utts
+
+
+def _noise_clip(rng: np.random.Generator) -> np.ndarray:
+  rms = np.exp(rng.uniform(*np.log(NOISE_LEVEL)))
+  noise = rms * sk.coloured_noise(rng, sk.CLIP_SAMPLES,
+                                  rng.choice([0.0, 1.0, 2.0]))
+  return np.clip(np.round(noise * 32767.0), -32768, 32767).astype(np.int16)
+
+
+def _features(waves: list[np.ndarray] | np.ndarray) -> np.ndarray:
+  if not len(waves):
+    return np.zeros((0,) + _FEATURE_SHAPE, np.float16)
+  return sk.log_mel_int16(np.stack(waves))
+
+
+def _user_corpus(corpus: sk.SpeechCorpusConfig, index: int,
+                 clips: UserClips) -> sk.SpeechCorpusConfig:
+  return dataclasses.replace(corpus, num_speakers=index + 1,
+                             utterances_per_word=clips.utterances_per_word)
+
+
+def _synthesize(corpus: sk.SpeechCorpusConfig, index: int,
+                clips: UserClips) -> dict[str, np.ndarray]:
+  """Log-mel (float16) keywords, other words and noise of one user."""
+  # A fixed order (keywords, then other words, then noise) keeps the engine's
+  # hidden state, and so every clip, deterministic.
+  keywords = sk.synthesize_speaker(_user_corpus(corpus, index, clips), index)
+  waves, words, utts = _other_word_clips(corpus, index, clips)
+  noise = [_noise_clip(np.random.default_rng(
+      (corpus.seed, index, _NOISE_OFFSET, i))) for i in range(clips.num_noise)]
+  return {'keyword_x': _features(keywords['waveform']),
+          'keyword_y': keywords['y'], 'keyword_utt': keywords['utterance'],
+          'other_x': _features(waves),
+          'other_word': np.array(words, np.int32),
+          'other_utt': np.array(utts, np.int32),
+          'noise_x': _features(noise)}
+
+
+def cache_path(corpus: sk.SpeechCorpusConfig, index: int, clips: UserClips,
+               cache_dir: str | None = None) -> str:
+  """The cache file of one user: named by a hash of what generates it."""
+  key = json.dumps({'format': _CACHE_FORMAT,
+                    'corpus': dataclasses.asdict(
+                        _user_corpus(corpus, index, clips)),
+                    'clips': dataclasses.asdict(clips),
+                    'other_words': OTHER_WORDS, 'noise': NOISE_LEVEL},
+                   sort_keys=True)
+  digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+  return os.path.join(cache_dir or sk.default_cache_dir(),
+                      f'new_user_{index}_{digest}.npz')
+
+
+def checksum(arrays: dict[str, np.ndarray]) -> str:
+  """sha256 over the names, dtypes, shapes and bytes of `arrays`."""
+  digest = hashlib.sha256()
+  for name in sorted(arrays):
+    arr = np.ascontiguousarray(arrays[name])
+    digest.update(f'{name}:{arr.dtype.str}:{arr.shape};'.encode())
+    digest.update(arr.tobytes())
+  return digest.hexdigest()
+
+
+def _read_cache(path: str) -> dict[str, np.ndarray]:
+  """The arrays of a cache file; raises if unreadable or its checksum fails."""
+  with np.load(path, allow_pickle=False) as npz:
+    arrays = {name: npz[name] for name in npz.files}
+  stored = str(arrays.pop('sha256', ''))
+  if checksum(arrays) != stored:
+    raise ValueError('the sha256 of the arrays does not match the stored one')
+  return arrays
+
+
+def _write_cache(path: str, arrays: dict[str, np.ndarray]) -> None:
+  """Writes atomically: a temporary file in the same folder, then rename."""
+  folder = os.path.dirname(path)
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      np.savez(f, sha256=np.array(checksum(arrays)), **arrays)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shareable.
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def load_user_arrays(corpus: sk.SpeechCorpusConfig, index: int,
+                     clips: UserClips, cache_dir: str | None = None
+                     ) -> dict[str, np.ndarray]:
+  """One user's cached arrays (float16 log-mel), synthesised when missing.
+
+  Returns:
+    {'keyword_x', 'keyword_y' (over corpus.words), 'keyword_utt', 'other_x',
+     'other_word' (over OTHER_WORDS), 'other_utt', 'noise_x'}.
+  """
+  path = cache_path(corpus, index, clips, cache_dir)
+  if os.path.exists(path):
+    try:
+      return _read_cache(path)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('New-user cache %s is corrupt (%r); rebuilding it.',
+                      path, e)
+  logging.info('Synthesising new user %d into %s.', index, path)
+  arrays = _synthesize(corpus, index, clips)
+  _write_cache(path, arrays)
+  return arrays
+
+
+def _dataset(parts: list[dict[str, np.ndarray]], x: str, y: str,
+             classes: tuple[str, ...], meta: dict[str, str],
+             info: dict[str, Any]) -> ArrayDataset:
+  """Concatenates the users' `x` rows into one ArrayDataset."""
+  cat = lambda k: np.concatenate([p[k] for p in parts])
+  feats = cat(x)
+  labels = cat(y) if y else np.zeros(len(feats), np.int32)
+  return ArrayDataset(
+      x=feats.astype(np.float32), y=labels.astype(np.int32),
+      client_id=cat('client_id_' + x).astype(np.int32), class_names=classes,
+      meta={name: cat(key) for name, key in meta.items()}, info=info)
+
+
+def _annotate(arrays: dict[str, np.ndarray], index: int,
+              speaker: sk.Speaker) -> dict[str, np.ndarray]:
+  """Adds per-row client and accent columns to one user's arrays."""
+  out = dict(arrays)
+  for x in ('keyword_x', 'other_x', 'noise_x'):
+    out['client_id_' + x] = np.full(len(arrays[x]), index, np.int32)
+  n = len(arrays['keyword_x'])
+  out['accent_group'] = np.full(
+      n, sk.ACCENT_NAMES.index(speaker.accent_group), np.int32)
+  out['is_outlier_accent'] = np.full(n, speaker.is_outlier_accent)
+  return out
+
+
+def load_users(corpus: sk.SpeechCorpusConfig, indices: list[int],
+               clips: UserClips = UserClips(),
+               cache_dir: str | None = None) -> NewUsers:
+  """Raw log-mel clips of the users `indices` (see the module docstring)."""
+  if not indices:
+    raise ValueError('load_users needs at least one speaker index.')
+  speakers = {i: _speaker(corpus, i) for i in indices}
+  parts = [_annotate(load_user_arrays(corpus, i, clips, cache_dir), i,
+                     speakers[i]) for i in indices]
+  info = {'accent_groups': sk.ACCENT_NAMES,
+          'speakers': [dict(dataclasses.asdict(speakers[i]), index=i,
+                            is_outlier_accent=speakers[i].is_outlier_accent)
+                       for i in indices],
+          'clips': dataclasses.asdict(clips)}
+  keywords = _dataset(parts, 'keyword_x', 'keyword_y', tuple(corpus.words),
+                      {'accent_group': 'accent_group',
+                       'is_outlier_accent': 'is_outlier_accent',
+                       'utterance': 'keyword_utt'}, info)
+  other = _dataset(parts, 'other_x', 'other_word', OTHER_WORDS,
+                   {'utterance': 'other_utt'}, info)
+  noise = _dataset(parts, 'noise_x', '', NOISE_CLASSES, {}, info)
+  return NewUsers(keywords, other, noise)
+
+
+def feature_stats(train: ArrayDataset) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, std) per mel band that normalised a `registry` training split."""
+  if 'feature_mean' not in train.info or 'feature_std' not in train.info:
+    raise ValueError('normalise_like needs a training split from '
+                     'ondevice.data.registry.load_dataset (its info holds '
+                     "'feature_mean' and 'feature_std').")
+  return (np.asarray(train.info['feature_mean'], np.float64),
+          np.asarray(train.info['feature_std'], np.float64))
+
+
+def normalise_like(users: NewUsers, train: ArrayDataset) -> NewUsers:
+  """Standardises every set of `users` with `train`'s feature statistics."""
+  mean, std = feature_stats(train)
+  def apply(ds: ArrayDataset) -> ArrayDataset:
+    return dataclasses.replace(ds, x=((ds.x - mean) / std).astype(np.float32))
+  return NewUsers(apply(users.keywords), apply(users.other_words),
+                  apply(users.noise))
