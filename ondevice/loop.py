@@ -62,6 +62,15 @@ class Schedule:
       if getattr(self, name) < 0:
         raise ValueError(f'Schedule.{name} must be >= 0; got '
                          f'{getattr(self, name)}.')
+    # A resumed run starts a fresh window of summed metrics, so it repeats an
+    # uninterrupted run's log rows only when it resumes on a log boundary.
+    for name in ('checkpoint_every', 'stop_after'):
+      value = getattr(self, name)
+      if value and value % self.log_every and value != self.num_steps:
+        raise ValueError(
+            f'Schedule.{name}={value} must be a multiple of log_every='
+            f'{self.log_every}, so that a resumed run logs the same windows '
+            'as an uninterrupted one.')
 
   def _due(self, every: int, done: int) -> bool:
     return done == self.num_steps or (every > 0 and done % every == 0)
