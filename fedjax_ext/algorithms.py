@@ -243,6 +243,40 @@ def scaffold(loss_fn: train.LossFn, local_learning_rate: float,
   if num_clients < 1:
     raise ValueError(f'num_clients must be >= 1; got {num_clients}.')
   server_optimizer = optax.sgd(server_learning_rate)
+  client_fn = _scaffold_client(loss_fn, local_learning_rate, local)
+
+  def init(params: PyTree, model_state: PyTree = None) -> ScaffoldState:
+    return _scaffold_init(params, model_state, local, num_clients,
+                          server_optimizer, rounds)
+
+  def apply(state: ScaffoldState, cohort, client_ids, key):
+    paths = train.resolve_trainable(state.params, local.trainable)
+    client_ids = jnp.asarray(client_ids, jnp.int32)
+    old_ci = {k: jnp.take(v, client_ids, axis=0, mode='fill',
+                          fill_value=jnp.nan)
+              for k, v in state.client_controls.items()}
+    correction = {k: state.server_control[k][None] - old_ci[k] for k in paths}
+    result = rounds_lib.run_round(client_fn, state.params,
+                                  state.model_state, cohort, client_ids, key,
+                                  rounds, context=correction,
+                                  aggregator_state=state.aggregator_state)
+    params, opt_state = _server_step(server_optimizer, state.params,
+                                     state.opt_state, result, paths)
+    server_control, client_controls = _scaffold_controls(
+        state, result, client_ids, num_clients)
+    metrics = dict(result.metrics, round=state.round.astype(jnp.float32),
+                   server_control_norm=optax.tree.norm(server_control))
+    return ScaffoldState(
+        params=params, model_state=result.model_state, opt_state=opt_state,
+        round=state.round + 1, server_control=server_control,
+        client_controls=client_controls,
+        aggregator_state=result.aggregator_state), metrics
+
+  return FederatedAlgorithm(init=init, apply=jax.jit(apply))
+
+
+def _scaffold_client(loss_fn, local_learning_rate, local):
+  """The client update; its extras are c_i+ - c_i + c (the mean gradient)."""
   client_update = client_lib.make_client_update(
       loss_fn, optax.sgd(local_learning_rate), local,
       client_lib.control_variate_wrapper())
@@ -255,59 +289,71 @@ def scaffold(loss_fn: train.LossFn, local_learning_rate: float,
                  for k, d in out.delta.items()}
     return out._replace(extras=mean_grad)
 
-  def init(params: PyTree, model_state: PyTree = None) -> ScaffoldState:
-    paths = train.resolve_trainable(params, local.trainable)
-    trainable, _ = train.split_params(params, paths)
-    zeros = {k: jnp.zeros_like(v) for k, v in trainable.items()}
-    return ScaffoldState(
-        params=params, model_state=dict(model_state or {}),
-        opt_state=server_optimizer.init(trainable),
-        round=jnp.zeros((), jnp.int32), server_control=zeros,
-        client_controls={k: jnp.zeros((num_clients,) + v.shape, v.dtype)
-                         for k, v in trainable.items()},
-        aggregator_state=rounds_lib.init_aggregator_state(rounds))
-
-  def apply(state: ScaffoldState, cohort, client_ids, key):
-    paths = train.resolve_trainable(state.params, local.trainable)
-    client_ids = jnp.asarray(client_ids, jnp.int32)
-    old_ci = {k: jnp.take(v, client_ids, axis=0, mode='fill',
-                          fill_value=jnp.nan)
-              for k, v in state.client_controls.items()}
-    correction = {k: state.server_control[k][None] - old_ci[k] for k in paths}
-    result = rounds_lib.run_round(scaffold_client, state.params,
-                                  state.model_state, cohort, client_ids, key,
-                                  rounds, context=correction,
-                                  aggregator_state=state.aggregator_state)
-    params, opt_state = _server_step(server_optimizer, state.params,
-                                     state.opt_state, result, paths)
-    included = result.included
-
-    def rows(x):
-      return included.reshape((-1,) + (1,) * (x.ndim - 1))
-
-    # Delta c_i = c_i+ - c_i = mean_grad_i - c, zero where not aggregated.
-    delta_ci = {k: jnp.where(rows(g), g - state.server_control[k][None], 0.0)
-                for k, g in result.extras.items()}
-    client_controls = {
-        k: v.at[client_ids].add(delta_ci[k], mode='drop')
-        for k, v in state.client_controls.items()}
-    server_control = {
-        k: v + jnp.sum(delta_ci[k], axis=0) / num_clients
-        for k, v in state.server_control.items()}
-    metrics = dict(result.metrics, round=state.round.astype(jnp.float32),
-                   server_control_norm=optax.tree.norm(server_control))
-    return ScaffoldState(
-        params=params, model_state=result.model_state, opt_state=opt_state,
-        round=state.round + 1, server_control=server_control,
-        client_controls=client_controls,
-        aggregator_state=result.aggregator_state), metrics
-
-  return FederatedAlgorithm(init=init, apply=jax.jit(apply))
+  return scaffold_client
 
 
-# Names a config can select. All but 'scaffold' take (loss_fn,
-# client_optimizer, local, **hparams); 'scaffold' takes (loss_fn,
-# local_learning_rate, local, num_clients=..., **hparams).
+def _scaffold_init(params, model_state, local, num_clients, server_optimizer,
+                   rounds) -> ScaffoldState:
+  """Zero control variates: one for the server, one per pool client."""
+  paths = train.resolve_trainable(params, local.trainable)
+  trainable, _ = train.split_params(params, paths)
+  zeros = {k: jnp.zeros_like(v) for k, v in trainable.items()}
+  return ScaffoldState(
+      params=params, model_state=dict(model_state or {}),
+      opt_state=server_optimizer.init(trainable),
+      round=jnp.zeros((), jnp.int32), server_control=zeros,
+      client_controls={k: jnp.zeros((num_clients,) + v.shape, v.dtype)
+                       for k, v in trainable.items()},
+      aggregator_state=rounds_lib.init_aggregator_state(rounds))
+
+
+def _scaffold_controls(state: ScaffoldState, result, client_ids, num_clients):
+  """(c, c_i) after the round; only aggregated clients move their c_i."""
+  included = result.included
+
+  def rows(x):
+    return included.reshape((-1,) + (1,) * (x.ndim - 1))
+
+  # Delta c_i = c_i+ - c_i = mean_grad_i - c, zero where not aggregated.
+  delta_ci = {k: jnp.where(rows(g), g - state.server_control[k][None], 0.0)
+              for k, g in result.extras.items()}
+  client_controls = {
+      k: v.at[client_ids].add(delta_ci[k], mode='drop')
+      for k, v in state.client_controls.items()}
+  server_control = {
+      k: v + jnp.sum(delta_ci[k], axis=0) / num_clients
+      for k, v in state.server_control.items()}
+  return server_control, client_controls
+
+
+def scaffold_algorithm(loss_fn: train.LossFn,
+                       client_optimizer: optax.GradientTransformation,
+                       local: client_lib.LocalConfig, *, num_clients: int,
+                       local_learning_rate: float,
+                       server_learning_rate: float = 1.0,
+                       rounds: rounds_lib.RoundConfig = rounds_lib.RoundConfig()
+                       ) -> FederatedAlgorithm:
+  """`scaffold` in the factory shape that every entry of ALGORITHMS has.
+
+  SCAFFOLD's control-variate formula assumes plain local SGD at
+  `local_learning_rate`, so its clients run exactly that: `client_optimizer`
+  is not used (a config with client momentum is rejected before this is
+  called). `num_clients` and `local_learning_rate` come from the run (the
+  pool size and the client learning rate), not from the algorithm's own
+  sub-config.
+  """
+  del client_optimizer  # Plain SGD at local_learning_rate, see above.
+  return scaffold(loss_fn, local_learning_rate, local,
+                  num_clients=num_clients,
+                  server_learning_rate=server_learning_rate, rounds=rounds)
+
+
+# Names a config can select. Every entry takes (loss_fn, client_optimizer,
+# local, *, server_learning_rate, rounds, **hparams); the keyword arguments
+# in RUN_ARGUMENTS are filled in by the run (not by the algorithm's
+# sub-config) for the factories that take them.
+RUN_ARGUMENTS = ('num_clients', 'local_learning_rate', 'server_learning_rate',
+                 'rounds')
 ALGORITHMS = {
     'fedavg': fedavg,
     'fedprox': fedprox,
@@ -315,5 +361,5 @@ ALGORITHMS = {
     'fedadam': fedadam,
     'fedyogi': fedyogi,
     'fedadagrad': fedadagrad,
-    'scaffold': scaffold,
+    'scaffold': scaffold_algorithm,
 }

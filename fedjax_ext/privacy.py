@@ -248,6 +248,20 @@ def compute_epsilon(noise_multiplier: float, sampling_rate: float,
   Returns:
     epsilon (inf when noise_multiplier is 0 and rounds > 0).
   """
+  _check_epsilon_args(noise_multiplier, sampling_rate, rounds, delta,
+                      accountant, sampling, population_size)
+  if rounds == 0:
+    return 0.0
+  if noise_multiplier == 0:
+    return math.inf
+  event, neighbours = dp_event(noise_multiplier, sampling_rate, sampling,
+                               population_size)
+  return _epsilon_of(event, int(rounds), neighbours, accountant, delta)
+
+
+def _check_epsilon_args(noise_multiplier, sampling_rate, rounds, delta,
+                        accountant, sampling, population_size) -> None:
+  """Raises a ValueError naming the first argument `compute_epsilon` rejects."""
   if not _is_real(noise_multiplier) or not noise_multiplier >= 0:
     raise ValueError(f'noise_multiplier must be >= 0; got {noise_multiplier}.')
   if not _is_real(sampling_rate) or not 0 < sampling_rate <= 1:
@@ -262,36 +276,52 @@ def compute_epsilon(noise_multiplier: float, sampling_rate: float,
     raise ValueError(f'accountant={accountant!r}; choose one of {ACCOUNTANTS}.')
   if sampling not in SAMPLINGS:
     raise ValueError(f'sampling={sampling!r}; choose one of {SAMPLINGS}.')
-  if rounds == 0:
-    return 0.0
-  if noise_multiplier == 0:
-    return math.inf
-  try:
-    # pylint: disable=g-import-not-at-top
-    import dp_accounting
-    from dp_accounting.pld import pld_privacy_accountant
-    from dp_accounting.rdp import rdp_privacy_accountant
-    # pylint: enable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError('compute_epsilon needs the dp-accounting package: '
-                      'pip install dp-accounting') from e
-  gaussian = dp_accounting.GaussianDpEvent(float(noise_multiplier))
-  relation = dp_accounting.NeighboringRelation
-  if sampling == 'poisson':
-    event = dp_accounting.PoissonSampledDpEvent(float(sampling_rate), gaussian)
-    neighbours = relation.ADD_OR_REMOVE_ONE
-  else:
+  if sampling == 'without_replacement':
     if accountant != 'rdp':
       raise ValueError("sampling='without_replacement' is only supported by "
                        "accountant='rdp' in dp-accounting.")
     if population_size is None or population_size < 1:
       raise ValueError("sampling='without_replacement' needs population_size "
                        f'>= 1; got {population_size}.')
-    cohort = max(1, round(sampling_rate * population_size))
-    event = dp_accounting.SampledWithoutReplacementDpEvent(
-        int(population_size), int(cohort), gaussian)
-    neighbours = relation.REPLACE_ONE
-  composed = dp_accounting.SelfComposedDpEvent(event, int(rounds))
+
+
+def _dp_accounting():
+  try:
+    import dp_accounting  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError('compute_epsilon needs the dp-accounting package: '
+                      'pip install dp-accounting') from e
+  return dp_accounting
+
+
+def dp_event(noise_multiplier: float, sampling_rate: float, sampling: str,
+             population_size: int | None = None):
+  """One round's dp-accounting event and its neighbouring relation.
+
+  'poisson': `PoissonSampledDpEvent(q, Gaussian(z))`, add/remove one;
+  'without_replacement': `SampledWithoutReplacementDpEvent(N, round(q N),
+  Gaussian(z))`, replace one (the cohort has a fixed size).
+  """
+  dp_accounting = _dp_accounting()
+  gaussian = dp_accounting.GaussianDpEvent(float(noise_multiplier))
+  relation = dp_accounting.NeighboringRelation
+  if sampling == 'poisson':
+    return (dp_accounting.PoissonSampledDpEvent(float(sampling_rate),
+                                                gaussian),
+            relation.ADD_OR_REMOVE_ONE)
+  cohort = max(1, round(sampling_rate * population_size))
+  return (dp_accounting.SampledWithoutReplacementDpEvent(
+      int(population_size), int(cohort), gaussian), relation.REPLACE_ONE)
+
+
+def _epsilon_of(event, rounds: int, neighbours, accountant: str,
+                delta: float) -> float:
+  """Epsilon at `delta` of `event` self-composed `rounds` times."""
+  # pylint: disable=g-import-not-at-top
+  from dp_accounting.pld import pld_privacy_accountant
+  from dp_accounting.rdp import rdp_privacy_accountant
+  # pylint: enable=g-import-not-at-top
+  composed = _dp_accounting().SelfComposedDpEvent(event, rounds)
   if accountant == 'rdp':
     acct = rdp_privacy_accountant.RdpAccountant(neighboring_relation=neighbours)
   else:

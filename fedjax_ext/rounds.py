@@ -69,17 +69,46 @@ Aggregator = Callable[[FlatParams, jax.Array, jax.Array],
 ClientFn = Callable[..., client_lib.ClientOutput]
 
 
+def weigh(weight: jax.Array, x: jax.Array) -> jax.Array:
+  """One client's term w * x of a weighted sum, in float32.
+
+  `where`, not `w * x` alone: 0 * NaN is NaN, and a client of weight 0 (a
+  non-finite one among them) must not reach the sum.
+  """
+  return jnp.where(weight > 0, weight * x.astype(jnp.float32), 0.0)
+
+
+def mean_of_sum(total: jax.Array, total_weight: jax.Array,
+                fallback: jax.Array) -> jax.Array:
+  """sum_i w_i x_i / sum_i w_i in `fallback`'s dtype; `fallback` if no weight."""
+  mean = total / jnp.maximum(total_weight, 1e-12)
+  return jnp.where(total_weight > 0, mean.astype(fallback.dtype), fallback)
+
+
+def masked_weighted_mean(tree: PyTree, weights: jax.Array, fallback: PyTree
+                         ) -> PyTree:
+  """The weighted mean over the leading client axis of every leaf.
+
+  The one weighted mean of a round: `weighted_mean` (updates), the model
+  state's mean, and the streamed strategy (which sums the same `weigh`
+  terms client by client, then calls `mean_of_sum`) all come down to it.
+  """
+  total_weight = jnp.sum(weights)
+
+  def mean(stacked, old):
+    total = jnp.sum(jax.vmap(weigh)(weights, stacked), axis=0)
+    return mean_of_sum(total, total_weight, old)
+
+  return jax.tree.map(mean, tree, fallback)
+
+
 def weighted_mean(stacked_deltas: FlatParams, weights: jax.Array,
                   key: jax.Array) -> tuple[FlatParams, Metrics]:
   """The default aggregator: sum_i w_i delta_i / sum_i w_i (0 if no weight)."""
   del key
-  total = jnp.sum(weights)
-  scale = weights / jnp.maximum(total, 1e-12)
-
-  def mean(x):
-    return jnp.tensordot(scale.astype(x.dtype), x, axes=1)
-
-  return {k: mean(v) for k, v in stacked_deltas.items()}, {}
+  zeros = {k: jnp.zeros(v.shape[1:], v.dtype)
+           for k, v in stacked_deltas.items()}
+  return masked_weighted_mean(stacked_deltas, weights, zeros), {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +124,10 @@ class RoundConfig:
     uniform_weights: weight every aggregated client 1 instead of its number
       of examples (as DP-FedAvg does).
     execution: how clients are laid out (vmap / chunked / sharded / auto).
+    private_model_state: send each client's model-state change (batch-norm
+      statistics) through the aggregator together with its update, so a
+      private aggregator clips and noises both; False averages the model
+      states in the clear. Needs an aggregator (DP-FedAvg).
   """
   aggregator: Aggregator | None = None
   stateful_aggregator: Any = None
@@ -102,6 +135,7 @@ class RoundConfig:
   dropout_rate: float = 0.0
   uniform_weights: bool = False
   execution: execution.ExecutionConfig = execution.ExecutionConfig()
+  private_model_state: bool = False
 
   def __post_init__(self):
     if self.aggregator is not None and self.stateful_aggregator is not None:
@@ -110,6 +144,11 @@ class RoundConfig:
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f'RoundConfig.dropout_rate must lie in [0, 1); got '
                        f'{self.dropout_rate}.')
+    if self.private_model_state and (self.aggregator is None and
+                                     self.stateful_aggregator is None):
+      raise ValueError('RoundConfig.private_model_state needs the private '
+                       'aggregator (e.g. privacy.dp_aggregator) that clips '
+                       'and noises the model-state change; set one.')
 
 
 class RoundKeys(NamedTuple):
@@ -174,18 +213,6 @@ def _dropped(key: jax.Array, cohort_size: int, rate: float) -> jax.Array:
   return jnp.zeros(cohort_size, bool).at[order[:num_drop]].set(True)
 
 
-def _masked_mean_tree(tree: PyTree, weights: jax.Array, fallback: PyTree
-                      ) -> PyTree:
-  total = jnp.sum(weights)
-  scale = weights / jnp.maximum(total, 1e-12)
-
-  def mean(stacked, old):
-    avg = jnp.tensordot(scale, stacked.astype(jnp.float32), axes=1)
-    return jnp.where(total > 0, avg.astype(old.dtype), old)
-
-  return jax.tree.map(mean, tree, fallback)
-
-
 def run_round(client_fn: ClientFn, params: PyTree, model_state: PyTree,
               cohort: Mapping[str, jax.Array], client_ids: jax.Array | None,
               key: jax.Array, config: RoundConfig,
@@ -213,12 +240,48 @@ def run_round(client_fn: ClientFn, params: PyTree, model_state: PyTree,
     mean_local_steps, update_norm, aggregator/*, transform/*.
   """
   num_clients, _ = cohort_lib.validate_cohort(cohort)
+  keys = split_round_key(key)
+  per_client = _per_client_inputs(cohort, client_ids, num_clients, keys,
+                                  context, config)
+  one_client = _make_one_client(client_fn, config)
+  arrived = ~_dropped(keys.dropout, num_clients, config.dropout_rate)
+  strategy, chunk = _strategy(config, one_client, params, model_state,
+                              per_client, num_clients)
+  if strategy == 'streamed':
+    out, weights, aggregated = _streamed_round(
+        one_client, params, model_state, per_client, arrived, chunk, config,
+        aggregator_state)
+  else:
+    out = execution.map_clients(one_client, (params, model_state),
+                                per_client, config.execution,
+                                _param_count(params))
+    weights = _client_weights(out, arrived, config)
+    aggregated = _aggregate(config, model_state, out, weights, keys.aggregate,
+                            aggregator_state)
+  aggregate, new_model_state, new_agg_state, agg_metrics = aggregated
+  updated = (jnp.sum(weights) > 0) & _all_finite(aggregate)
+  new_agg_state = jax.tree.map(lambda n, o: jnp.where(updated, n, o),
+                               new_agg_state, aggregator_state)
+  metrics = _round_metrics(out, weights, arrived, aggregate, updated,
+                           agg_metrics)
+  return RoundResult(aggregate=aggregate, model_state=new_model_state,
+                     included=weights > 0, updated=updated,
+                     extras=out['extras'], aggregator_state=new_agg_state,
+                     metrics=metrics)
+
+
+def _param_count(params: PyTree) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
+def _per_client_inputs(cohort, client_ids, num_clients, keys: RoundKeys,
+                       context, config: RoundConfig) -> dict[str, Any]:
+  """What is mapped over the client axis: data, keys and context."""
   if client_ids is None:
     client_ids = jnp.arange(num_clients, dtype=jnp.int32)
   if jnp.shape(client_ids) != (num_clients,):
     raise ValueError(f'client_ids has shape {jnp.shape(client_ids)}; the '
                      f'cohort has {num_clients} clients.')
-  keys = split_round_key(key)
   per_client = {
       'data': dict(cohort),
       'key': jax.vmap(client_key, (None, 0))(keys.clients, client_ids),
@@ -228,6 +291,11 @@ def run_round(client_fn: ClientFn, params: PyTree, model_state: PyTree,
     # Only drawn when used: every PRNG call site adds compile time on CPU.
     per_client['transform_key'] = jax.vmap(client_key, (None, 0))(
         keys.transform, client_ids)
+  return per_client
+
+
+def _make_one_client(client_fn: ClientFn, config: RoundConfig):
+  """One client: local update, transform, and a zero update if non-finite."""
 
   def one_client(broadcast, inputs):
     server_params, server_state = broadcast
@@ -244,15 +312,12 @@ def run_round(client_fn: ClientFn, params: PyTree, model_state: PyTree,
             'metrics': out.metrics, 'model_state': out.model_state,
             'info': info, 'extras': out.extras}
 
-  param_count = sum(x.size for x in jax.tree.leaves(params))
-  dropped = _dropped(keys.dropout, num_clients, config.dropout_rate)
-  arrived = ~dropped
+  return one_client
 
-  def client_weight(weight, finite, client_arrived):
-    included = client_arrived & finite & (weight > 0)
-    base = jnp.ones_like(weight) if config.uniform_weights else weight
-    return jnp.where(included, base, 0.0).astype(jnp.float32)
 
+def _strategy(config: RoundConfig, one_client, params, model_state,
+              per_client, num_clients) -> tuple[str, int]:
+  """The execution strategy and chunk size (`execution.resolve_strategy`)."""
   streamable = (config.aggregator is None and
                 config.stateful_aggregator is None)
   flops = None
@@ -260,66 +325,100 @@ def run_round(client_fn: ClientFn, params: PyTree, model_state: PyTree,
       jax.default_backend() == 'cpu'):
     flops = execution.client_flops(one_client, (params, model_state),
                                    per_client)
-  strategy, chunk = execution.resolve_strategy(
-      config.execution, param_count, num_clients, streamable=streamable,
-      client_flops=flops)
-  streamed = strategy == 'streamed'
-  if streamed:
-    # The weighted mean, summed as clients finish (see execution.py).
-    def streamed_client(broadcast, inputs):
-      out = one_client(broadcast, inputs)
-      w = client_weight(out['weight'], out['finite'], inputs['arrived'])
-      # where, not w * x alone: 0 * NaN is NaN (a non-finite model state).
-      weigh = lambda x: jnp.where(w > 0, w * x.astype(jnp.float32), 0.0)
-      to_sum = {'sent': jax.tree.map(weigh, out.pop('sent')),
-                'model_state': jax.tree.map(weigh, out.pop('model_state')),
-                'weight': w}
-      return to_sum, out
+  return execution.resolve_strategy(
+      config.execution, _param_count(params), num_clients,
+      streamable=streamable, client_flops=flops)
 
-    summed, out = execution.stream_clients(
-        streamed_client, (params, model_state),
-        {**per_client, 'arrived': arrived}, chunk)
+
+def _weight(weight, finite, arrived, config: RoundConfig) -> jax.Array:
+  """A client's aggregation weight: 0 unless arrived, finite and with data."""
+  included = arrived & finite & (weight > 0)
+  base = jnp.ones_like(weight) if config.uniform_weights else weight
+  return jnp.where(included, base, 0.0).astype(jnp.float32)
+
+
+def _client_weights(out, arrived, config: RoundConfig) -> jax.Array:
+  return _weight(out['weight'], out['finite'], arrived, config)
+
+
+def _streamed_round(one_client, params, model_state, per_client, arrived,
+                    chunk, config: RoundConfig, aggregator_state):
+  """The weighted mean, summed as clients finish (see execution.py)."""
+
+  def streamed_client(broadcast, inputs):
+    out = one_client(broadcast, inputs)
+    w = _weight(out['weight'], out['finite'], inputs['arrived'], config)
+    to_sum = {'sent': jax.tree.map(lambda x: weigh(w, x), out.pop('sent')),
+              'model_state': jax.tree.map(lambda x: weigh(w, x),
+                                          out.pop('model_state')),
+              'weight': w}
+    return to_sum, out
+
+  summed, out = execution.stream_clients(
+      streamed_client, (params, model_state),
+      {**per_client, 'arrived': arrived}, chunk)
+  weights = _client_weights(out, arrived, config)
+  total = summed['weight']
+  flat = train.flatten_params(params)
+  aggregate = {k: mean_of_sum(x, total, jnp.zeros_like(flat[k]))
+               for k, x in summed['sent'].items()}
+  new_model_state = jax.tree.map(lambda m, old: mean_of_sum(m, total, old),
+                                 summed['model_state'], model_state)
+  return out, weights, (aggregate, new_model_state, aggregator_state, {})
+
+
+_MODEL_STATE_PREFIX = 'model_state::'
+
+
+def _aggregate(config: RoundConfig, model_state, out, weights, key,
+               aggregator_state):
+  """(aggregate, model state, aggregator state, metrics) from stacked outputs.
+
+  With `private_model_state`, each client's model-state change rides along
+  with its update through the aggregator (clipped and noised with it), and
+  the server's model state moves by the aggregated change.
+  """
+  included = weights > 0
+  sent = jax.tree.map(
+      lambda d: jnp.where(included.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0),
+      out['sent'])
+  state_leaves, state_def = jax.tree_util.tree_flatten(model_state)
+  private = config.private_model_state and bool(state_leaves)
+  if private:
+    client_leaves = jax.tree_util.tree_leaves(out['model_state'])
+    for i, (client, server) in enumerate(zip(client_leaves, state_leaves)):
+      change = jnp.where(
+          included.reshape((-1,) + (1,) * server.ndim),
+          client - server[None], 0).astype(server.dtype)
+      sent[f'{_MODEL_STATE_PREFIX}{i}'] = change
+  if config.stateful_aggregator is not None:
+    aggregate, new_agg_state, agg_metrics = (
+        config.stateful_aggregator.aggregate(aggregator_state, sent, weights,
+                                             key))
   else:
-    out = execution.map_clients(one_client, (params, model_state),
-                                per_client, config.execution, param_count)
-  weights = client_weight(out['weight'], out['finite'], arrived)
-  has_data = out['weight'] > 0
+    aggregate, agg_metrics = (config.aggregator or weighted_mean)(
+        sent, weights, key)
+    new_agg_state = aggregator_state
+  if not private:
+    new_model_state = masked_weighted_mean(out['model_state'], weights,
+                                           model_state)
+    return aggregate, new_model_state, new_agg_state, agg_metrics
+  changes = [aggregate.pop(f'{_MODEL_STATE_PREFIX}{i}')
+             for i in range(len(state_leaves))]
+  moved = [jnp.where(jnp.sum(weights) > 0, s + c, s).astype(s.dtype)
+           for s, c in zip(state_leaves, changes)]
+  new_model_state = jax.tree_util.tree_unflatten(state_def, moved)
+  return aggregate, new_model_state, new_agg_state, agg_metrics
+
+
+def _round_metrics(out, weights, arrived, aggregate, updated, agg_metrics
+                   ) -> Metrics:
+  """The round's scalar metrics (see `run_round`)."""
   included = weights > 0  # arrived, finite and has data.
-
-  if streamed:
-    total = summed['weight']
-    params_dtype = {k: v.dtype for k, v in
-                    train.flatten_params(params).items()}
-    aggregate = {k: (x / jnp.maximum(total, 1e-12)).astype(params_dtype[k])
-                 for k, x in summed['sent'].items()}
-    agg_metrics, new_agg_state = {}, aggregator_state
-    new_model_state = jax.tree.map(
-        lambda m, old: jnp.where(
-            total > 0, (m / jnp.maximum(total, 1e-12)).astype(old.dtype),
-            old), summed['model_state'], model_state)
-  else:
-    sent = jax.tree.map(
-        lambda d: jnp.where(
-            included.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0),
-        out['sent'])
-    if config.stateful_aggregator is not None:
-      aggregate, new_agg_state, agg_metrics = (
-          config.stateful_aggregator.aggregate(aggregator_state, sent,
-                                               weights, keys.aggregate))
-    else:
-      aggregator = config.aggregator or weighted_mean
-      aggregate, agg_metrics = aggregator(sent, weights, keys.aggregate)
-      new_agg_state = aggregator_state
-    new_model_state = _masked_mean_tree(out['model_state'], weights,
-                                        model_state)
-  updated = (jnp.sum(weights) > 0) & _all_finite(aggregate)
-  new_agg_state = jax.tree.map(lambda n, o: jnp.where(updated, n, o),
-                               new_agg_state, aggregator_state)
+  reported = arrived & out['finite']  # Clients whose metrics are counted.
 
   def as_f32(flags):
     return jnp.sum(flags.astype(jnp.float32))
-
-  reported = arrived & out['finite']  # Clients whose metrics are counted.
 
   def report_sum(name):
     if name not in out['metrics']:  # A custom loss may not sum accuracy.
@@ -329,10 +428,10 @@ def run_round(client_fn: ClientFn, params: PyTree, model_state: PyTree,
   count = report_sum('count')
   num_included = as_f32(included)
   metrics = {
-      'num_clients': jnp.asarray(num_clients, jnp.float32),
-      'num_dropped': as_f32(dropped),
+      'num_clients': jnp.asarray(weights.shape[0], jnp.float32),
+      'num_dropped': as_f32(~arrived),
       'num_nonfinite_clients': as_f32(arrived & ~out['finite']),
-      'num_empty_clients': as_f32(reported & ~has_data),
+      'num_empty_clients': as_f32(reported & ~(out['weight'] > 0)),
       'num_aggregated': num_included,
       'total_weight': jnp.sum(weights),
       'server_updated': updated.astype(jnp.float32),
@@ -350,7 +449,4 @@ def run_round(client_fn: ClientFn, params: PyTree, model_state: PyTree,
     metrics[f'transform/{name}'] = (
         jnp.sum(jnp.where(included, value, 0.0))
         / jnp.maximum(num_included, 1.0))
-  return RoundResult(aggregate=aggregate, model_state=new_model_state,
-                     included=included, updated=updated,
-                     extras=out['extras'], aggregator_state=new_agg_state,
-                     metrics=metrics)
+  return metrics
