@@ -10,6 +10,9 @@ Reads the Debian package dataset-fashion-mnist (no download).
 import ml_collections
 
 from configs import common
+from ondevice import options
+from quantized_training import optimizers
+from sparse_updates import presets
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -24,7 +27,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = 'cnn'
   config.norm = 'none'
   config.quant = 'none'
+  config.trainable = options.named(presets.PRESET_BUILDERS, 'full')
   config.optimizer = 'adam'
+  # Optimiser moments as int8 codes, and QAS training of integer weights
+  # (Lin et al. 2022): quantized_training.optimizers.
+  config.optimizer_state = options.named(optimizers.STATE_FORMATS, 'float')
+  config.qas = options.named(optimizers.QAS_MODES, 'none')
   config.learning_rate = 1e-3
   config.schedule = 'cosine'
   config.warmup_steps = 0

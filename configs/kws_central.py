@@ -11,6 +11,9 @@ offline espeak-ng corpus; the test split holds speakers never seen in training.
 import ml_collections
 
 from configs import common
+from ondevice import options
+from quantized_training import optimizers
+from sparse_updates import presets
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -31,7 +34,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # paper's DS-CNN sees (25x5 from 49x10 MFCC) and 4x cheaper than 2x2.
   config.model_kwargs = ml_collections.ConfigDict({'first_stride': (4, 4)})
   config.quant = 'none'          # See quantized_training.QUANT_NAMES.
+  config.trainable = options.named(presets.PRESET_BUILDERS, 'full')
   config.optimizer = 'adam'
+  # Optimiser moments as int8 codes, and QAS training of integer weights
+  # (Lin et al. 2022): quantized_training.optimizers.
+  config.optimizer_state = options.named(optimizers.STATE_FORMATS, 'float')
+  config.qas = options.named(optimizers.QAS_MODES, 'none')
   config.learning_rate = 3e-3
   config.schedule = 'warmup_cosine'
   config.warmup_steps = 100

@@ -1,55 +1,94 @@
-"""Centralised supervised training: `train_and_evaluate(config, workdir)`.
+"""Centralised supervised training: `run(config, workdir)`.
 
-The loop is thin glue around the pure step of `ondevice.train`: batches are
-drawn from a per-epoch permutation keyed by `fold_in(data_key, epoch)` and
-every step's key is `fold_in(step_key, step)`, so a run resumed from a
-checkpoint takes exactly the steps an uninterrupted run would have taken.
+Thin glue around the pure step of `ondevice.train` and the shared loop of
+`ondevice.loop`: the batches of step `i` are `batching.EpochBatches(data_key,
+...)(i)` and its key is `fold_in(step_key, i)`, so a run resumed from a
+checkpoint takes exactly the steps an uninterrupted run would have taken, and
+its metrics.jsonl and final_metrics.json equal the uninterrupted run's (up to
+`loop.WALL_CLOCK_KEYS`).
 
-Research techniques arrive by injection (this module imports none of them):
-`model_kwargs` (e.g. int8 `dot_general_cls`), `trainable` (which params train)
-and `loss_wrapper` (e.g. a continual-learning regulariser around the loss).
+The whole config is checked by `validate_config` before any data loads. Parts
+chosen by name are resolved here, in one place: the quant mode
+(`quantized_training.get_quant(config.quant)`), the optimiser state format
+and QAS (`config.optimizer_state`, `config.qas`, see
+`quantized_training.optimizers`), and the trainable preset
+(`config.trainable`, see `sparse_updates.presets`). Callers that train a
+global model for their own study may also inject `model_kwargs`, `trainable`
+and `loss_wrapper` (e.g. a continual-learning regulariser) and their own
+`datasets` through `train_and_evaluate`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import time
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
+import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
+from ondevice import batching
 from ondevice import checkpoint as checkpoint_lib
+from ondevice import loop
 from ondevice import metric_writer
 from ondevice import models
 from ondevice import optim
+from ondevice import options
 from ondevice import train
 from ondevice.data import registry
 from ondevice.data.base import ArrayDataset
+import quantized_training
+from quantized_training import optimizers as quant_optimizers
+import sparse_updates
 
-REQUIRED_KEYS = ('data', 'model', 'num_steps', 'batch_size', 'learning_rate',
-                 'seed', 'eval_every', 'log_every', 'checkpoint_every')
+REQUIRED_KEYS = ('data.name', 'model', 'num_steps', 'batch_size',
+                 'learning_rate', 'seed', 'eval_every', 'log_every',
+                 'checkpoint_every')
+Trainable = Sequence[str] | Callable[[str], bool] | None
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks every field that needs no data, before anything is compiled."""
-  missing = [k for k in REQUIRED_KEYS if k not in config]
-  if missing:
-    raise ValueError(f'The config lacks the keys {missing}.')
-  if config.model not in models.MODEL_NAMES:
-    raise ValueError(f'config.model={config.model!r} is unknown; choose one '
-                     f'of {models.MODEL_NAMES}.')
-  for key in ('num_steps', 'batch_size', 'eval_every', 'log_every',
-              'checkpoint_every'):
-    if int(config[key]) <= 0:
-      raise ValueError(f'config.{key} must be > 0; got {config[key]}.')
-  if config.data.name not in registry.DATASETS:
-    raise ValueError(f'config.data.name={config.data.name!r} is unknown; '
-                     f'choose one of {registry.DATASETS}.')
+  """Checks every field that needs no data, before anything loads."""
+  options.require(config, REQUIRED_KEYS)
+  options.one_of(config, 'model', models.MODEL_NAMES)
+  options.positive(config, 'num_steps', 'batch_size', 'log_every')
+  options.non_negative(config, 'eval_every', 'checkpoint_every')
+  if config.checkpoint_every % config.log_every:
+    raise ValueError(
+        f'config.checkpoint_every={config.checkpoint_every} must be a '
+        f'multiple of config.log_every={config.log_every}, so that a resumed '
+        'run logs the same windows as an uninterrupted one.')
+  if 'eval_batch_size' in config:
+    options.positive(config, 'eval_batch_size')
+  if 'label_smoothing' in config:
+    options.in_range(config, 'label_smoothing', 0.0, 1.0,
+                     high_inclusive=False)
+  if config.get('norm', None) is not None:
+    options.one_of(config, 'norm', models.NORMS)
+  registry.validate_data_config(config.data)
   optim.build_optimizer(config)  # Raises on a bad optimiser field.
+  quantized_training.get_quant(config.get('quant', 'none'))
+  quant_optimizers.validate(config)
+  _validate_trainable(config)
+
+
+def _validate_trainable(config) -> None:
+  if 'trainable' not in config:
+    return
+  table = sparse_updates.presets.PRESET_BUILDERS
+  _, kwargs = options.selected(config.trainable, table, 'config.trainable')
+  del kwargs
+  if config.trainable.name == 'lite_residual':
+    # Central models are plain `models.build_model` models: no lite residual
+    # branches, so the preset would silently train biases only.
+    raise ValueError(
+        "config.trainable.name='lite_residual' trains lite residual branches, "
+        f'but config.model={config.model!r} has none; choose another of '
+        f'{sorted(table)}.')
 
 
 def validate_data(config, train_ds: ArrayDataset, test_ds: ArrayDataset):
@@ -60,8 +99,10 @@ def validate_data(config, train_ds: ArrayDataset, test_ds: ArrayDataset):
     raise ValueError('The test split is empty; check config.data.')
 
 
-def build_model(config, num_classes: int, model_kwargs: Mapping[str, Any]):
-  kwargs = dict(model_kwargs)
+def build_model(config, num_classes: int,
+                model_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+  """`config.model` with `config.norm`, `config.model_kwargs` and the hooks."""
+  kwargs = dict(model_kwargs or {})
   if 'norm' in config:
     kwargs.setdefault('norm', config.norm)
   for key, value in config.get('model_kwargs', {}).items():
@@ -69,34 +110,143 @@ def build_model(config, num_classes: int, model_kwargs: Mapping[str, Any]):
   return models.build_model(config.model, num_classes, **kwargs)
 
 
-class _EpochBatches:
-  """Batch indices for step t: a slice of the permutation of epoch t // E.
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything a run builds from the config and the training data.
 
-  The permutation is keyed by `fold_in(data_key, epoch)`, so the batches of
-  a step do not depend on where a run started; it is computed once an epoch.
+  Attributes:
+    model: the classifier.
+    state: the initial TrainState (params in the training domain).
+    step: the jitted `(state, batch, rng) -> (state, metrics)`.
+    to_model: training-domain params -> the model's float params (QAS
+      trains integer-domain weights; identity otherwise).
+    num_params, num_trainable: parameter counts.
   """
+  model: nn.Module
+  state: train.TrainState
+  step: Callable[..., Any]
+  to_model: Callable[[Any], Any]
+  num_params: int
+  num_trainable: int
 
-  def __init__(self, data_key, num_examples: int, batch_size: int):
-    self._key = data_key
-    self._n = num_examples
-    self._batch = batch_size
-    self._steps_per_epoch = num_examples // batch_size
-    self._permute = jax.jit(jax.random.permutation, static_argnums=1)
-    self._epoch, self._perm = -1, None
 
-  def __call__(self, step: int) -> np.ndarray:
-    epoch, offset = divmod(step, self._steps_per_epoch)
-    if epoch != self._epoch:
-      self._perm = np.asarray(
-          self._permute(jax.random.fold_in(self._key, epoch), self._n))
-      self._epoch = epoch
-    return self._perm[offset * self._batch:(offset + 1) * self._batch]
+def _trainable_paths(config, params, trainable: Trainable):
+  """(paths, channel masks or None): injected, else `config.trainable`."""
+  if trainable is not None or 'trainable' not in config:
+    return train.resolve_trainable(params, trainable), None
+  factory_kwargs = options.selected(config.trainable,
+                                    sparse_updates.presets.PRESET_BUILDERS,
+                                    'config.trainable')[1]
+  scheme = sparse_updates.resolve(config.trainable.name, params,
+                                  key=jax.random.key(config.seed),
+                                  **factory_kwargs)
+  return scheme.paths, scheme.masks
+
+
+def prepare(config, train_ds: ArrayDataset, *,
+            model_kwargs: Mapping[str, Any] | None = None,
+            trainable: Trainable = None,
+            loss_wrapper: Callable[[train.LossFn], train.LossFn] | None = None
+            ) -> Setup:
+  """Builds the model, the initial state and the jitted step."""
+  quant = quantized_training.get_quant(config.get('quant', 'none'))
+  model = build_model(config, train_ds.num_classes,
+                      {**quant.model_kwargs(), **(model_kwargs or {})})
+  init_key = jax.random.split(jax.random.key(config.seed), 3)[0]
+  initial = train.init_state(model, optax.identity(), train_ds.x[:1], init_key)
+  params, variables = initial.params, initial.model_state
+  paths, masks = _trainable_paths(config, params, trainable)
+  optimizer = optim.build_optimizer(config)
+  if masks:
+    optimizer = sparse_updates.masked_optimizer(optimizer, masks)
+  domain = quant_optimizers.build(config, params, paths, optimizer)
+  loss_fn = train.classification_loss(
+      model, label_smoothing=config.get('label_smoothing', 0.0))
+  if loss_wrapper is not None:
+    loss_fn = loss_wrapper(loss_fn)
+  state = train.state_from_params(domain.to_train(params), variables,
+                                  domain.optimizer, paths)
+  step = jax.jit(train.make_train_step(domain.wrap_loss(loss_fn),
+                                       domain.optimizer, paths),
+                 donate_argnums=0)
+  flat = train.flatten_params(params)
+  num_trainable = sum(int(np.size(flat[p])) for p in paths)
+  return Setup(model, state, step, domain.to_model,
+               sum(int(np.size(v)) for v in flat.values()), num_trainable)
+
+
+def _loop_functions(config, setup: Setup, train_ds, test_ds):
+  """(step_fn, eval_fn) for `loop.run_loop`."""
+  _, data_key, step_key = jax.random.split(jax.random.key(config.seed), 3)
+  batches = batching.EpochBatches(data_key, len(train_ds), config.batch_size)
+  eval_step = jax.jit(train.make_eval_step(setup.model))
+  eval_batch = min(config.get('eval_batch_size', 512), len(test_ds))
+
+  def step_fn(state, i):
+    state, metrics = setup.step(state, batches.batch(i, train_ds.x, train_ds.y),
+                                jax.random.fold_in(step_key, i))
+    return state, {k: metrics[k] for k in ('loss_sum', 'correct', 'count')}
+
+  def eval_fn(state):
+    out = train.evaluate(eval_step, setup.to_model(state.params),
+                         state.model_state, test_ds.x, test_ds.y, eval_batch)
+    return {'test_loss': out['loss'], 'test_accuracy': out['accuracy']}
+
+  return step_fn, eval_fn
+
+
+def _summarize(sums: Mapping[str, Any], num_steps: int) -> dict[str, float]:
+  del num_steps  # Means are over examples, not steps.
+  summary = train.summarize(sums)
+  return {'train_loss': summary['loss'], 'train_accuracy': summary['accuracy']}
+
+
+def _schedule(config, stop_after_steps: int | None) -> loop.Schedule:
+  return loop.Schedule(num_steps=config.num_steps, log_every=config.log_every,
+                       eval_every=config.eval_every,
+                       checkpoint_every=config.checkpoint_every,
+                       stop_after=stop_after_steps)
+
+
+def _final_metrics(config, setup: Setup, result: loop.LoopResult,
+                   datasets: tuple[ArrayDataset, ArrayDataset]
+                   ) -> dict[str, Any]:
+  """The last evaluation row of the loop, with the run's sizes."""
+  last = [r for r in result.records if 'test_accuracy' in r][-1]
+  return {'test_accuracy': last['test_accuracy'],
+          'test_loss': last['test_loss'],
+          'num_test_examples': len(datasets[1]),
+          'num_train_examples': len(datasets[0]), 'num_params': setup.num_params,
+          'num_trainable_params': setup.num_trainable,
+          'train_seconds': result.seconds, 'steps': config.num_steps}
+
+
+def _write_outputs(config, workdir: str, results: Mapping[str, Any],
+                   records: Sequence[Mapping[str, Any]]) -> None:
+  with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+  metric_writer.plot_curves(
+      records, os.path.join(workdir, 'learning_curve.png'),
+      [('loss', ['train_loss', 'test_loss']),
+       ('accuracy', ['train_accuracy', 'test_accuracy'])],
+      title=f'{config.model} on {config.data.name}')
+  print(metric_writer.markdown_table(
+      [{'metric': k, 'value': v} for k, v in results.items()]))
+
+
+def _load_data(config, datasets) -> tuple[ArrayDataset, ArrayDataset]:
+  train_ds, test_ds = datasets or registry.load_dataset(config.data)
+  validate_data(config, train_ds, test_ds)
+  logging.info('Data: %d train / %d test examples, %d classes, x %s',
+               len(train_ds), len(test_ds), train_ds.num_classes,
+               train_ds.x.shape[1:])
+  return train_ds, test_ds
 
 
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *,
     model_kwargs: Mapping[str, Any] | None = None,
-    trainable: Sequence[str] | Callable[[str], bool] | None = None,
+    trainable: Trainable = None,
     loss_wrapper: Callable[[train.LossFn], train.LossFn] | None = None,
     datasets: tuple[ArrayDataset, ArrayDataset] | None = None,
     stop_after_steps: int | None = None,
@@ -105,121 +255,85 @@ def train_and_evaluate(
 
   Args:
     config: see configs/kws_central.py for the fields.
-    workdir: where metrics.jsonl, TensorBoard summaries, checkpoints,
-      learning_curve.png and final_metrics.json go. An existing checkpoint
-      there is resumed.
-    model_kwargs: extra keyword arguments for `models.build_model`.
-    trainable: which params train (see `train.resolve_trainable`).
+    workdir: where metrics.jsonl, checkpoints, learning_curve.png and
+      final_metrics.json go. An existing checkpoint there is resumed.
+    model_kwargs: extra keyword arguments for `models.build_model` (they
+      win over the quant mode's hooks).
+    trainable: which params train (see `train.resolve_trainable`); None
+      uses `config.trainable` when the config has one, else every param.
     loss_wrapper: wraps the task loss (e.g. with a regulariser).
     datasets: (train, test) to use instead of loading `config.data`.
     stop_after_steps: stop (after checkpointing) once this many steps are
-      done, as a preempted job would; rerunning resumes. None runs to
-      `config.num_steps`.
+      done, as a preempted job would; rerunning resumes.
 
   Returns:
-    Final metrics, params and model state:
-    {'metrics': {...}, 'state': TrainState}.
+    {'metrics': final metrics, 'state': TrainState with the model's float
+    params, 'model': the module}; when stopped early, metrics is
+    {'stopped_at': step}.
+
+  Raises:
+    FloatingPointError: training became non-finite (names the step).
   """
   validate_config(config)
-  train_ds, test_ds = datasets or registry.load_dataset(config.data)
-  validate_data(config, train_ds, test_ds)
-  logging.info('Data: %d train / %d test examples, %d classes, x %s',
-               len(train_ds), len(test_ds), train_ds.num_classes,
-               train_ds.x.shape[1:])
+  train_ds, test_ds = _load_data(config, datasets)
+  setup = prepare(config, train_ds, model_kwargs=model_kwargs,
+                  trainable=trainable, loss_wrapper=loss_wrapper)
+  logging.info('Model %s: %d params, %d trainable.', config.model,
+               setup.num_params, setup.num_trainable)
+  step_fn, eval_fn = _loop_functions(config, setup, train_ds, test_ds)
+  result = loop.run_loop(setup.state, step_fn,
+                         _schedule(config, stop_after_steps), workdir=workdir,
+                         config=config, eval_fn=eval_fn, summarize=_summarize)
+  state = result.state._replace(params=setup.to_model(result.state.params))
+  if result.stopped_early:
+    return {'metrics': {'stopped_at': stop_after_steps}, 'state': state,
+            'model': setup.model}
+  results = _final_metrics(config, setup, result, (train_ds, test_ds))
+  _write_outputs(config, workdir, results, result.records)
+  return {'metrics': results, 'state': state, 'model': setup.model}
 
-  model = build_model(config, train_ds.num_classes, model_kwargs or {})
-  optimizer = optim.build_optimizer(config)
-  init_key, data_key, step_key = jax.random.split(
-      jax.random.key(config.seed), 3)
-  state = train.init_state(model, optimizer, train_ds.x[:1], init_key,
-                           trainable)
-  paths = train.resolve_trainable(state.params, trainable)
-  num_params = sum(int(np.size(v)) for v in
-                   train.flatten_params(state.params).values())
-  num_trainable = sum(int(np.size(v)) for k, v in
-                      train.flatten_params(state.params).items() if k in paths)
-  logging.info('Model %s: %d params, %d trainable.', config.model, num_params,
-               num_trainable)
 
-  loss_fn = train.classification_loss(
-      model, label_smoothing=config.get('label_smoothing', 0.0))
-  if loss_wrapper is not None:
-    loss_fn = loss_wrapper(loss_fn)
-  step_fn = jax.jit(train.make_train_step(loss_fn, optimizer, paths),
-                    donate_argnums=0)
-  eval_fn = jax.jit(train.make_eval_step(model))
-  eval_batch = min(config.get('eval_batch_size', 512), len(test_ds))
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The central binary's entry point: trains, evaluates, returns metrics."""
+  return train_and_evaluate(config, workdir)['metrics']
 
-  ckpt = checkpoint_lib.Checkpointer(workdir)
-  writer = metric_writer.MetricWriter(workdir)
-  start = 0
-  if ckpt.latest_step() is not None:
-    start = ckpt.latest_step()
-    state = ckpt.restore(start, {'state': state})['state']
-    writer.truncate_after(start)
-    logging.info('Resumed from checkpoint at step %d.', start)
 
-  batch_indices = _EpochBatches(data_key, len(train_ds), config.batch_size)
-  train_sums, t0, t_last = None, time.time(), time.time()
-  for step in range(start, config.num_steps):
-    idx = batch_indices(step)
-    batch = {'x': train_ds.x[idx], 'y': train_ds.y[idx],
-             'mask': np.ones(len(idx), np.float32)}
-    state, metrics = step_fn(state, batch, jax.random.fold_in(step_key, step))
-    sums = {k: metrics[k] for k in ('loss_sum', 'correct', 'count')}
-    train_sums = sums if train_sums is None else jax.tree.map(
-        jnp.add, train_sums, sums)
-    done = step + 1
-    record = {}
-    if done % config.log_every == 0 or done == config.num_steps:
-      summary = train.summarize(train_sums)
-      if not np.isfinite(summary['loss']):
-        raise FloatingPointError(
-            f'Training loss became {summary["loss"]} at step {done}; lower '
-            'config.learning_rate or enable config.grad_clip.')
-      record.update(train_loss=summary['loss'],
-                    train_accuracy=summary['accuracy'])
-      train_sums = None
-      rate = config.log_every / max(time.time() - t_last, 1e-9)
-      t_last = time.time()
-      eta = (config.num_steps - done) / max(rate, 1e-9)
-      logging.info('step %d/%d  train loss %.4f  acc %.3f  (%.1f steps/s, '
-                   'ETA %.0f s)', done, config.num_steps, summary['loss'],
-                   summary['accuracy'], rate, eta)
-    if done % config.eval_every == 0 or done == config.num_steps:
-      test = train.evaluate(eval_fn, state.params, state.model_state,
-                            test_ds.x, test_ds.y, eval_batch)
-      record.update(test_loss=test['loss'], test_accuracy=test['accuracy'])
-      logging.info('step %d  test loss %.4f  test accuracy %.4f', done,
-                   test['loss'], test['accuracy'])
-    if record:
-      writer.write(done, record)
-    if (done % config.checkpoint_every == 0 or done == config.num_steps or
-        done == stop_after_steps):
-      ckpt.save(done, {'state': state})
-    if done == stop_after_steps:
-      logging.info('Stopping at step %d as asked; rerun to resume.', done)
-      writer.close()
-      ckpt.close()
-      return {'metrics': {'stopped_at': done}, 'state': state}
+def is_finished(workdir: str) -> bool:
+  """Whether `workdir` holds a completed run (final_metrics.json)."""
+  return os.path.exists(os.path.join(workdir, 'final_metrics.json'))
 
-  final = train.evaluate(eval_fn, state.params, state.model_state, test_ds.x,
-                         test_ds.y, eval_batch)
-  results = {'test_accuracy': final['accuracy'], 'test_loss': final['loss'],
-             'num_test_examples': int(final['count']),
-             'num_train_examples': len(train_ds), 'num_params': num_params,
-             'num_trainable_params': num_trainable,
-             'train_seconds': time.time() - t0, 'steps': config.num_steps}
-  with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
-    json.dump(results, f, indent=2)
-  records = metric_writer.read_metrics(writer.path)
-  metric_writer.plot_curves(
-      records, os.path.join(workdir, 'learning_curve.png'),
-      [('loss', ['train_loss', 'test_loss']),
-       ('accuracy', ['train_accuracy', 'test_accuracy'])],
-      title=f'{config.model} on {config.data.name}')
-  writer.close()
-  ckpt.close()
-  print(metric_writer.markdown_table(
-      [{'metric': k, 'value': v} for k, v in results.items()]))
-  return {'metrics': results, 'state': state}
+
+def restore(config: ml_collections.ConfigDict, workdir: str, *,
+            datasets: tuple[ArrayDataset, ArrayDataset] | None = None,
+            model_kwargs: Mapping[str, Any] | None = None,
+            trainable: Trainable = None) -> dict[str, Any]:
+  """The finished run in `workdir`, without training or evaluating again.
+
+  Returns:
+    {'metrics': final_metrics.json, 'state': TrainState at the last step,
+    'model': the module}.
+
+  Raises:
+    ValueError: `workdir` holds no finished run of `config`.
+  """
+  validate_config(config)
+  if not is_finished(workdir):
+    raise ValueError(f'{workdir} holds no finished run (no '
+                     'final_metrics.json); train it with train_and_evaluate.')
+  train_ds, _ = _load_data(config, datasets)
+  setup = prepare(config, train_ds, model_kwargs=model_kwargs,
+                  trainable=trainable)
+  ckpt = checkpoint_lib.Checkpointer(workdir, config=config)
+  try:
+    found = ckpt.restore_latest({'state': setup.state, 'totals': {}})
+  finally:
+    ckpt.close()
+  if found is None or found[0] != config.num_steps:
+    raise ValueError(f'{workdir} has final_metrics.json but no checkpoint at '
+                     f'step {config.num_steps}; delete it to retrain.')
+  state = found[1]['state']
+  with open(os.path.join(workdir, 'final_metrics.json')) as f:
+    metrics = json.load(f)
+  return {'metrics': metrics,
+          'state': state._replace(params=setup.to_model(state.params)),
+          'model': setup.model}

@@ -234,6 +234,8 @@ _PRESETS: dict[str, tuple[Callable[..., Rules], bool]] = {
     'lite_residual': (lite_residual.lite_residual_rules, False),
 }
 PRESETS = tuple(_PRESETS)
+# name -> rule builder, for `ondevice.options.named(PRESET_BUILDERS, ...)`.
+PRESET_BUILDERS = {name: builder for name, (builder, _) in _PRESETS.items()}
 
 
 def get_rules(name: str, params: Any = None, **kwargs) -> Rules:
@@ -291,6 +293,12 @@ def resolve(name: str, params: Any, method: str = 'magnitude',
     **kwargs: the preset's own arguments, e.g. k=3 for last_k.
   """
   rules = get_rules(name, params, **kwargs)
+  if name == 'lite_residual' and not any(
+      re.match(rf'(.*/)?{lite_residual.BRANCH_PREFIX}\d+/', p)
+      for p in train.flatten_params(params)):
+    raise ValueError('The lite_residual preset needs a model with lite '
+                     'residual branches (lite_residual.LiteResidualModel); '
+                     'this one has none, so it would train biases only.')
   masks = None
   if rules_lib.channel_fractions(params, rules):
     masks = channel_masks.update_masks(params, rules, method=method, key=key)

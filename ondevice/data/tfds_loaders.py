@@ -177,6 +177,16 @@ def _batches(builder, split: str, backend: str, fixed_shape: bool,
                       chunk_size, fix)
 
 
+def check_arguments(name: str, config: str | None, backend: str) -> None:
+  """Raises the ValueError `load_tfds` would, without loading anything."""
+  _builder_name(name, config)
+  if backend not in _BACKENDS:
+    raise ValueError(f'backend must be one of {_BACKENDS}; got {backend!r}.')
+  if backend == 'data_source' and name.split('/')[0] in _NEEDS_TENSORFLOW:
+    raise ValueError(f"{name} has variable-length audio; use backend='tf' "
+                     "(or 'auto').")
+
+
 def load_tfds(name: str, split: str = 'train', data_dir: str | None = None,
               *, config: str | None = None, download: bool = True,
               alphabet_clients: bool = True, backend: str = 'auto',
