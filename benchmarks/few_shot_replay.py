@@ -35,12 +35,9 @@ import optax
 from few_shot import enrollment
 from few_shot import experiment
 from few_shot import personalize
-from ondevice import supervised
-from ondevice import train
-from ondevice.data import base
 from ondevice.data import registry
-import sparse_updates.presets
-import sparse_updates.rules
+import quantized_training
+import sparse_updates
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/few_shot_kws.py', 'Few-shot experiment config.')
@@ -62,19 +59,16 @@ def main(argv):
   start = time.time()
   config = _CONFIG.value
   experiment.validate_config(config)
+  quant = quantized_training.get_quant(config.quant)
   train_ds, test_ds = registry.load_dataset(config.data)
-  keywords = experiment._keyword_labels(config.keywords, train_ds.class_names)  # pylint: disable=protected-access
-  pre_ds, _ = base.split_by_client(train_ds, config.meta.speaker_fraction,
-                                   config.data.split_seed + 1)
-  pre_config = experiment._pretrain_config(config)  # pylint: disable=protected-access
-  glob = supervised.train_and_evaluate(
-      pre_config, os.path.join(_WORKDIR.value, 'global'),
-      model_kwargs=config.model_kwargs.to_dict(), datasets=(pre_ds, test_ds))
+  setup = experiment.build_setup(config, train_ds, quant)
+  pre_ds, model, loss_fn = setup.pre_ds, setup.model, setup.loss_fn
+  keywords = setup.keywords
+  glob = experiment.train_global_model(
+      config, os.path.join(_WORKDIR.value, 'global'), (pre_ds, test_ds),
+      setup.model_kwargs)
   params = glob['state'].params
-  model = supervised.build_model(pre_config, train_ds.num_classes,
-                                 config.model_kwargs.to_dict())
-  loss_fn = train.classification_loss(model)
-  users = experiment._load_users(config, train_ds)  # pylint: disable=protected-access
+  users = experiment.load_users(config, train_ds)
   table = enrollment.enrollment_table(users.x, users.y, users.client_id,
                                       keywords, pool_size=5)
   is_outlier = experiment.outlier_mask(users, table.speakers)
@@ -94,8 +88,7 @@ def main(argv):
   rows.append({'method': 'global', 'k': 0, 'per_word': 0, **{
       g: base_row[g]['detection_rate'] for g in base_row}})
   for preset in _PRESETS.value:
-    paths = sparse_updates.rules.trainable_paths(
-        params, sparse_updates.presets.get_rules(preset, params))
+    paths = sparse_updates.resolve(preset, params).paths
     for setting in _SETTINGS.value:
       lr, steps = setting.split('x')
       evaluate = personalize.make_user_evaluator(

@@ -8,11 +8,14 @@ Public API:
   * meta-learners, each a factory of a ``MetaLearner`` (init, apply, ...):
     ``maml``, ``fomaml``, ``anil``, ``meta_sgd`` (few_shot.maml),
     ``reptile`` (few_shot.reptile), ``protonet`` (few_shot.protonets), and
-    ``build_meta_learner(name, ...)`` (few_shot.meta_learners).
+    the table ``META_LEARNERS`` with ``build`` / ``from_config``
+    (few_shot.meta_learners).
   * personalisation: ``finetune_adapter``, ``learner_adapter``,
     ``make_user_evaluator`` (few_shot.personalize) and
     ``detection_at_far`` (few_shot.detection).
-  * the experiment: ``run(config, workdir)`` (few_shot.experiment).
+  * the experiment: ``run(config, workdir)`` and ``validate_config``
+    (few_shot.experiment); results.json, report.md and the plot
+    (few_shot.report).
 """
 
 

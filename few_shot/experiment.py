@@ -7,14 +7,14 @@
    (their query loss is already near zero), so the pools are disjoint; a
    second global model trained on all training speakers ('global_all') is
    the same-data baseline.
-2. Meta-train personalisation initialisations from the global model (MAML,
-   FO-MAML, Reptile, ANIL, Meta-SGD, ProtoNets by name) on enrollment tasks
-   of the meta-training speakers: K utterances per keyword as support, all
-   of the speaker's other utterances as query.
+2. Meta-train personalisation initialisations from the global model (the
+   learners of `few_shot.meta_learners`, by name) on enrollment tasks of the
+   meta-training speakers: K utterances per keyword as support, all of the
+   speaker's other utterances as query.
 3. Personalise every initialisation to new users (typical and outlier
-   accents, never seen before) from K enrollment utterances per keyword,
-   and measure the keyword detection rate at a fixed false-accept rate on
-   each user's other utterances.
+   accents, never seen before; `ondevice.user_corpus`) from K enrollment
+   utterances per keyword, and measure the keyword detection rate at a
+   fixed false-accept rate on each user's other utterances.
 4. The keyword-split N-way K-shot benchmark (`meta_training`).
 5. Write results.json, report.md and detection_vs_k.png (`report`).
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
@@ -32,62 +32,107 @@ import ml_collections
 import numpy as np
 import optax
 
+from few_shot import config_checks
 from few_shot import enrollment
 from few_shot import meta_learners
 from few_shot import meta_training
 from few_shot import personalize
 from few_shot import report
-from few_shot import user_corpus
 from ondevice import supervised
 from ondevice import train
+from ondevice import user_corpus
 from ondevice.data import base
 from ondevice.data import registry
 import quantized_training
-import sparse_updates.presets
-import sparse_updates.rules
+import sparse_updates
+
+Datasets = tuple[base.ArrayDataset, base.ArrayDataset]
+# label -> (initial state, adaptation rule)
+Inits = dict[str, tuple[Any, personalize.AdaptFn]]
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks the fields that need no data, before anything runs."""
-  for key in ('data', 'model', 'norm', 'keywords', 'far', 'pretrain', 'users',
-              'meta', 'personalize', 'keyword_split', 'seed'):
-    if key not in config:
-      raise ValueError(f'The config lacks config.{key}; start from '
-                       'configs/few_shot_kws.py.')
-  if config.norm == 'batch' and config.meta.names:
-    raise ValueError("config.norm='batch' cannot be meta-learned (batch "
-                     "statistics of a K-shot support set); use 'group', "
-                     "'layer' or 'none'.")
-  names = set(config.meta.names) | set(config.keyword_split.names)
-  unknown = sorted(names - set(meta_learners.META_LEARNERS))
-  if unknown:
-    raise ValueError(f'Unknown meta-learners {unknown}; valid names are '
-                     f'{meta_learners.META_LEARNERS}.')
-  if not 0.0 <= config.far < 1.0:
-    raise ValueError(f'config.far must lie in [0, 1); got {config.far}.')
-  max_k = max(config.personalize.k_values)
-  if min(config.personalize.k_values) < 1 or (
-      max_k >= config.users.utterances_per_word):
-    raise ValueError(
-        f'config.personalize.k_values={tuple(config.personalize.k_values)} '
-        'must lie in [1, config.users.utterances_per_word - 1] = [1, '
-        f'{config.users.utterances_per_word - 1}].')
-  if config.meta.train_k >= config.data.utterances_per_word:
-    raise ValueError(
-        f'config.meta.train_k={config.meta.train_k} must be below '
-        f'config.data.utterances_per_word={config.data.utterances_per_word}.')
-  for preset in config.personalize.trainable:
-    if preset not in sparse_updates.presets.PRESETS:
-      raise ValueError(f'config.personalize.trainable has {preset!r}; valid '
-                       f'presets are {sparse_updates.presets.PRESETS}.')
-  replay = config.personalize.get('replay_per_word', 0)
-  if not isinstance(replay, int) or replay < 0:
-    raise ValueError('config.personalize.replay_per_word must be an int >= 0 '
-                     f'(0: enroll on keyword clips only); got {replay!r}.')
-  quantized_training.get_quant(config.quant)
+  """Checks every field that needs no data (`few_shot.config_checks`)."""
+  config_checks.validate(config)
 
 
-def _pretrain_config(config) -> ml_collections.ConfigDict:
+class Setup(NamedTuple):
+  """What every stage shares: the model, its loss and the speaker pools."""
+  model: Any
+  loss_fn: train.LossFn
+  model_kwargs: dict[str, Any]
+  keywords: np.ndarray      # Keyword class indices.
+  pre_ds: base.ArrayDataset   # Speakers of the global model.
+  meta_ds: base.ArrayDataset  # Speakers of meta-training (= pre_ds if none).
+  num_classes: int
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        datasets: Datasets | None = None,
+        users: base.ArrayDataset | None = None) -> dict[str, Any]:
+  """Runs the experiment; returns (and writes) the results dict.
+
+  Args:
+    config: see configs/few_shot_kws.py.
+    workdir: output folder; the global models and meta-training resume from
+      checkpoints there.
+    datasets: normalised (train, test) splits to use instead of loading
+      `config.data` (tests pass small synthetic ones).
+    users: normalised personalisation users (keyword clips) instead of
+      synthesising `config.users`; needs meta['is_outlier_accent'].
+  """
+  validate_config(config)
+  quant = quantized_training.get_quant(config.quant)
+  os.makedirs(workdir, exist_ok=True)
+  start = time.time()
+  train_ds, test_ds = datasets or registry.load_dataset(config.data)
+  setup = build_setup(config, train_ds, quant)
+  global_models = train_global_models(config, workdir, setup, train_ds,
+                                      test_ds)
+  inits = baseline_inits(config, global_models, setup)
+  replay = replay_buffer(config, setup)
+  meta_inits, timings = meta_train_all(config, workdir, setup,
+                                       global_models['global'], replay)
+  inits.update(meta_inits)
+  if users is None:
+    users = load_users(config, train_ds)
+  personal, user_info = personalise(config, setup, inits, users, replay)
+  keyword_split = keyword_split_benchmark(config, workdir, train_ds, test_ds,
+                                          quant)
+  results = {
+      'config': config.to_dict(),
+      'global_model': global_models['global']['metrics'],
+      'global_models': {k: v['metrics'] for k, v in global_models.items()},
+      'speakers': speaker_counts(config, setup, test_ds),
+      'meta_training': timings, 'personalisation': personal,
+      'users': user_info, 'keyword_split': keyword_split,
+      'goals': report.goals(personal, config),
+      'seconds': time.time() - start}
+  report.write(results, config, workdir)
+  return results
+
+
+def keyword_labels(words, class_names) -> np.ndarray:
+  """Class indices of `words` (config.keywords) in the corpus."""
+  missing = [w for w in words if w not in class_names]
+  if missing:
+    raise ValueError(f'config.keywords {missing} are not words of the corpus '
+                     f'{class_names}.')
+  return np.array([class_names.index(w) for w in words], np.int32)
+
+
+def speaker_pools(config, train_ds: base.ArrayDataset
+                  ) -> tuple[base.ArrayDataset, base.ArrayDataset]:
+  """(pre-training speakers, meta-training speakers); disjoint when any
+  meta-learner runs, else both are every training speaker."""
+  if not config.meta.names:
+    return train_ds, train_ds
+  return base.split_by_client(train_ds, config.meta.speaker_fraction,
+                              config.data.split_seed + 1)
+
+
+def pretrain_config(config) -> ml_collections.ConfigDict:
+  """config.pretrain with the data, model, norm and seed it trains."""
   out = ml_collections.ConfigDict(config.pretrain.to_dict())
   out.data = config.data
   out.model = config.model
@@ -96,22 +141,129 @@ def _pretrain_config(config) -> ml_collections.ConfigDict:
   return out
 
 
-def _keyword_labels(words, class_names) -> np.ndarray:
-  missing = [w for w in words if w not in class_names]
-  if missing:
-    raise ValueError(f'config.keywords {missing} are not words of the corpus '
-                     f'{class_names}.')
-  return np.array([class_names.index(w) for w in words], np.int32)
+def build_setup(config, train_ds: base.ArrayDataset,
+                quant: quantized_training.QuantSpec) -> Setup:
+  """The model (with the quant mode's layers), its loss and the pools."""
+  model_kwargs = {**config.model_kwargs.to_dict(), **quant.model_kwargs()}
+  model = supervised.build_model(pretrain_config(config),
+                                 train_ds.num_classes, model_kwargs)
+  pre_ds, meta_ds = speaker_pools(config, train_ds)
+  return Setup(model=model, loss_fn=train.classification_loss(model),
+               model_kwargs=model_kwargs,
+               keywords=keyword_labels(config.keywords, train_ds.class_names),
+               pre_ds=pre_ds, meta_ds=meta_ds,
+               num_classes=train_ds.num_classes)
 
 
-def _load_users(config, train_ds):
+def train_global_model(config, workdir: str, datasets: Datasets,
+                       model_kwargs: dict[str, Any]) -> dict[str, Any]:
+  """The global keyword spotter on `datasets`; resumes from `workdir`."""
+  return supervised.train_and_evaluate(
+      pretrain_config(config), workdir, model_kwargs=model_kwargs,
+      datasets=datasets)
+
+
+def train_global_models(config, workdir: str, setup: Setup,
+                        train_ds: base.ArrayDataset,
+                        test_ds: base.ArrayDataset) -> dict[str, Any]:
+  """{'global': on the pre-training pool, 'global_all' (optional): on every
+  training speaker}, each {'metrics', 'state'}."""
+  out = {'global': train_global_model(
+      config, os.path.join(workdir, 'global'), (setup.pre_ds, test_ds),
+      setup.model_kwargs)}
+  if config.meta.names and config.meta.all_speakers_baseline:
+    out['global_all'] = train_global_model(
+        config, os.path.join(workdir, 'global_all'), (train_ds, test_ds),
+        setup.model_kwargs)
+  return out
+
+
+def finetune_adapters(config, setup: Setup, params) -> dict[str, Any]:
+  """Plain fine-tuning of a global model with each trainable preset."""
+  cfg = config.personalize
+  out = {}
+  for preset in cfg.trainable:
+    scheme = sparse_updates.resolve(preset, params)
+    optimizer = optax.sgd(cfg.learning_rate)
+    if scheme.masks:
+      optimizer = sparse_updates.masked_optimizer(optimizer, scheme.masks)
+    out[f'finetune_{preset}'] = personalize.finetune_adapter(
+        setup.loss_fn, optimizer, cfg.num_steps, scheme.paths)
+  return out
+
+
+def baseline_inits(config, global_models, setup: Setup) -> Inits:
+  """Every global model as it is, and fine-tuned with each preset."""
+  inits = {}
+  for prefix, out in global_models.items():
+    state = personalize.as_state(out['state'].params,
+                                 out['state'].model_state)
+    inits[prefix] = (state, personalize.no_adaptation())
+    for label, adapt_fn in finetune_adapters(config, setup,
+                                             out['state'].params).items():
+      inits[f'{prefix}+{label}'] = (state, adapt_fn)
+  return inits
+
+
+def replay_buffer(config, setup: Setup) -> enrollment.ReplayBuffer | None:
+  """Clips of the global model's own training speakers: what a device can
+  ship next to the model, never the user's or a meta-training speaker's."""
+  per_word = config.personalize.get('replay_per_word', 0)
+  if not per_word:
+    return None
+  return enrollment.replay_buffer(setup.pre_ds.x, setup.pre_ds.y,
+                                  setup.keywords, per_word, seed=config.seed)
+
+
+def meta_train_all(config, workdir: str, setup: Setup, glob,
+                   replay) -> tuple[Inits, dict[str, Any]]:
+  """Meta-trains every learner of config.meta.names from the global model.
+
+  Returns:
+    ({name: (meta-learned state, the learner's adaptation)}, {name: timing}).
+  """
+  meta_cfg = config.meta
+  if not meta_cfg.names:
+    return {}, {}
+  table = enrollment.enrollment_table(
+      setup.meta_ds.x, setup.meta_ds.y, setup.meta_ds.client_id,
+      setup.keywords, pool_size=meta_cfg.train_k)
+  # Meta-training supports get the same replay as enrollment, so that the
+  # inner loop a learner is meta-trained for is the one it runs at test time.
+  sample = lambda k: enrollment.with_replay(
+      enrollment.sample_enrollment_tasks(
+          table, k, num_tasks=meta_cfg.tasks_per_step,
+          k_shot=meta_cfg.train_k), replay)
+  key = jax.random.key(config.seed)
+  inits, timings = {}, {}
+  for index, name in enumerate(meta_cfg.names):
+    learner = meta_learners.from_config(
+        meta_cfg, name, setup.model, num_classes=setup.num_classes,
+        key='config.meta', loss_fn=setup.loss_fn)
+    state, timings[name] = meta_training.meta_train(
+        learner, learner.init(glob['state'].params,
+                              glob['state'].model_state), sample,
+        num_steps=meta_cfg.num_steps,
+        key=jax.random.fold_in(key, 100 + index),
+        log_every=meta_cfg.log_every,
+        workdir=os.path.join(workdir, f'meta_{name}'), name=f'meta {name}',
+        checkpoint_every=meta_cfg.checkpoint_every)
+    inits[name] = (state, personalize.learner_adapter(learner))
+  return inits, timings
+
+
+def load_users(config, train_ds: base.ArrayDataset) -> base.ArrayDataset:
+  """The keyword clips of config.users' new users, normalised like
+  `train_ds` (`ondevice.user_corpus`)."""
   cfg = config.users
-  indices = user_corpus.select_users(config.data.corpus_seed, cfg.first_index,
-                                     cfg.num_typical, cfg.num_outlier)
-  users = user_corpus.load_users(indices, cfg.utterances_per_word,
-                                 config.data.corpus_seed,
-                                 config.data.get('cache_dir', None) or None)
-  return user_corpus.normalise_like(users, train_ds)
+  corpus = user_corpus.corpus_config(config.data)
+  indices = user_corpus.pick_users(corpus, cfg.first_index, cfg.num_typical,
+                                   cfg.num_outlier, spread_accents=False)
+  users = user_corpus.load_users(
+      corpus, indices,
+      user_corpus.UserClips(utterances_per_word=cfg.utterances_per_word),
+      config.data.get('cache_dir', None) or None)
+  return user_corpus.normalise_like(users, train_ds).keywords
 
 
 def outlier_mask(users: base.ArrayDataset, speakers) -> np.ndarray:
@@ -123,30 +275,31 @@ def outlier_mask(users: base.ArrayDataset, speakers) -> np.ndarray:
                    for s in speakers])
 
 
-def _adapters(config, model, loss_fn, params) -> dict[str, Any]:
-  """Plain fine-tuning of the global model with each trainable preset."""
-  cfg = config.personalize
-  out = {}
-  for preset in cfg.trainable:
-    paths = sparse_updates.rules.trainable_paths(
-        params, sparse_updates.presets.get_rules(preset, params))
-    out[f'finetune_{preset}'] = personalize.finetune_adapter(
-        loss_fn, optax.sgd(cfg.learning_rate), cfg.num_steps, paths)
-  return out
-
-
-def _personalisation(config, model, loss_fn, inits, users, keywords, key,
-                     replay=None):
-  """Detection metrics of every (init, adaptation) at every K; `replay`
-  (an `enrollment.ReplayBuffer`) joins every user's enrollment support."""
+def enrollment_users(config, setup: Setup, users: base.ArrayDataset):
+  """(enrollment table of `users`, their outlier mask)."""
   table = enrollment.enrollment_table(
-      users.x, users.y, users.client_id, keywords,
+      users.x, users.y, users.client_id, setup.keywords,
       pool_size=max(config.personalize.k_values))
-  speakers = np.asarray(table.speakers)
-  is_outlier = outlier_mask(users, speakers)
+  return table, outlier_mask(users, np.asarray(table.speakers))
+
+
+def personalise(config, setup: Setup, inits: Inits,
+                users: base.ArrayDataset, replay=None):
+  """Detection metrics of every (init, adaptation) at every K.
+
+  Args:
+    replay: an `enrollment.ReplayBuffer` that joins every user's enrollment
+      support, or None.
+
+  Returns:
+    ({label: {k: group summary}}, {'users', 'is_outlier'}).
+  """
+  table, is_outlier = enrollment_users(config, setup, users)
+  key = jax.random.fold_in(jax.random.key(config.seed), 7)
   results = {}
   for label, (state, adapt_fn) in inits.items():
-    evaluate = personalize.make_user_evaluator(model, adapt_fn, config.far)
+    evaluate = personalize.make_user_evaluator(setup.model, adapt_fn,
+                                               config.far)
     results[label] = {}
     for k in config.personalize.k_values:
       tasks = enrollment.with_replay(
@@ -158,120 +311,30 @@ def _personalisation(config, model, loss_fn, inits, users, keywords, key,
       logging.info('personalise %s K=%d: %s', label, k, {
           g: round(v['detection_rate'], 3)
           for g, v in results[label][k].items()})
-  return results, {'users': [int(s) for s in speakers],
+  return results, {'users': [int(s) for s in np.asarray(table.speakers)],
                    'is_outlier': is_outlier.tolist()}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *,
-        datasets: tuple[base.ArrayDataset, base.ArrayDataset] | None = None,
-        users: base.ArrayDataset | None = None) -> dict[str, Any]:
-  """Runs the experiment; returns (and writes) the results dict.
+def keyword_split_benchmark(config, workdir: str,
+                            train_ds: base.ArrayDataset,
+                            test_ds: base.ArrayDataset,
+                            quant: quantized_training.QuantSpec
+                            ) -> dict[str, Any]:
+  """`meta_training.keyword_benchmark` on config.keyword_split ({} if no
+  learner is named)."""
+  cfg = config.keyword_split
+  if not cfg.names:
+    return {}
+  return meta_training.keyword_benchmark(
+      cfg, train_ds, test_ds, model_name=config.model,
+      model_kwargs={'norm': config.norm, **quant.model_kwargs(),
+                    **cfg.model_kwargs.to_dict()},
+      seed=config.seed, workdir=os.path.join(workdir, 'keyword_split'))
 
-  Args:
-    config: see configs/few_shot_kws.py.
-    workdir: output folder; the global models resume from checkpoints there.
-    datasets: normalised (train, test) splits to use instead of loading
-      `config.data` (tests pass small synthetic ones).
-    users: normalised personalisation users instead of synthesising
-      `config.users`; needs meta['is_outlier_accent'].
-  """
-  validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  start = time.time()
-  train_ds, test_ds = datasets or registry.load_dataset(config.data)
-  keywords = _keyword_labels(config.keywords, train_ds.class_names)
-  quant = quantized_training.get_quant(config.quant)
-  model_kwargs = {**config.model_kwargs.to_dict(), **quant.model_kwargs()}
 
-  meta_cfg = config.meta
-  pre_ds, meta_ds = train_ds, train_ds
-  if meta_cfg.names:
-    pre_ds, meta_ds = base.split_by_client(train_ds, meta_cfg.speaker_fraction,
-                                           config.data.split_seed + 1)
-  glob = supervised.train_and_evaluate(
-      _pretrain_config(config), os.path.join(workdir, 'global'),
-      model_kwargs=model_kwargs, datasets=(pre_ds, test_ds))
-  params = glob['state'].params
-  model = supervised.build_model(_pretrain_config(config),
-                                 train_ds.num_classes, model_kwargs)
-  loss_fn = train.classification_loss(model)
-  key = jax.random.key(config.seed)
-
-  inits = {}
-  global_models = {'global': glob}
-  if meta_cfg.names and meta_cfg.all_speakers_baseline:
-    global_models['global_all'] = supervised.train_and_evaluate(
-        _pretrain_config(config), os.path.join(workdir, 'global_all'),
-        model_kwargs=model_kwargs, datasets=(train_ds, test_ds))
-  for prefix, out in global_models.items():
-    state = personalize.as_state(out['state'].params,
-                                 out['state'].model_state)
-    inits[prefix] = (state, personalize.no_adaptation())
-    for label, adapt_fn in _adapters(config, model, loss_fn,
-                                     out['state'].params).items():
-      inits[f'{prefix}+{label}'] = (state, adapt_fn)
-  replay = None
-  if config.personalize.get('replay_per_word', 0):
-    # Clips of the global model's own training speakers: what a device can
-    # ship next to the model, never the user's or a meta-training speaker's.
-    replay = enrollment.replay_buffer(
-        pre_ds.x, pre_ds.y, keywords, config.personalize.replay_per_word,
-        seed=config.seed)
-  timings = {}
-  if meta_cfg.names:
-    train_table = enrollment.enrollment_table(
-        meta_ds.x, meta_ds.y, meta_ds.client_id, keywords,
-        pool_size=meta_cfg.train_k)
-  for index, name in enumerate(meta_cfg.names):
-    learner = meta_learners.build_meta_learner(
-        name, model, num_classes=train_ds.num_classes,
-        inner_lr=meta_cfg.inner_lr, inner_steps=meta_cfg.inner_steps,
-        eval_inner_steps=meta_cfg.eval_inner_steps,
-        outer_lr=meta_cfg.outer_lr,
-        reptile_step_size=meta_cfg.reptile_step_size, loss_fn=loss_fn)
-    # Meta-training supports get the same replay as enrollment, so that the
-    # inner loop a learner is meta-trained for is the one it runs at test
-    # time.
-    sample = lambda k: enrollment.with_replay(
-        enrollment.sample_enrollment_tasks(
-            train_table, k, num_tasks=meta_cfg.tasks_per_step,
-            k_shot=meta_cfg.train_k), replay)
-    state, timings[name] = meta_training.meta_train(
-        learner, learner.init(params, glob['state'].model_state), sample,
-        num_steps=meta_cfg.num_steps,
-        key=jax.random.fold_in(key, 100 + index),
-        log_every=meta_cfg.log_every,
-        workdir=os.path.join(workdir, f'meta_{name}'), name=f'meta {name}',
-        checkpoint_every=meta_cfg.get('checkpoint_every', 0))
-    inits[name] = (state, personalize.learner_adapter(learner))
-
-  if users is None:
-    users = _load_users(config, train_ds)
-  personal, user_info = _personalisation(config, model, loss_fn, inits, users,
-                                         keywords, jax.random.fold_in(key, 7),
-                                         replay)
-  keyword_split = {}
-  if config.keyword_split.names:
-    keyword_split = meta_training.keyword_benchmark(
-        config.keyword_split, train_ds, test_ds, model_name=config.model,
-        model_kwargs={'norm': config.norm, **quant.model_kwargs(),
-                      **config.keyword_split.model_kwargs.to_dict()},
-        seed=config.seed,
-        workdir=os.path.join(workdir, 'keyword_split'))
-
-  results = {
-      'config': config.to_dict(),
-      'global_model': glob['metrics'],
-      'global_models': {k: v['metrics'] for k, v in global_models.items()},
-      'speakers': {'pretrain': len(pre_ds.clients()),
-                   'meta_train': len(meta_ds.clients()) if meta_cfg.names
-                                 else 0,
-                   'test': len(test_ds.clients())},
-      'meta_training': timings,
-      'personalisation': personal,
-      'users': user_info,
-      'keyword_split': keyword_split,
-      'goals': report.goals(personal, config),
-      'seconds': time.time() - start}
-  report.write(results, config, workdir)
-  return results
+def speaker_counts(config, setup: Setup, test_ds: base.ArrayDataset
+                   ) -> dict[str, int]:
+  return {'pretrain': len(setup.pre_ds.clients()),
+          'meta_train': (len(setup.meta_ds.clients()) if config.meta.names
+                         else 0),
+          'test': len(test_ds.clients())}

@@ -75,28 +75,58 @@ def gradient_meta_learner(loss_fn: train.LossFn,
   adaptation.check_num_steps('eval_inner_steps', eval_steps)
   if not inner_lr > 0:
     raise ValueError(f'{name}: inner_lr must be > 0; got {inner_lr}.')
-
-  def outer_paths(params):
-    return learner_lib.resolve_paths(params, outer_trainable,
-                                     f'{name}: outer_trainable')
-
-  def inner_paths(params):
-    if inner_trainable is None:
-      return outer_paths(params)
-    return learner_lib.resolve_paths(params, inner_trainable,
-                                     f'{name}: inner_trainable')
+  paths = _Paths(outer_trainable, inner_trainable, name)
+  run_inner = _inner_loop(loss_fn, paths, inner_lr, learn_inner_lr)
+  task_gradient = _task_gradient(loss_fn, paths, run_inner, inner_steps,
+                                 first_order)
 
   def init(params, model_state=None) -> learner_lib.MetaState:
     rates = {}
     if learn_inner_lr:
       flat = train.flatten_params(params)
-      rates = {k: jnp.full_like(flat[k], inner_lr) for k in inner_paths(params)}
+      rates = {k: jnp.full_like(flat[k], inner_lr) for k in paths.inner(params)}
     return learner_lib.init_state(params, model_state, outer_optimizer,
-                                  outer_paths(params), rates, name)
+                                  paths.outer(params), rates, name)
+
+  def adapt(state, support, key):
+    flat, _ = run_inner(state, train.flatten_params(state.params),
+                        state.inner_lr, support, key, eval_steps, True)
+    return train.unflatten_params(flat)
+
+  update = learner_lib.make_update(outer_optimizer, paths.outer)
+  return learner_lib.MetaLearner(
+      init=init, apply=learner_lib.make_apply(task_gradient, update),
+      evaluate=learner_lib.make_evaluate(loss_fn, adapt),
+      task_gradient=task_gradient, update=update, adapt=adapt)
+
+
+class _Paths:
+  """The leaves the outer loop meta-trains and the inner loop adapts."""
+
+  def __init__(self, outer_trainable: Trainable, inner_trainable: Trainable,
+               name: str):
+    self._outer, self._inner, self._name = (outer_trainable, inner_trainable,
+                                            name)
+
+  def outer(self, params) -> tuple[str, ...]:
+    return learner_lib.resolve_paths(params, self._outer,
+                                     f'{self._name}: outer_trainable')
+
+  def inner(self, params) -> tuple[str, ...]:
+    if self._inner is None:
+      return self.outer(params)
+    return learner_lib.resolve_paths(params, self._inner,
+                                     f'{self._name}: inner_trainable')
+
+
+def _inner_loop(loss_fn, paths: _Paths, inner_lr: float,
+                learn_inner_lr: bool):
+  """`run_inner(state, flat, rates, support, key, num_steps, first_order)`:
+  adapts the inner leaves of the flat params `flat`; returns (full flat
+  params, support losses)."""
 
   def run_inner(state, flat, rates, support, key, num_steps, first):
-    """Adapts the inner leaves of `flat`; returns (full flat, losses)."""
-    inner = {k: flat[k] for k in inner_paths(state.params)}
+    inner = {k: flat[k] for k in paths.inner(state.params)}
     rest = {k: v for k, v in flat.items() if k not in inner}
     lrs = rates if learn_inner_lr else {k: inner_lr for k in inner}
 
@@ -107,10 +137,17 @@ def gradient_meta_learner(loss_fn: train.LossFn,
     adapted, losses = adaptation.sgd_inner_loop(support_loss, inner, lrs, key,
                                                 num_steps, first)
     return {**rest, **adapted}, losses
+  return run_inner
+
+
+def _task_gradient(loss_fn, paths: _Paths, run_inner, inner_steps: int,
+                   first_order: bool):
+  """One task's meta-gradient: the query loss after the inner loop,
+  differentiated with respect to the meta-parameters."""
 
   def task_gradient(state, task, key):
     trainable, frozen = train.split_params(state.params,
-                                           outer_paths(state.params))
+                                           paths.outer(state.params))
     inner_key, query_key = jax.random.split(key)
 
     def meta_loss(meta):
@@ -129,18 +166,7 @@ def gradient_meta_learner(loss_fn: train.LossFn,
     meta = {'params': trainable, 'inner_lr': state.inner_lr}
     (_, metrics), grads = jax.value_and_grad(meta_loss, has_aux=True)(meta)
     return grads, metrics
-
-  def adapt(state, support, key):
-    flat, _ = run_inner(state, train.flatten_params(state.params),
-                        state.inner_lr, support, key, eval_steps, True)
-    return train.unflatten_params(flat)
-
-
-  update = learner_lib.make_update(outer_optimizer, outer_paths)
-  return learner_lib.MetaLearner(
-      init=init, apply=learner_lib.make_apply(task_gradient, update),
-      evaluate=learner_lib.make_evaluate(loss_fn, adapt),
-      task_gradient=task_gradient, update=update, adapt=adapt)
+  return task_gradient
 
 
 def maml(loss_fn, outer_optimizer, *, inner_lr, inner_steps, **kwargs):

@@ -101,6 +101,19 @@ def protonet(model: nn.Module, outer_optimizer: optax.GradientTransformation,
     return learner_lib.init_state(params, model_state, outer_optimizer,
                                   paths_of(params), {}, 'protonet')
 
+  task_gradient = _task_gradient(embed, paths_of, num_classes)
+  adapt = _adapt(embed, num_classes, head)
+  update = learner_lib.make_update(outer_optimizer, paths_of)
+  return learner_lib.MetaLearner(
+      init=init, apply=learner_lib.make_apply(task_gradient, update),
+      evaluate=learner_lib.make_evaluate(eval_loss, adapt),
+      task_gradient=task_gradient, update=update, adapt=adapt)
+
+
+def _task_gradient(embed, paths_of, num_classes: int):
+  """One episode's gradient: the query cross-entropy of the softmax over
+  negative squared distances to the support prototypes."""
+
   def task_gradient(state, task, key):
     trainable_params, frozen = train.split_params(state.params,
                                                   paths_of(state.params))
@@ -124,6 +137,12 @@ def protonet(model: nn.Module, outer_optimizer: optax.GradientTransformation,
     meta = {'params': trainable_params, 'inner_lr': {}}
     (_, metrics), grads = jax.value_and_grad(query_loss, has_aux=True)(meta)
     return grads, metrics
+  return task_gradient
+
+
+def _adapt(embed, num_classes: int, head: str):
+  """`adapt(state, support, key)`: the prototypes written into the head
+  (W = 2 C^T, b_k = -||c_k||^2; see the module docstring)."""
 
   def adapt(state, support, key):
     protos, counts = prototypes(
@@ -143,9 +162,4 @@ def protonet(model: nn.Module, outer_optimizer: optax.GradientTransformation,
     flat[bias] = jnp.where(counts > 0, -jnp.sum(jnp.square(protos), axis=-1),
                            ABSENT_LOGIT)
     return train.unflatten_params(flat)
-
-  update = learner_lib.make_update(outer_optimizer, paths_of)
-  return learner_lib.MetaLearner(
-      init=init, apply=learner_lib.make_apply(task_gradient, update),
-      evaluate=learner_lib.make_evaluate(eval_loss, adapt),
-      task_gradient=task_gradient, update=update, adapt=adapt)
+  return adapt

@@ -58,13 +58,32 @@ def reptile(loss_fn: train.LossFn,
   def paths_of(params):
     return learner_lib.resolve_paths(params, trainable, 'reptile: trainable')
 
+  def finetune(params, num_steps):
+    return adaptation.make_finetune(loss_fn, inner_optimizer,
+                                    paths_of(params), num_steps)
+
   def init(params, model_state=None) -> learner_lib.MetaState:
     return learner_lib.init_state(params, model_state, outer_optimizer,
                                   paths_of(params), {}, 'reptile')
 
-  def finetune(params, num_steps):
-    return adaptation.make_finetune(loss_fn, inner_optimizer,
-                                    paths_of(params), num_steps)
+  def adapt(state, support, key):
+    params, _, _ = finetune(state.params, eval_steps)(
+        state.params, state.model_state, support, key)
+    return params
+
+  task_gradient = _task_gradient(loss_fn, paths_of, finetune, inner_steps,
+                                 train_on_query)
+  update = learner_lib.make_update(outer_optimizer, paths_of)
+  return learner_lib.MetaLearner(
+      init=init, apply=learner_lib.make_apply(task_gradient, update),
+      evaluate=learner_lib.make_evaluate(loss_fn, adapt),
+      task_gradient=task_gradient, update=update, adapt=adapt)
+
+
+def _task_gradient(loss_fn, paths_of, finetune, inner_steps: int,
+                   train_on_query: bool):
+  """One task's pseudo-gradient phi - W and the adapted model's query
+  metrics."""
 
   def task_gradient(state, task, key):
     inner_key, query_key = jax.random.split(key)
@@ -81,15 +100,4 @@ def reptile(loss_fn: train.LossFn,
                'support_loss_first': losses[0],
                'support_loss_last': losses[-1]}
     return grads, metrics
-
-  def adapt(state, support, key):
-    params, _, _ = finetune(state.params, eval_steps)(
-        state.params, state.model_state, support, key)
-    return params
-
-
-  update = learner_lib.make_update(outer_optimizer, paths_of)
-  return learner_lib.MetaLearner(
-      init=init, apply=learner_lib.make_apply(task_gradient, update),
-      evaluate=learner_lib.make_evaluate(loss_fn, adapt),
-      task_gradient=task_gradient, update=update, adapt=adapt)
+  return task_gradient

@@ -83,7 +83,7 @@ def test_ds_cnn_backbone_config_is_stateless_and_validates():
   assert config.pretrain.num_steps == 10  # smoke still shrinks the schedule
   full = few_shot_kws.get_config('backbone=ds_cnn_s')
   assert (full.pretrain.learning_rate, full.pretrain.num_steps) == (3e-3, 1200)
-  model = supervised.build_model(experiment._pretrain_config(full), 36,  # pylint: disable=protected-access
+  model = supervised.build_model(experiment.pretrain_config(full), 36,
                                  full.model_kwargs.to_dict())
   variables = model.init(jax.random.key(0), np.zeros((1, 98, 40), np.float32))
   # Group norm keeps no batch statistics, so K-shot fine-tuning is well posed.

@@ -23,8 +23,7 @@ def test_keyword_benchmark_meta_trains_on_train_words_and_tests_on_others(
   cfg = ml_collections.ConfigDict(dict(
       names=('protonet',), train_words=WORDS[3:], test_words=WORDS[:3],
       n_way=2, k_shots=(1,), n_query=2, num_steps=3, tasks_per_step=2,
-      eval_tasks=2, inner_lr=0.1, inner_steps=1, eval_inner_steps=1,
-      outer_lr=1e-2, reptile_step_size=0.5, log_every=3))
+      eval_tasks=2, protonet=dict(outer_lr=1e-2), log_every=3))
   out = meta_training.keyword_benchmark(
       # Equal split shapes and task counts: one compiled sampler serves both.
       cfg, _words(2, rng, means), _words(2, rng, means), model_name='mlp',
