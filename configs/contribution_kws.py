@@ -32,44 +32,31 @@ DIGITS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven',
           'eight', 'nine')
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, smoke=False, speakers=200, same_words=False)
-  config = ml_collections.ConfigDict()
-  config.data = ml_collections.ConfigDict(dict(
+def _data(num_speakers: int) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
       name='speech_keywords',
-      num_speakers=args.speakers,
+      num_speakers=num_speakers,
       utterances_per_word=3,
       corpus_seed=0,
       test_fraction=0.2,         # Held-out speakers: the personalisation set.
       split_seed=0,
       cache_dir='',
   ))
-  # Held out of pre-training and learnt with a new classifier; () keeps
-  # the pre-trained keywords (personalisation to new speakers only).
-  config.transfer_words = () if args.same_words else DIGITS
-  config.model = 'ds_cnn_s'
-  # As configs/kws_central.py: a 4x4 first stride gives 25 x 10 maps.
-  config.model_kwargs = ml_collections.ConfigDict({'first_stride': (4, 4)})
-  config.seed = 0
 
-  # Pre-training on the training speakers (ondevice.supervised fields), as
-  # configs/kws_central.py.
-  config.pretrain = ml_collections.ConfigDict(dict(
+
+def _pretrain() -> ml_collections.ConfigDict:
+  """Pre-training on the training speakers (ondevice.supervised fields)."""
+  return ml_collections.ConfigDict(dict(
       norm='batch', optimizer='adam', learning_rate=3e-3,
       schedule='warmup_cosine', warmup_steps=100, weight_decay=0.0,
       momentum=0.9, grad_clip=0.0, label_smoothing=0.0, batch_size=64,
       eval_batch_size=512, num_steps=1200, log_every=50, eval_every=300,
       checkpoint_every=600))
-  # Deployed models run with batch norm folded into the convolutions.
-  config.fold_batch_norm = True
 
-  # Held-out speakers' utterances: adaptation / validation / rest = test.
-  config.adapt_fraction = 0.4
-  config.val_fraction = 0.3
-  config.split_seed = 0
 
-  # Each fine-tune of the contribution analysis and the comparison.
-  config.finetune = ml_collections.ConfigDict(dict(
+def _finetune() -> ml_collections.ConfigDict:
+  """Each fine-tune of the contribution analysis and the comparison."""
+  return ml_collections.ConfigDict(dict(
       optimizer='momentum', learning_rate=0.02, schedule='constant',
       warmup_steps=0, momentum=0.9, weight_decay=0.0, grad_clip=0.0,
       num_steps=100, batch_size=16, mask_method='magnitude',
@@ -77,30 +64,58 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # The compared schemes each take the rate of best validation accuracy
       # (units are measured at learning_rate, as in Lin et al.).
       lr_grid=(0.002, 0.005, 0.02)))
-  config.unit_weight_fraction = 1.0   # Lin et al. also try 1/8 .. 1/2.
 
-  config.search = ml_collections.ConfigDict(dict(
+
+def _search() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
       batch_size=1,                 # On-device training batch.
       relu_mask_bits=1,             # sparse_updates.compact_relu.
       budgets_kb=(256, 1024),
       # Units must gain more than this; None: the standard error of the
       # validation accuracy.
-      min_gain=None))
+      min_gain=ml_collections.config_dict.placeholder(float)))
+
+
+def _shrink(config: ml_collections.ConfigDict) -> None:
+  """The smoke variant: seconds, 8 speakers."""
+  config.data.num_speakers = 8
+  config.data.utterances_per_word = 1
+  config.data.test_fraction = 0.25
+  config.pretrain.num_steps = 20
+  config.pretrain.batch_size = 16
+  config.pretrain.warmup_steps = 2
+  config.pretrain.log_every = 10
+  config.pretrain.eval_every = 20
+  config.pretrain.checkpoint_every = 20
+  config.finetune.num_steps = 3
+  config.finetune.batch_size = 8
+  config.finetune.partitioned = False  # One compilation for all schemes.
+  config.finetune.lr_grid = ()
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, smoke=False, speakers=200, same_words=False)
+  config = ml_collections.ConfigDict()
+  config.data = _data(args.speakers)
+  # Held out of pre-training and learnt with a new classifier; () keeps
+  # the pre-trained keywords (personalisation to new speakers only).
+  config.transfer_words = () if args.same_words else DIGITS
+  config.model = 'ds_cnn_s'
+  # As configs/kws_central.py: a 4x4 first stride gives 25 x 10 maps.
+  config.model_kwargs = ml_collections.ConfigDict({'first_stride': (4, 4)})
+  config.seed = 0
+  config.pretrain = _pretrain()
+  # Deployed models run with batch norm folded into the convolutions.
+  config.fold_batch_norm = True
+  # Held-out speakers' utterances: adaptation / validation / rest = test.
+  config.adapt_fraction = 0.4
+  config.val_fraction = 0.3
+  config.split_seed = 0
+  config.finetune = _finetune()
+  config.unit_weight_fraction = 1.0   # Lin et al. also try 1/8 .. 1/2.
+  config.search = _search()
   config.schemes = SCHEMES
   config.last_k = 2
-
   if args.smoke:
-    config.data.num_speakers = 8
-    config.data.utterances_per_word = 1
-    config.data.test_fraction = 0.25
-    config.pretrain.num_steps = 20
-    config.pretrain.batch_size = 16
-    config.pretrain.warmup_steps = 2
-    config.pretrain.log_every = 10
-    config.pretrain.eval_every = 20
-    config.pretrain.checkpoint_every = 20
-    config.finetune.num_steps = 3
-    config.finetune.batch_size = 8
-    config.finetune.partitioned = False  # One compilation for all schemes.
-    config.finetune.lr_grid = ()
+    _shrink(config)
   return config

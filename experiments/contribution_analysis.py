@@ -9,15 +9,14 @@ the pre-training run under pretrain/) to --workdir.
 from absl import app
 
 from experiments import common
-from sparse_updates import contribution
+from sparse_updates import experiment
 
 _CONFIG, _WORKDIR = common.define_flags('configs/contribution_kws.py:smoke')
 
 
 def main(argv):
   del argv
-  common.setup()
-  contribution.run(_CONFIG.value, _WORKDIR.value)
+  common.run_binary(experiment.run, _CONFIG, _WORKDIR)
 
 
 if __name__ == '__main__':

@@ -14,7 +14,7 @@ Public API:
     lite residual branches around a frozen model.
   * ``fold_batch_norm``: the deployed (folded) form of a batch-norm model.
   * ``contribution_units``, ``greedy_search``: budgeted scheme search
-    (Lin et al., 2022); ``sparse_updates.contribution.run`` runs the study.
+    (Lin et al., 2022); ``sparse_updates.experiment.run`` runs the study.
 """
 
 from sparse_updates.batchnorm_folding import fold_batch_norm

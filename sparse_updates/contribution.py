@@ -14,20 +14,13 @@ held out of pre-training and learnt on the held-out speakers with a freshly
 initialised classifier (`keyword_transfer_split`, `new_head`). Only the
 second leaves the frozen features something to learn.
 
-`run(config, workdir)` does the whole study: pre-train (or resume) with
-`ondevice.supervised`, fold batch norm into the convolutions as a device
-would, split the held-out speakers' data into adaptation / validation / test
-examples, measure every unit's gain on validation, search under each budget,
-and compare the searched schemes with full, bias-only, last-k and
-classifier-only updates on test. It writes contribution.json,
-contribution.md and contribution_gains.png to `workdir`.
+The study itself (pre-training, search, comparison) is
+`sparse_updates.experiment.run`.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import time
 from typing import Any, Sequence
 
 from absl import logging
@@ -38,16 +31,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from ondevice import cost
+from ondevice import batching
 from ondevice import models
 from ondevice import optim
-from ondevice import supervised
 from ondevice import train
-from ondevice.data import registry
 from ondevice.data.base import ArrayDataset
-from sparse_updates import batchnorm_folding
 from sparse_updates import channel_masks
-from sparse_updates import contribution_report
 from sparse_updates import presets
 from sparse_updates import rules as rules_lib
 from sparse_updates import search
@@ -196,14 +185,10 @@ class FineTuner:
 
   def _batches(self, data: ArrayDataset, seed: int):
     """(step, batch) pairs: a fresh permutation of `data` every epoch."""
-    batch_size = min(int(self.cfg.batch_size), len(data))
-    per_epoch = len(data) // batch_size
+    batches = batching.EpochBatches(seed, len(data),
+                                    min(int(self.cfg.batch_size), len(data)))
     for i in range(int(self.cfg.num_steps)):
-      epoch, offset = divmod(i, per_epoch)
-      perm = np.random.default_rng([seed, epoch]).permutation(len(data))
-      idx = perm[offset * batch_size:(offset + 1) * batch_size]
-      yield i, {'x': data.x[idx], 'y': data.y[idx],
-                'mask': np.ones(len(idx), np.float32)}
+      yield i, batches.batch(i, data.x, data.y)
 
   def finetune(self, params, model_state, scheme: rules_lib.Rules,
                data: ArrayDataset, seed: int,
@@ -259,194 +244,3 @@ def measure_contributions(tuner: FineTuner, params, model_state,
                  accs[unit.name], accs[unit.name] - baseline)
   return {'baseline_accuracy': baseline, 'accuracy': accs,
           'gains': {k: v - baseline for k, v in accs.items()}}
-
-
-def _pretrain_config(config) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(config.pretrain.to_dict())
-  c.data = config.data
-  c.model = config.model
-  c.model_kwargs = config.get('model_kwargs', {})
-  c.seed = config.seed
-  return c
-
-
-def pretrain(config, workdir: str, datasets):
-  """Pre-trains (or resumes) and returns (model, params, model_state)."""
-  out = supervised.train_and_evaluate(
-      _pretrain_config(config), os.path.join(workdir, 'pretrain'),
-      datasets=datasets)
-  state = out['state']
-  num_classes = datasets[0].num_classes
-  kwargs = dict(config.get('model_kwargs', {}))
-  norm = config.pretrain.get('norm', 'batch')
-  if config.fold_batch_norm and norm == 'batch':
-    params = batchnorm_folding.fold_batch_norm(
-        state.params, state.model_state['batch_stats'])
-    model = models.build_model(config.model, num_classes, norm='none',
-                               **kwargs)
-    return model, params, {}
-  model = models.build_model(config.model, num_classes, norm=norm, **kwargs)
-  return model, state.params, dict(state.model_state)
-
-
-def _schemes(config, params, order, searched: list[search.SearchResult]):
-  """(label, rules) of every scheme compared on the test split."""
-  out = []
-  for name in config.schemes:
-    if name == 'last_k':
-      out.append((f'last_k (k={config.last_k})',
-                  presets.get_rules('last_k', params, k=config.last_k,
-                                    layer_order=order)))
-    else:
-      out.append((name, presets.get_rules(name, params)))
-  for result in searched:
-    label = f'searched @ {result.budget_bytes // 1024} KB'
-    out.append((label, search.scheme_rules(result.units)))
-  return out
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks the fields that need no data, before anything is trained."""
-  for key in ('data', 'model', 'pretrain', 'finetune', 'search', 'schemes',
-              'adapt_fraction', 'val_fraction', 'unit_weight_fraction'):
-    if key not in config:
-      raise ValueError(f'The config lacks config.{key}; see '
-                       'configs/contribution_kws.py.')
-  unknown = sorted(set(config.schemes) - set(presets.PRESETS))
-  if unknown:
-    raise ValueError(f'config.schemes has unknown schemes {unknown}; choose '
-                     f'from {presets.PRESETS}.')
-  if any(not kb > 0 for kb in config.search.budgets_kb):
-    raise ValueError('config.search.budgets_kb must be positive; got '
-                     f'{config.search.budgets_kb}.')
-  if config.search.relu_mask_bits not in (1, 8, 32):
-    raise ValueError('config.search.relu_mask_bits must be 1 (compact_relu),'
-                     ' 8 or 32 (stock jax.nn.relu under XLA); got '
-                     f'{config.search.relu_mask_bits}.')
-  cost.optimizer_slots(config.finetune.optimizer)
-  optim.build_optimizer(config.finetune)
-  grid = tuple(config.finetune.get('lr_grid', ()) or ())
-  if any(not lr > 0 for lr in grid):
-    raise ValueError('config.finetune.lr_grid must hold positive learning '
-                     f'rates; got {grid}.')
-
-
-def run(config: ml_collections.ConfigDict, workdir: str, *,
-        datasets: tuple[ArrayDataset, ArrayDataset] | None = None,
-        pretrained: tuple[Any, Any, Any] | None = None) -> dict[str, Any]:
-  """Pre-train, contribution analysis, budgeted search, comparison.
-
-  Args:
-    config: see configs/contribution_kws.py.
-    workdir: output directory (pre-training resumes from workdir/pretrain).
-    datasets: (train, held-out) to use instead of loading `config.data`.
-    pretrained: (model, params, model_state) to start from instead of
-      pre-training on the train split.
-
-  Returns:
-    The results written to contribution.json.
-  """
-  t0 = time.time()
-  validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  train_ds, held_out = datasets or registry.load_dataset(config.data)
-  transfer_words = tuple(config.get('transfer_words', ()) or ())
-  pretrain_data = (train_ds, held_out)
-  if transfer_words:
-    *pretrain_data, held_out = keyword_transfer_split(train_ds, held_out,
-                                                      transfer_words)
-    train_ds = pretrain_data[0]
-    logging.info('Pre-training on %d words; transferring to %s.',
-                 train_ds.num_classes, transfer_words)
-  if pretrained is None:
-    pretrained = pretrain(config, workdir, tuple(pretrain_data))
-  model, params, model_state = pretrained
-  if transfer_words:
-    folded = config.fold_batch_norm and config.pretrain.get(
-        'norm', 'batch') == 'batch'
-    model, params = new_head(
-        model, params, held_out.num_classes, train_ds.x[:1],
-        jax.random.fold_in(jax.random.key(config.seed), 1), config.model,
-        'none' if folded else config.pretrain.get('norm', 'batch'),
-        config.get('model_kwargs', {}))
-  adapt, val, test = split_adaptation(held_out, config.adapt_fraction,
-                                      config.val_fraction, config.split_seed)
-  logging.info('Adaptation %d / validation %d / test %d examples.',
-               len(adapt), len(val), len(test))
-  # Trained params come back from jit with sorted keys: take the layer order
-  # from the forward pass instead.
-  order = presets.forward_order(model, {'params': params, **model_state},
-                                train_ds.x[:1])
-  units = search.contribution_units(params, config.unit_weight_fraction,
-                                    layer_order=order)
-  tuner = FineTuner(model, config.finetune)
-  contrib = measure_contributions(tuner, params, model_state, units, adapt,
-                                  val, config.seed)
-
-  batch_shape = (config.search.batch_size,) + tuple(train_ds.x.shape[1:])
-  slots = cost.optimizer_slots(config.finetune.optimizer)
-
-  def memory_of(scheme):
-    return cost.analytic_training_memory(
-        model, params, rules_lib.trainable_paths(params, scheme),
-        batch_shape, slots, model_state=model_state,
-        relu_mask_bits=config.search.relu_mask_bits).training
-
-  memory_fn = search.cached(lambda us: memory_of(search.scheme_rules(us)))
-  min_gain = config.search.get('min_gain', None)
-  if min_gain is None:
-    # The binomial standard error of the baseline's validation accuracy.
-    p = contrib['baseline_accuracy']
-    min_gain = float(np.sqrt(p * (1 - p) / len(val)))
-  searched = [search.greedy_search(units, contrib['gains'], memory_fn,
-                                   int(kb * 1024), min_gain)
-              for kb in config.search.budgets_kb]
-  rows = []
-  if not transfer_words:  # A fresh head without training is chance.
-    rows.append({'scheme': 'pre-trained (no update)',
-                 'test_accuracy': tuner.accuracy(params, model_state, test),
-                 'memory_kb': 0.0, 'upload_kb': 0.0})
-  # Each scheme at its best learning rate on validation: one rate for all
-  # would favour the schemes it happens to suit (full updates need a
-  # smaller one than a linear probe).
-  grid = tuple(config.finetune.get('lr_grid', ()) or
-               (config.finetune.learning_rate,))
-  tuners = {lr: (tuner if lr == config.finetune.learning_rate else
-                 FineTuner(model, ml_collections.ConfigDict(
-                     dict(config.finetune.to_dict(), learning_rate=lr))))
-            for lr in grid}
-  for label, scheme in _schemes(config, params, order, searched):
-    best = None
-    for lr, lr_tuner in tuners.items():
-      p, s = lr_tuner.finetune(params, model_state, scheme, adapt,
-                               config.seed, jax.random.key(config.seed))
-      val_acc = lr_tuner.accuracy(p, s, val)
-      if best is None or val_acc > best[0]:
-        best = (val_acc, lr, p, s)
-    val_acc, lr, p, s = best
-    masks = None
-    if rules_lib.channel_fractions(params, scheme):
-      masks = channel_masks.update_masks(
-          params, scheme, config.finetune.get('mask_method', 'magnitude'),
-          jax.random.key(config.seed))
-    rows.append({
-        'scheme': label,
-        'test_accuracy': tuner.accuracy(p, s, test),
-        'val_accuracy': val_acc, 'learning_rate': lr,
-        'memory_kb': memory_of(scheme) / 1024,
-        'upload_kb': cost.bytes_of_trainable(
-            params, rules_lib.trainable_paths(params, scheme), masks) / 1024})
-    logging.info('%s', rows[-1])
-  results = {'task': ({'kind': 'new_keywords',
-                       'transfer_words': list(transfer_words),
-                       'pretrain_words': list(train_ds.class_names)}
-                      if transfer_words else {'kind': 'same_keywords'}),
-             'units': [u.name for u in units],
-             'unit_weight_fraction': config.unit_weight_fraction, **contrib,
-             'min_gain': min_gain,
-             'search': [r.to_json() for r in searched], 'schemes': rows,
-             'memory_batch_shape': list(batch_shape),
-             'relu_mask_bits': config.search.relu_mask_bits,
-             'seconds': time.time() - t0}
-  contribution_report.write(results, workdir)
-  return results

@@ -14,7 +14,7 @@ of the whole scheme (ondevice.cost.analytic_training_memory) and picks, at
 each step, the affordable unit with the best gain per *marginal* byte
 (greedy knapsack; Lin et al. use an evolutionary search over the same
 objective). Units whose measured gain does not exceed `min_gain` (by
-default in `contribution.run`, the standard error of the validation
+default in `experiment.run`, the standard error of the validation
 accuracy) are never added.
 """
 from __future__ import annotations

@@ -11,6 +11,7 @@ from ondevice import models
 from ondevice import train
 from ondevice.data.base import ArrayDataset
 from sparse_updates import contribution
+from sparse_updates import experiment
 from sparse_updates import presets
 from sparse_updates import rules
 from sparse_updates import search
@@ -105,7 +106,7 @@ def test_run_end_to_end_on_synthetic_images(tmp_path):
   # an initialisation keeps this test fast.
   model = models.build_model('mlp', 4, hidden=(8, 8))
   params = jax.jit(model.init)(jax.random.key(0), train_ds.x[:1])['params']
-  results = contribution.run(config, str(tmp_path),
+  results = experiment.run(config, str(tmp_path),
                              datasets=(train_ds, held_out),
                              pretrained=(model, params, {}))
   # Two hidden layers: a bias and a weight unit each.
@@ -169,7 +170,7 @@ def test_bad_config_fields_are_named(key, value, match):
   parent, _, leaf = key.rpartition('.')
   (config[parent] if parent else config)[leaf] = value
   with pytest.raises(ValueError, match=match):
-    contribution.validate_config(config)
+    experiment.validate_config(config)
 
 
 def test_gains_within_noise_are_not_candidates():
@@ -228,7 +229,7 @@ def test_run_transfers_to_new_words(tmp_path):
   train_ds, held_out = _images(64, 0), _images(160, 1)
   model = models.build_model('mlp', 2, hidden=(8, 8))
   params = jax.jit(model.init)(jax.random.key(0), train_ds.x[:1])['params']
-  results = contribution.run(config, str(tmp_path),
+  results = experiment.run(config, str(tmp_path),
                              datasets=(train_ds, held_out),
                              pretrained=(model, params, {}))
   assert results['task'] == {'kind': 'new_keywords',
