@@ -338,7 +338,26 @@ def analytic_training_memory(
                      f'paths are {sorted(flat)}.')
   trainable = [p for p in flat if p in set(trainable_paths)]
   frozen = [p for p in flat if p not in set(trainable_paths)]
-  model_state = dict(model_state or {})
+  walker = _walk_forward(model, flat, trainable, frozen,
+                         dict(model_state or {}), batch_shape, train_mode,
+                         relu_mask_bits, input_dtype)
+  by_layer: dict[str, int] = {}
+  for nbytes, layer in walker.stored.values():
+    by_layer[layer] = by_layer.get(layer, 0) + nbytes
+  trainable_bytes = sum(_nbytes(flat[p]) for p in trainable)
+  return MemoryBreakdown(
+      frozen_weights=sum(_nbytes(flat[p]) for p in frozen),
+      trainable_weights=trainable_bytes,
+      gradients=trainable_bytes,
+      optimizer_state=optimizer_slots * trainable_bytes,
+      activations=sum(by_layer.values()),
+      activations_by_layer=by_layer,
+      unknown_primitives=tuple(sorted(walker.unknown)))
+
+
+def _walk_forward(model, flat, trainable, frozen, model_state, batch_shape,
+                  train_mode, relu_mask_bits, input_dtype) -> '_Walker':
+  """Traces the forward pass and records what its backward pass keeps."""
 
   def forward(t_leaves, f_leaves, state, x):
     tree = train.unflatten_params({**dict(zip(trainable, t_leaves)),
@@ -359,18 +378,7 @@ def analytic_training_memory(
   walker.grad.update(jaxpr.invars[:len(trainable)])
   walker.act.add(jaxpr.invars[-1])
   walker.run(jaxpr)
-  by_layer: dict[str, int] = {}
-  for nbytes, layer in walker.stored.values():
-    by_layer[layer] = by_layer.get(layer, 0) + nbytes
-  trainable_bytes = sum(_nbytes(flat[p]) for p in trainable)
-  return MemoryBreakdown(
-      frozen_weights=sum(_nbytes(flat[p]) for p in frozen),
-      trainable_weights=trainable_bytes,
-      gradients=trainable_bytes,
-      optimizer_state=optimizer_slots * trainable_bytes,
-      activations=sum(by_layer.values()),
-      activations_by_layer=by_layer,
-      unknown_primitives=tuple(sorted(walker.unknown)))
+  return walker
 
 
 def optimizer_slots(optimizer_name: str) -> int:
