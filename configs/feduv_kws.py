@@ -52,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # BCH(63, 16), t = 11: d_min >= 23; 8 id bits + 8 private bits.
   config.code = ml_collections.ConfigDict(dict(m=6, t=11, min_random_bits=4))
   config.embedding_dim = 63      # softmax baselines (FedUV uses n).
+  config.quant = 'none'          # quantized_training.QUANT_NAMES
   config.logit_scale = 16.0
   # The paper's hinge has margin 1: with a unit-norm f that asks for
   # cos(f, v_u) = 1, an exact codeword, and never stops pulling. A margin
@@ -66,6 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.variants = 'central_softmax,fed_softmax,feduv,fed_softmax_dp,feduv_dp'
   config.target_tpr = 0.9
   config.fars = (0.01, 0.1)
+  config.eval_batch_size = 512   # Utterances embedded per call when scoring.
 
   # Federated rounds (fedjax_ext.training.build_algorithm reads these).
   # Server momentum (FedAvgM) for every federated variant: it lowered
@@ -90,12 +92,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       enabled=False, noise_multiplier=3.5, clip_norm=0.5, adaptive=False,
       target_quantile=0.5, delta=1e-4))
   config.eval_every = 100
+  # Every round's training loss is logged (results' train_loss_curve);
+  # checkpoints go to <workdir>/variants/<name>/.
+  config.log_every = 1
   config.checkpoint_every = 1000
   # Central: 15000 steps of 32 (480k examples, a sixth of the federated
   # runs' 3.1M), enough to be the not-private upper bound.
   config.central = ml_collections.ConfigDict(dict(
       optimizer='momentum', learning_rate=0.05, momentum=0.9, num_steps=15000,
-      batch_size=32))
+      batch_size=32, log_every=1, checkpoint_every=5000))
   config.seed = 0
 
   if args.smoke:

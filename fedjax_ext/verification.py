@@ -48,17 +48,26 @@ class CosineSoftmaxModel(nn.Module):
     embedder: an `EmbeddingModel` (unit-norm output).
     num_users: classes of the softmax.
     logit_scale: s in logits = s * cos(embedding, class embedding).
+    dot_general_cls: the quantisation hook of the cosine layer (a module
+      class such as `quantized_training.Int8DotGeneral`; None: float), the
+      one the backbone's layers take.
   """
   embedder: Any
   num_users: int
   logit_scale: float = 16.0
+  dot_general_cls: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     emb = self.embedder(x, train)
     kernel = self.param('classifier', nn.initializers.normal(1.0),
                         (emb.shape[-1], self.num_users))
-    return self.logit_scale * emb @ models.l2_normalize(kernel, axis=0)
+    unit = models.l2_normalize(kernel, axis=0)
+    if self.dot_general_cls is None:
+      return self.logit_scale * emb @ unit
+    dot_general = self.dot_general_cls()
+    return self.logit_scale * dot_general(
+        emb, unit, (((emb.ndim - 1,), (0,)), ((), ())))
 
   def embed(self, x: jax.Array, train: bool = False) -> jax.Array:
     return self.embedder(x, train)
@@ -69,20 +78,28 @@ VARIANT_KINDS = ('feduv', 'softmax')
 
 def build_verifier(kind: str, backbone: str, *, embedding_dim: int,
                    num_users: int, logit_scale: float = 16.0,
+                   dot_general_cls: Any = None,
                    **backbone_kwargs) -> nn.Module:
-  """The FedUV model (an `EmbeddingModel` of dim n) or a softmax model."""
+  """The FedUV model (an `EmbeddingModel` of dim n) or a softmax model.
+
+  `dot_general_cls` (and a `conv_general_dilated_cls` among
+  `backbone_kwargs`), e.g. from `quantized_training.get_quant(name)
+  .model_kwargs()`, reach the backbone, the embedding and the softmax layer.
+  """
   if kind not in VARIANT_KINDS:
     raise ValueError(f'Unknown verifier kind {kind!r}; choose one of '
                      f'{VARIANT_KINDS}.')
-  embedder = models.build_embedding_model(backbone, embedding_dim,
-                                          **backbone_kwargs)
+  embedder = models.build_embedding_model(
+      backbone, embedding_dim, dot_general_cls=dot_general_cls,
+      **backbone_kwargs)
   if kind == 'feduv':
     return embedder
   if num_users < 2:
     raise ValueError(f'A softmax over users needs num_users >= 2; got '
                      f'{num_users}.')
   return CosineSoftmaxModel(embedder=embedder, num_users=num_users,
-                            logit_scale=logit_scale)
+                            logit_scale=logit_scale,
+                            dot_general_cls=dot_general_cls)
 
 
 def embed(model: nn.Module, variables: PyTree, x: jax.Array) -> jax.Array:
@@ -122,7 +139,10 @@ def feduv_loss(model: nn.Module, codewords: jax.Array,
 
   def loss_fn(params, model_state, batch, rng):
     variables = {'params': params, **model_state}
-    rngs = {'dropout': rng}
+    # The streams `train.make_train_step` gives a model: dropout, and the
+    # stochastic rounding of a quantised one.
+    dropout_rng, quant_rng = jax.random.split(rng)
+    rngs = {'dropout': dropout_rng, 'quant': quant_rng}
     f = model.apply(variables, batch['x'], train=True, rngs=rngs)
     mask = batch['mask'].astype(jnp.float32)
     own = jnp.take(unit_codes, batch['y'], axis=0)

@@ -11,7 +11,10 @@ import pytest
 from configs import feduv_kws
 from fedjax_ext import codes
 from fedjax_ext import verification
-from fedjax_ext import verification_report
+from fedjax_ext.feduv import experiment
+from fedjax_ext.feduv import report
+from fedjax_ext.feduv import scoring
+from fedjax_ext.feduv import variants
 from ondevice import train
 from ondevice.data import verification as verification_data
 from ondevice.data.base import ArrayDataset
@@ -173,20 +176,20 @@ def test_config_errors_name_the_key():
   config = _tiny_config()
   config.variants = 'feduv,arcface'
   with pytest.raises(ValueError, match='arcface'):
-    verification_report.validate_config(config)
+    experiment.validate_config(config)
   config = _tiny_config()
   del config['fars']
   with pytest.raises(ValueError, match='fars'):
-    verification_report.validate_config(config)
+    experiment.validate_config(config)
   config = _tiny_config()
   config.dp.delta = 2.0
   config.variants = 'feduv_dp'
   with pytest.raises(ValueError, match='delta'):
-    verification_report.validate_config(config)
+    experiment.validate_config(config)
   config = _tiny_config()
   config.feduv_references = ('codewords',)
   with pytest.raises(ValueError, match='feduv_references'):
-    verification_report.validate_config(config)
+    experiment.validate_config(config)
   with pytest.raises(ValueError, match='smoke'):
     feduv_kws.get_config('smok')
 
@@ -202,7 +205,7 @@ def _splits(num_seen, num_unseen, per_speaker):
                                               speakers, others)
 
 
-def test_feduv_learns_separable_speakers_end_to_end():
+def test_feduv_learns_separable_speakers_end_to_end(tmp_path):
   splits = _splits(6, 2, 12)
   train_ds = splits.train
   config = _tiny_config()
@@ -211,10 +214,11 @@ def test_feduv_learns_separable_speakers_end_to_end():
   model = _tiny_feduv()
   params = train.init_state(model, optax.sgd(1.), train_ds.x[:1],
                             jax.random.key(1))
-  before, _ = verification_report.evaluate(
+  before, _ = scoring.evaluate(
       config, 'feduv', model, params.params, {}, splits, words)
-  rows, trials = verification_report.run_variant(
-      config, 'feduv', splits, words, jax.random.key(1))
+  rows, trials = experiment.run_variant(
+      config, 'feduv', splits, words, jax.random.key(1),
+      workdir=str(tmp_path))
   # Random W: chance level; trained: the 6 clusters (3 std apart) separate,
   # whether a user compares with its codeword or its mean embedding.
   assert before['eer'] > 0.2
@@ -242,7 +246,7 @@ def test_mean_reference_scores_by_hand():
                             jax.random.key(1)).params
   words = codes.user_codewords(codes.bch_code(4, 2), np.arange(3), 3,
                                jax.random.key(0))
-  _, trials = verification_report.evaluate(
+  _, trials = scoring.evaluate(
       _tiny_config(), 'feduv', model, params, {}, splits, words,
       reference='mean')
   emb = lambda x: np.asarray(model.apply({'params': params}, x), np.float64)
@@ -254,7 +258,7 @@ def test_mean_reference_scores_by_hand():
   np.testing.assert_allclose(np.sort(trials['genuine']), np.sort(genuine),
                              atol=1e-5)
   with pytest.raises(ValueError, match='codeword references'):
-    verification_report.evaluate(_tiny_config(), 'softmax', model, params,
+    scoring.evaluate(_tiny_config(), 'softmax', model, params,
                                  {}, splits, words, reference='codeword')
 
 
@@ -263,13 +267,13 @@ def test_goals_pair_each_feduv_row_with_fed_softmax():
           'feduv': {'eer': 0.3, 'tpr_at_far0.1': 0.5},
           'feduv_mean_ref': {'eer': 0.12, 'tpr_at_far0.1': 0.85}}
   got = {g['goal']: (round(g['value'], 6), g['met'])
-         for g in verification_report.goals(rows)}
+         for g in report.goals(rows)}
   assert got == {
       'EER(feduv) <= 1.5 x EER(fed_softmax)': (3.0, False),
       'TPR@FAR10% (feduv) > 0.8': (0.5, False),
       'EER(feduv_mean_ref) <= 1.5 x EER(fed_softmax)': (1.2, True),
       'TPR@FAR10% (feduv_mean_ref) > 0.8': (0.85, True)}
-  assert verification_report.row_order(
+  assert variants.row_order(
       ['feduv_mean_ref', 'fed_softmax', 'feduv']) == [
           'fed_softmax', 'feduv', 'feduv_mean_ref']
 
@@ -280,7 +284,7 @@ def test_combine_refuses_runs_with_different_configs(tmp_path):
     (tmp_path / name / 'results.json').write_text(json.dumps(
         {'config': {'seed': seed, 'variants': 'feduv'}, 'variants': {}}))
   with pytest.raises(ValueError, match='seed'):
-    verification_report.combine([tmp_path / 'a', tmp_path / 'b'],
+    report.combine([tmp_path / 'a', tmp_path / 'b'],
                                 str(tmp_path / 'out'))
 
 
@@ -288,7 +292,7 @@ def test_smoke_run_writes_every_row_and_combine_merges(tmp_path):
   config = feduv_kws.get_config('smoke')
   config.data.cache_dir = str(tmp_path / 'cache')
   config.variants = 'fed_softmax,feduv'
-  out = verification_report.run(config, str(tmp_path / 'a'))
+  out = experiment.run(config, str(tmp_path / 'a'))
   assert list(out['variants']) == ['fed_softmax', 'feduv', 'feduv_mean_ref']
   assert len(out['goals']) == 4
   for name in out['variants']:
@@ -298,8 +302,8 @@ def test_smoke_run_writes_every_row_and_combine_merges(tmp_path):
   assert 'feduv_mean_ref' in (tmp_path / 'a' / 'results.md').read_text()
   # A second run of the FedUV variant alone merges into the same table.
   config.variants = 'feduv'
-  verification_report.run(config, str(tmp_path / 'b'))
-  merged = verification_report.combine(
+  experiment.run(config, str(tmp_path / 'b'))
+  merged = report.combine(
       [str(tmp_path / 'a'), str(tmp_path / 'b')], str(tmp_path / 'c'))
   assert list(merged['variants']) == list(out['variants'])
   assert merged['config']['variants'] == 'fed_softmax,feduv'

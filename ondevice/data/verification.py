@@ -17,9 +17,11 @@ speakers (always impostors); see `fedjax_ext.verification`.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 
+from ondevice import options
 from ondevice.data import registry
 from ondevice.data.base import ArrayDataset
 
@@ -61,6 +63,27 @@ def relabel_by_speaker(ds: ArrayDataset) -> tuple[ArrayDataset, np.ndarray]:
   return out, speakers
 
 
+def part_sizes(num_utterances: int, warmup_fraction: float,
+               test_fraction: float) -> tuple[int, int, int]:
+  """(train, warm-up, test) counts of a user with `num_utterances`."""
+  n_test = round(test_fraction * num_utterances)
+  n_warm = round(warmup_fraction * num_utterances)
+  return num_utterances - n_test - n_warm, n_warm, n_test
+
+
+def _check_fractions(warmup_fraction: float, test_fraction: float) -> None:
+  for name, value in (('warmup_fraction', warmup_fraction),
+                      ('test_fraction', test_fraction)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        not 0.0 < value < 1.0):
+      raise ValueError(f'config.split.{name} must lie in (0, 1); got '
+                       f'{value!r}.')
+  if warmup_fraction + test_fraction >= 1.0:
+    raise ValueError('config.split.warmup_fraction + test_fraction must be '
+                     f'< 1 to leave training utterances; got '
+                     f'{warmup_fraction} + {test_fraction}.')
+
+
 def split_utterances(ds: ArrayDataset, warmup_fraction: float,
                      test_fraction: float, seed: int
                      ) -> tuple[ArrayDataset, ArrayDataset, ArrayDataset]:
@@ -68,28 +91,20 @@ def split_utterances(ds: ArrayDataset, warmup_fraction: float,
 
   User u's n_u utterances are shuffled by `default_rng((seed, u))`; the first
   round(test_fraction * n_u) go to test, the next round(warmup_fraction *
-  n_u) to warm-up, the rest to train. Each part keeps dataset order.
+  n_u) to warm-up, the rest to train (`part_sizes`). Each part keeps dataset
+  order.
 
   Raises:
-    ValueError: for fractions outside [0, 1) or summing to >= 1, or a user
+    ValueError: for fractions outside (0, 1) or summing to >= 1, or a user
       left with no utterance in a part.
   """
-  for name, value in (('warmup_fraction', warmup_fraction),
-                      ('test_fraction', test_fraction)):
-    if not 0.0 < value < 1.0:
-      raise ValueError(f'config.split.{name} must lie in (0, 1); got '
-                       f'{value}.')
-  if warmup_fraction + test_fraction >= 1.0:
-    raise ValueError('config.split.warmup_fraction + test_fraction must be '
-                     f'< 1 to leave training utterances; got '
-                     f'{warmup_fraction} + {test_fraction}.')
+  _check_fractions(warmup_fraction, test_fraction)
   part = np.zeros(len(ds), np.int8)  # 0 train, 1 warm-up, 2 test.
   for u in np.unique(ds.client_id):
     index = np.flatnonzero(ds.client_id == u)
     order = np.random.default_rng((seed, int(u))).permutation(index)
-    n_test = round(test_fraction * len(index))
-    n_warm = round(warmup_fraction * len(index))
-    if min(n_test, n_warm, len(index) - n_test - n_warm) < 1:
+    _, n_warm, n_test = part_sizes(len(index), warmup_fraction, test_fraction)
+    if min(part_sizes(len(index), warmup_fraction, test_fraction)) < 1:
       raise ValueError(
           f'User {u} has {len(index)} utterances: too few for a train / '
           f'warm-up / test split with fractions {warmup_fraction} and '
@@ -115,6 +130,60 @@ def log_mel_stats(ds: ArrayDataset) -> ArrayDataset:
   return dataclasses.replace(ds, x=x.astype(np.float32))
 
 
+class SplitSizes(NamedTuple):
+  """How many users and utterances a config's splits will hold."""
+  num_users: int           # Seen speakers (the clients).
+  num_unseen: int          # Held-out speakers (impostors only).
+  train_per_user: int
+  warmup_per_user: int
+  test_per_user: int
+
+  @property
+  def num_train(self) -> int:
+    return self.num_users * self.train_per_user
+
+
+def _held_out_speakers(num_speakers: int, test_fraction: float) -> int:
+  # The rule of `base.split_by_client`, which every speaker enters.
+  return min(num_speakers - 1, max(1, round(test_fraction * num_speakers)))
+
+
+def check_config(config) -> SplitSizes:
+  """Checks `config.data`, `config.split` and `config.features` unloaded.
+
+  Every synthesised speaker has `utterances_per_word` clips of every word,
+  so the sizes of the splits follow from the config alone.
+
+  Raises:
+    ValueError: naming the key of a missing or bad value.
+  """
+  from ondevice.data import speech_keywords  # pylint: disable=g-import-not-at-top
+  options.require(config, ('data.name', 'split.warmup_fraction',
+                           'split.test_fraction', 'split.seed'))
+  registry.validate_data_config(config.data)
+  options.one_of(config, 'data.name', ['speech_keywords'])
+  options.one_of(config, 'features', FEATURES)
+  _check_fractions(config.split.warmup_fraction, config.split.test_fraction)
+  words = tuple(config.data.get('words', None) or speech_keywords.WORDS)
+  unknown = sorted(set(words) - set(speech_keywords.WORDS))
+  if unknown:
+    raise ValueError(f'config.data.words has unknown words {unknown}; choose '
+                     f'from {speech_keywords.WORDS}.')
+  per_user = config.data.utterances_per_word * len(words)
+  sizes = part_sizes(per_user, config.split.warmup_fraction,
+                     config.split.test_fraction)
+  if min(sizes) < 1:
+    raise ValueError(
+        f'config.data.utterances_per_word={config.data.utterances_per_word} '
+        f'gives each user {per_user} utterances, split (train, warm-up, '
+        f'test) = {sizes} by config.split; every part needs >= 1: raise '
+        'utterances_per_word or change the split fractions.')
+  num_unseen = _held_out_speakers(config.data.num_speakers,
+                                  config.data.test_fraction)
+  return SplitSizes(config.data.num_speakers - num_unseen, num_unseen,
+                    *sizes)
+
+
 def load_verification_splits(config) -> VerificationSplits:
   """Loads the corpus named by `config.data` and splits it for verification.
 
@@ -122,15 +191,10 @@ def load_verification_splits(config) -> VerificationSplits:
     config: a ConfigDict with `data` (see `registry.load_dataset`, with
       `test_fraction` the fraction of *unseen* speakers) and `split` with
       `warmup_fraction`, `test_fraction` (of each seen user's utterances)
-      and `seed`; optional `features` in FEATURES (default 'log_mel').
+      and `seed`; `features` in FEATURES.
   """
-  if config.data.name != 'speech_keywords':
-    raise ValueError('Speaker verification needs config.data.name='
-                     f"'speech_keywords'; got {config.data.name!r}.")
-  features = config.get('features', 'log_mel')
-  if features not in FEATURES:
-    raise ValueError(f'config.features={features!r} is unknown; choose one '
-                     f'of {FEATURES}.')
+  check_config(config)
+  features = config.features
   seen, unseen = registry.load_dataset(config.data)
   if features == 'log_mel_stats':
     seen, unseen = log_mel_stats(seen), log_mel_stats(unseen)
