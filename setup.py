@@ -31,6 +31,7 @@ setuptools.setup(
         'matplotlib',
         'tensorboardX',
         'dp-accounting',
+        'pyroomacoustics',
     ],
     extras_require={
         'test': ['pytest', 'pytest-xdist', 'fedjax'],

@@ -264,27 +264,29 @@ def synthesize_speaker(config: SpeechCorpusConfig,
           'utterance': np.array([k[1] for k in keys], np.int32)}
 
 
-def _speaker_chunks(config: SpeechCorpusConfig, num_workers: int
+def _speaker_chunks(config: SpeechCorpusConfig, num_workers: int,
+                    job=None, indices: list[int] | None = None
                    ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
   """Yields (speaker index, clips) in order, logging progress as it goes.
 
   Workers are spawned, not forked, since JAX in this process is threaded;
   each has its own eSpeak engine, reset per speaker, so the clips do not
-  depend on the number of workers.
+  depend on the number of workers. `job(index)` synthesises one speaker
+  (default `synthesize_speaker`) of `indices` (default all speakers).
   """
-  job = functools.partial(synthesize_speaker, config)
-  total = config.num_speakers
+  job = job or functools.partial(synthesize_speaker, config)
+  indices = list(range(config.num_speakers)) if indices is None else indices
+  total = len(indices)
   start = time.perf_counter()
   every = max(1, total // 20)
   if num_workers > 1:
     pool = multiprocessing.get_context('spawn').Pool(num_workers)
-    results = pool.imap(job, range(total))
+    results = pool.imap(job, indices)
   else:
-    pool, results = None, map(job, range(total))
+    pool, results = None, map(job, indices)
   try:
-    for index, clips in enumerate(results):
+    for done, (index, clips) in enumerate(zip(indices, results), start=1):
       yield index, clips
-      done = index + 1
       if done % every == 0 or done == total:
         elapsed = time.perf_counter() - start
         count = done * len(config.words) * config.utterances_per_word
@@ -454,3 +456,29 @@ def load_speech_waveforms(config: SpeechCorpusConfig = SpeechCorpusConfig(),
     default corpus takes 0.7 GB.
   """
   return _load(config, cache_dir, 'waveform', num_workers)
+
+
+def load_corpus(config: SpeechCorpusConfig = SpeechCorpusConfig(),
+                population=None, cache_dir: str | None = None,
+                num_workers: int | None = None) -> ArrayDataset:
+  """The pre-training corpus of a population, by `config.data.population`.
+
+  Args:
+    config: what to synthesise.
+    population: None, '' or 'espeak': this module's eSpeak corpus, exactly
+      `load_speech_keywords(config)`; otherwise a population name or mapping
+      (see `population.population_from_config`), validated before anything
+      is synthesised, whose seen speakers among 0..num_speakers-1 form the
+      corpus (`population_corpus.load_population_keywords`).
+    cache_dir: cache folder; default $ONDEVICE_CACHE or ~/.cache/ondevice.
+    num_workers: synthesis processes, as in `load_speech_keywords`.
+  """
+  # pylint: disable=g-import-not-at-top
+  from ondevice.data import population as population_lib
+  from ondevice.data import population_corpus
+  pop = population_lib.population_from_config(population,
+                                              'config.data.population')
+  if pop is None:
+    return load_speech_keywords(config, cache_dir, num_workers)
+  return population_corpus.load_population_keywords(config, pop, cache_dir,
+                                                    num_workers)

@@ -1,0 +1,283 @@
+"""Tests of multi-engine speaker populations, their corpora and outliers."""
+import dataclasses
+import hashlib
+import logging
+
+import numpy as np
+import pytest
+
+from ondevice.data import espeak
+from ondevice.data import outliers
+from ondevice.data import population as pop_lib
+from ondevice.data import population_corpus as pc
+from ondevice.data import speech_keywords as sk
+from ondevice.data.engines import flite
+
+KEY = 'config.data.population'
+TINY = sk.SpeechCorpusConfig(num_speakers=4, utterances_per_word=2,
+                             words=('yes', 'no', 'hey snapdragon'), seed=3)
+# Small, dry rooms only, so that impulse responses take milliseconds.
+FAST = dataclasses.replace(
+    pop_lib.MIXED_UNSEEN, name='fast', held_out_conditions=('child',),
+    rooms=(pop_lib.ROOMS[0], pop_lib.ROOMS[0]._replace(
+        name='small_room', rt60=(0.3, 0.4), distance=(1.0, 2.0))))
+
+
+# Computed from the code before populations existed (commit 6e5c5cb).
+def test_default_population_is_unchanged(monkeypatch):
+  assert sk.cache_path(sk.SpeechCorpusConfig(), '/c') == (
+      '/c/speech_keywords_log_mel_da23a64b3ae4b8878838.npz')
+  assert sk.cache_path(sk.SpeechCorpusConfig(), '/c', kind='waveform') == (
+      '/c/speech_keywords_waveform_8b9cc96ab369ed58128f.npz')
+  assert sk.cache_path(TINY, '/c') == (
+      '/c/speech_keywords_log_mel_9a42cee7f8db78016515.npz')
+  if espeak.version() == '1.51':  # Debian bookworm's espeak-ng
+    for index, digest in [(0, 'a3271e0157525488a1113bfd12177601deff7f95b32b'
+                              '8638aa1ae0073a3f1275'),
+                          (1, '2b7f9e47407713328de7f8a3c2bdecb1b2d561d95355'
+                              '706cc1269940dd76377b')]:
+      wave = sk.synthesize_speaker(TINY, index)['waveform']
+      assert hashlib.sha256(wave.tobytes()).hexdigest() == digest
+  calls = []
+  monkeypatch.setattr(sk, 'load_speech_keywords',
+                      lambda *args: calls.append(args) or 'espeak corpus')
+  for value in (None, '', 'espeak'):
+    assert sk.load_corpus(TINY, population=value, cache_dir='/c') == (
+        'espeak corpus')
+  assert calls == [(TINY, '/c', None)] * 3
+
+
+ALL_FAMILIES = [f.name for f in pop_lib.FAMILIES]
+
+
+@pytest.mark.parametrize('value,match', [
+    ('nope', r"config\.data\.population='nope' is unknown"),
+    ({'base': 'nope'}, r"population\.base='nope' is unknown"),
+    ({'colour': 1}, r'population has unknown fields'),
+    ({'families': {'robots': {'engine': 'mbrola', 'voices': ['x'],
+                              'weight': 0.1}}},
+     r"population\.families\['robots'\]: engine 'mbrola' is unknown"),
+    ({'families': {'flite': {'voices': ['kal', 'joe']}}},
+     r"families\['flite'\]: flite has no voice 'joe'"),
+    ({'family_weights': {'martians': 1.0}},
+     r"family_weights names family 'martians'"),
+    ({'held_out_families': ['aliens']}, r'held_out_families: unknown'),
+    ({'held_out_families': ALL_FAMILIES}, 'leaves no pre-training speakers'),
+    ({'held_out_conditions': ['close_talk', 'living_room', 'hall']},
+     'every entry of rooms, which leaves no pre-training speakers'),
+    ({'rooms': {'desk': {'size_low': (3, 3, 2.5), 'size_high': (4, 4, 3),
+                         'rt60': (0.2, 0.4), 'distance': (0.3, 1.0),
+                         'weight': 0.1, 'mic': (3.5, 1.0, 1.0)}}},
+     r"rooms\['desk'\]\.mic=.* lies outside the smallest room"),
+    ({'rooms': {'hall': {'rt60': (0.0, 0.5)}}},
+     r"rooms\['hall'\]\.rt60 .*RT60 > 0"),
+    ({'rooms': {'hall': {'rt60': (-0.2, 0.5)}}}, r'RT60 > 0'),
+    ({'mics': {'phone': {'high_hz': (3400.0, 9000.0)}}},
+     r"mics\['phone'\]: microphone band"),
+])
+def test_bad_populations_fail_before_synthesis(value, match, monkeypatch,
+                                               tmp_path):
+  def fail(*args, **kwargs):
+    raise AssertionError('synthesis started')
+  monkeypatch.setattr(pc, 'synthesize_speaker', fail)
+  monkeypatch.setattr(sk, 'synthesize_speaker', fail)
+  with pytest.raises(ValueError, match=match):
+    sk.load_corpus(TINY, population=value, cache_dir=str(tmp_path))
+
+
+def test_missing_engine_package_is_named(monkeypatch):
+  monkeypatch.setattr(flite, '_binary', lambda: None)
+  with pytest.raises(ValueError, match=r"population\.families\['flite'\].*"
+                     'apt-get install flite'):
+    pop_lib.population_from_config('mixed', KEY)
+  # A population without Flite does not need it.
+  no_flite = {'families': {'flite': {'engine': 'espeak',
+                                     'voices': ('en-us',)}}}
+  assert pop_lib.population_from_config(no_flite, KEY) is not None
+
+
+def test_overrides_edit_the_named_population():
+  pop = pop_lib.population_from_config(
+      {'base': 'mixed', 'family_weights': {'flite': 0.5},
+       'held_out_conditions': ['hall']}, KEY)
+  assert dict((f.name, f.weight) for f in pop.families)['flite'] == 0.5
+  assert pop.held_out_conditions == ('hall',) and not pop.held_out_families
+  assert pop_lib.population_from_config('mixed_unseen', KEY) is (
+      pop_lib.MIXED_UNSEEN)
+
+
+def test_speakers_are_deterministic_and_physical():
+  pop = pop_lib.MIXED_UNSEEN
+  conditions = {r.name: r for r in pop.rooms}
+  for seed in range(300):
+    speaker = pc.make_speaker(pop, seed)
+    assert speaker == pc.make_speaker(pop, seed)
+    room, condition = speaker.room, conditions[speaker.room_condition]
+    size = np.array(room.size)
+    for point in (room.mic, room.source):
+      assert np.all(np.array(point) >= pop_lib.MARGIN_M - 1e-9)
+      assert np.all(np.array(point) <= size - pop_lib.MARGIN_M + 1e-9)
+    assert condition.rt60[0] <= room.rt60 <= condition.rt60[1]
+    assert condition.distance[0] - 1e-9 <= room.distance <= (
+        condition.distance[1] + 1e-9)
+    assert speaker.unseen == (
+        speaker.family == 'festival_foreign' or
+        speaker.timbre == 'child' or speaker.room_condition == 'hall')
+
+
+def test_family_frequencies_follow_the_weights():
+  n = 2000
+  counts = {f.name: 0 for f in pop_lib.FAMILIES}
+  unseen = 0
+  for seed in range(n):
+    speaker = pc.make_speaker(pop_lib.MIXED_UNSEEN, seed)
+    counts[speaker.family] += 1
+    unseen += speaker.unseen
+  for family in pop_lib.FAMILIES:  # Binomial counts: within 5 sd.
+    mean = n * family.weight
+    assert abs(counts[family.name] - mean) <= 5 * np.sqrt(
+        mean * (1 - family.weight)), family
+  # Seen: not festival_foreign (.85), not child (.88), not hall (.8).
+  p_seen = 0.85 * 0.88 * 0.8
+  assert abs(n - unseen - n * p_seen) <= 5 * np.sqrt(n * p_seen * (1 - p_seen))
+
+
+def _first_index_of(pop, family, seed=0):
+  return next(i for i in range(1000)
+              if pc.speaker_at(pop, seed, i).family == family)
+
+
+@pytest.mark.parametrize('family', ALL_FAMILIES)
+def test_every_family_gives_clean_deterministic_clips(family):
+  config = dataclasses.replace(TINY, utterances_per_word=1,
+                               words=('no', 'hey snapdragon'), seed=0)
+  index = _first_index_of(FAST, family)
+  clips = pc.synthesize_speaker(config, FAST, index)
+  assert clips['waveform'].shape == (2, sk.CLIP_SAMPLES)
+  assert clips['waveform'].dtype == np.int16
+  np.testing.assert_array_equal(clips['y'], [0, 1])
+  np.testing.assert_array_equal(
+      clips['waveform'], pc.synthesize_speaker(config, FAST, index)['waveform'])
+  for clip in clips['waveform'] / 32768.0:
+    power = np.sort(np.mean(clip[:16000].reshape(-1, 400) ** 2, axis=1))
+    # Speech well above the noise floor of the quietest frames (the noisiest
+    # condition is 5 dB SNR on average over the word).
+    assert power[-1] > 3 * np.median(power[:10])
+    assert np.max(np.abs(clip)) > 0.03
+
+
+def test_espeak_clips_do_not_depend_on_the_word_list():
+  index = _first_index_of(FAST, 'espeak_english')
+  small = dataclasses.replace(TINY, utterances_per_word=1, words=('no',))
+  big = dataclasses.replace(small, words=('yes', 'no'))
+  np.testing.assert_array_equal(
+      pc.synthesize_speaker(small, FAST, index)['waveform'][0],
+      pc.synthesize_speaker(big, FAST, index)['waveform'][1])
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+  cache_dir = str(tmp_path_factory.mktemp('population_cache'))
+  config = dataclasses.replace(TINY, num_speakers=6, utterances_per_word=1,
+                               words=('yes', 'no'), seed=0)
+  return cache_dir, config, pc.load_population_keywords(config, FAST,
+                                                        cache_dir)
+
+
+def test_pretraining_corpus_holds_the_seen_speakers(tiny):
+  _, config, ds = tiny
+  seen = pc.seen_indices(config, FAST)
+  assert 2 <= len(seen) < 6  # seed 0 has unseen speakers among 0..5
+  np.testing.assert_array_equal(ds.clients(), seen)
+  assert ds.x.shape == (2 * len(seen), 98, 40) and ds.x.dtype == np.float32
+  assert not ds.meta['is_unseen'].any()
+  families = ds.info['names']['family']
+  for row in range(len(ds)):
+    speaker = pc.speaker_at(FAST, 0, int(ds.client_id[row]))
+    assert families[ds.meta['family'][row]] == speaker.family
+    assert ds.info['names']['room'][ds.meta['room'][row]] == (
+        speaker.room_condition)
+  np.testing.assert_array_equal(ds.meta['accent_group'], ds.meta['family'])
+
+
+def test_cache_hit_gives_the_same_arrays(tiny, monkeypatch, caplog):
+  cache_dir, config, ds = tiny
+  def fail(*args, **kwargs):
+    raise AssertionError('synthesised despite a cache hit')
+  monkeypatch.setattr(pc, 'synthesize_speaker', fail)
+  again = pc.load_population_keywords(config, FAST, cache_dir)
+  np.testing.assert_array_equal(again.x, ds.x)
+  np.testing.assert_array_equal(again.client_id, ds.client_id)
+
+
+def test_build_logs_progress_with_eta(tmp_path, caplog):
+  caplog.set_level(logging.INFO)
+  config = dataclasses.replace(TINY, num_speakers=2, utterances_per_word=1,
+                               words=('yes',), seed=0)
+  pc.load_speakers(config, FAST, [0, 1], str(tmp_path), kind='waveform')
+  assert 'Speech keywords: 2/2 speakers, 2 clips' in caplog.text
+  assert 's left' in caplog.text
+
+
+def test_cache_key_covers_what_changes_the_arrays(monkeypatch):
+  base = pc.cache_path(TINY, FAST, [0, 1], cache_dir='/c')
+  assert pc.cache_path(TINY, dataclasses.replace(FAST), [0, 1],
+                       cache_dir='/c') == base
+  assert base.startswith('/c/speech_population_log_mel_')
+  changes = [
+      (TINY, dataclasses.replace(FAST, held_out_families=()), [0, 1]),
+      (TINY, dataclasses.replace(FAST, f0_jitter_semitones=0.1), [0, 1]),
+      (TINY, dataclasses.replace(FAST, rooms=FAST.rooms[:1]), [0, 1]),
+      (dataclasses.replace(TINY, seed=4), FAST, [0, 1]),
+      (TINY, FAST, [0, 2]),
+  ]
+  for config, pop, indices in changes:
+    assert pc.cache_path(config, pop, indices, cache_dir='/c') != base
+  assert pc.cache_path(TINY, FAST, [0, 1], 'waveform', '/c') != base
+  pc._engine_version.cache_clear()
+  monkeypatch.setattr(flite, 'version', lambda: 'flite-9.9')
+  assert pc.cache_path(TINY, FAST, [0, 1], cache_dir='/c') != base
+  pc._engine_version.cache_clear()
+
+
+def test_select_users_picks_both_kinds_of_new_speakers():
+  indices = pc.select_users(pop_lib.MIXED_UNSEEN, 0, 200, 5, 3)
+  assert len(indices) == 8 and min(indices) >= 200
+  unseen = [pc.speaker_at(pop_lib.MIXED_UNSEEN, 0, i).unseen for i in indices]
+  assert sum(unseen) == 3
+  with pytest.raises(ValueError, match='num_outlier'):
+    pc.select_users(pop_lib.MIXED_UNSEEN, 0, 200, 5, 50, max_scan=20)
+
+
+def test_worst_users_by_hand():
+  # Users 0..4 with calibration detection rates .9, .5, .7, .5, 1.0 over
+  # two clips each... (.5 twice: the tie goes to the lower id).
+  detected = np.array([1, 0.8, 1, 0, 1, 0.4, 0, 1, 1, 1], float)
+  user = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+  calibration = np.ones(10, bool)
+  assert outliers.select_worst_users(detected, user, calibration, 0.2) == [1]
+  assert outliers.select_worst_users(detected, user, calibration, 0.4) == [
+      1, 3]
+  assert outliers.select_worst_users(detected, user, calibration, 0.6) == [
+      1, 2, 3]
+
+
+def test_worst_users_never_read_evaluation_clips():
+  rng = np.random.default_rng(0)
+  user = np.repeat(np.arange(20), 6)
+  utterance = np.tile(np.arange(6), 20)
+  calibration, evaluation = outliers.calibration_split(utterance, 3)
+  assert not (calibration & evaluation).any()
+  assert (calibration | evaluation).all()
+  detected = rng.random(120) < 0.7
+  chosen = outliers.select_worst_users(detected, user, calibration)
+  assert len(chosen) == 4  # 20% of 20 users
+  # Whatever happens on the evaluation clips, the selection is the same.
+  for _ in range(5):
+    changed = np.where(evaluation, rng.random(120) < 0.5, detected)
+    assert outliers.select_worst_users(changed, user, calibration) == chosen
+  rates = outliers.per_user_rate(detected, user, calibration)
+  worst_rate = max(rates[u] for u in chosen)
+  assert all(rates[u] >= worst_rate for u in rates if u not in chosen)
+  with pytest.raises(ValueError, match='both sides'):
+    outliers.calibration_split(utterance, 6)
