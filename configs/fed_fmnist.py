@@ -8,6 +8,7 @@ r"""Federated Fashion-MNIST with Dirichlet(alpha) label skew over N clients.
 import ml_collections
 
 from configs import common
+from fedjax_ext import training
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -22,10 +23,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model_kwargs = ml_collections.ConfigDict()
   config.quant = 'none'
   # A sparse_updates preset; clients train and send only its leaves.
-  config.trainable = 'full'
-  config.trainable_kwargs = ml_collections.ConfigDict()  # e.g. k for last_k.
-  config.algorithm = 'fedavg'
-  config.algorithm_kwargs = ml_collections.ConfigDict()
+  config.trainable = training.trainable_options('full')
+  config.algorithm = training.algorithm_options('fedavg')
   config.server_learning_rate = 1.0
   config.client_learning_rate = 0.05
   config.client_momentum = 0.9
@@ -37,11 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_rounds = 200
   config.dropout_rate = 0.0
   config.execution = 'auto'
-  config.aggregator = ml_collections.ConfigDict(dict(name='mean'))
-  config.compression = ml_collections.ConfigDict(dict(name='none'))
-  config.dp = ml_collections.ConfigDict(dict(
-      enabled=False, noise_multiplier=1.0, clip_norm=1.0, adaptive=False,
-      target_quantile=0.5, delta=1e-5))
+  config.aggregator = training.aggregator_options('mean')
+  config.compression = training.compression_options('none')
+  config.dp = training.dp_options()
   config.eval_every = 10
   config.eval_batch_size = 1000
   config.checkpoint_every = 50

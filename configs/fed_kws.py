@@ -15,6 +15,7 @@ and the tuning behind these settings: benchmarks/results/fed_kws/.
 import ml_collections
 
 from configs import common
+from fedjax_ext import training
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -29,14 +30,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model_kwargs = ml_collections.ConfigDict({'first_stride': (4, 4)})
   config.quant = 'none'
   # A sparse_updates preset; clients train and send only its leaves.
-  config.trainable = 'full'
-  config.trainable_kwargs = ml_collections.ConfigDict()  # e.g. k for last_k.
+  config.trainable = training.trainable_options('full')
 
   # fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad | scaffold.
   # Adaptive server steps escape the early loss plateau in far fewer rounds
   # than FedAvg at the same client work (benchmarks/results/fed_kws/).
-  config.algorithm = 'fedadam'
-  config.algorithm_kwargs = ml_collections.ConfigDict()  # e.g. mu, momentum.
+  config.algorithm = training.algorithm_options('fedadam')
   config.server_learning_rate = 0.03
   config.client_learning_rate = 0.05
   config.client_momentum = 0.9
@@ -50,11 +49,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_rounds = 150
   config.dropout_rate = 0.0
   config.execution = 'auto'  # vmap | chunked | streamed | sharded | auto.
-  config.aggregator = ml_collections.ConfigDict(dict(name='mean'))
-  config.compression = ml_collections.ConfigDict(dict(name='none'))
-  config.dp = ml_collections.ConfigDict(dict(
-      enabled=False, noise_multiplier=1.0, clip_norm=1.0, adaptive=False,
-      target_quantile=0.5, delta=1e-5))
+  config.aggregator = training.aggregator_options('mean')
+  config.compression = training.compression_options('none')
+  config.dp = training.dp_options()
   config.eval_every = 10
   config.eval_batch_size = 512
   config.checkpoint_every = 50

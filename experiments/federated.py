@@ -10,19 +10,14 @@ final_metrics.json; rerunning with the same workdir resumes.
 from absl import app
 
 from experiments import common
-from fedjax_ext import training
-import quantized_training
+from fedjax_ext import experiment
 
 _CONFIG, _WORKDIR = common.define_flags('configs/fed_kws.py:smoke')
 
 
 def main(argv):
   del argv
-  common.setup()
-  config = _CONFIG.value
-  quant = quantized_training.get_quant(config.quant)
-  training.train_and_evaluate(config, _WORKDIR.value,
-                              model_kwargs=quant.model_kwargs())
+  common.run_binary(experiment.run, _CONFIG, _WORKDIR)
 
 
 if __name__ == '__main__':

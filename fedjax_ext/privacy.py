@@ -341,3 +341,42 @@ def epsilon_for_config(config: DPConfig, population_size: int, rounds: int,
   q = config.expected_num_clients / population_size
   return compute_epsilon(config.noise_multiplier, q, rounds, delta,
                          population_size=population_size, **kwargs)
+
+
+def epsilon_curve(noise_multiplier: float, cohort_size: int,
+                  population_size: int, delta: float
+                  ) -> Callable[[int], float]:
+  """`rounds -> epsilon` of the rounds a federated run samples.
+
+  Cohorts are `cohort_size` clients drawn uniformly without replacement from
+  `population_size` (`cohort.sample_clients`), so each round is the
+  sampled-without-replacement Gaussian event (`dp_event`) and the RDP
+  accountant composes it: the value equals `compute_epsilon(...,
+  sampling='without_replacement', population_size=population_size)`. The
+  one-round RDP curve is computed once and scaled by the number of rounds
+  (what dp-accounting's own self-composition does), so logging epsilon every
+  round stays cheap. noise_multiplier 0 gives inf for rounds > 0.
+  """
+  _check_epsilon_args(noise_multiplier, cohort_size / population_size, 0,
+                      delta, 'rdp', 'without_replacement', population_size)
+  if noise_multiplier == 0:
+    return lambda rounds: 0.0 if rounds == 0 else math.inf
+  # pylint: disable=g-import-not-at-top
+  from dp_accounting.rdp import rdp_privacy_accountant
+  # pylint: enable=g-import-not-at-top
+  event, neighbours = dp_event(noise_multiplier,
+                               cohort_size / population_size,
+                               'without_replacement', population_size)
+  acct = rdp_privacy_accountant.RdpAccountant(neighboring_relation=neighbours)
+  acct.compose(event)
+  # The accountant's orders and one-round RDP values (no public getter).
+  orders, one_round = acct._orders, acct._rdp  # pylint: disable=protected-access
+
+  def epsilon(rounds: int) -> float:
+    if rounds == 0:
+      return 0.0
+    eps, _ = rdp_privacy_accountant.compute_epsilon(
+        orders, one_round * int(rounds), float(delta))
+    return float(eps)
+
+  return epsilon

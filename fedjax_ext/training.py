@@ -1,22 +1,31 @@
-"""A federated training run: `train_and_evaluate(config, workdir)`.
+"""A federated run's parts from its config: checks, algorithm, round hooks.
 
-Turns a config (see configs/fed_kws.py) into an algorithm from
-`fedjax_ext.algorithms`, then loops: sample a cohort with the round's key,
-gather it into padded arrays, run the round in one jitted call, log, evaluate
-the server model on held-out clients, checkpoint. Every key of round r is
-`fold_in(round_key, r)` and the checkpoint holds the whole server state
-(round number included), so a resumed run repeats an uninterrupted one bit
-for bit.
+Parts chosen by name are declared with `ondevice.options.named`: a `name` plus
+one sub-config per choice holding that choice's keyword arguments, so every
+option is settable on the command line of a locked config:
+
+    --config.algorithm.name=fedprox --config.algorithm.fedprox.mu=0.01
+    --config.aggregator.name=krum --config.aggregator.krum.num_byzantine=1 \
+        --config.aggregator.krum.multi_k=3
+    --config.compression.name=top_k --config.compression.top_k.fraction=0.05
+    --config.trainable.name=last_k --config.trainable.last_k.k=3
+
+`algorithm_options`, `aggregator_options`, `compression_options`,
+`trainable_options` and `dp_options` build those sub-configs for a config
+file; `validate_config` checks every federated key and combination before any
+data loads; `build_algorithm` turns a checked config into an `(init, apply)`
+pair. The run itself is `fedjax_ext.experiment.run`.
+
+A config that still gives `algorithm` (or `trainable`) as a plain name, with
+its arguments in `algorithm_kwargs` (`trainable_kwargs`), is read as that
+name's sub-config.
 """
 from __future__ import annotations
 
-import json
-import os
-import time
-from typing import Any, Callable, Mapping, Sequence
+import inspect
+import math
+from typing import Any, Callable, Mapping
 
-from absl import logging
-import jax
 import ml_collections
 import numpy as np
 import optax
@@ -24,17 +33,13 @@ import optax
 from fedjax_ext import aggregators
 from fedjax_ext import algorithms
 from fedjax_ext import client as client_lib
-from fedjax_ext import cohort as cohort_lib
 from fedjax_ext import compression
 from fedjax_ext import execution
 from fedjax_ext import privacy
 from fedjax_ext import rounds as rounds_lib
-from ondevice import checkpoint as checkpoint_lib
-from ondevice import metric_writer
 from ondevice import models
-from ondevice import train
+from ondevice import options
 from ondevice.data import partition
-from ondevice.data import registry
 from ondevice.data.base import ArrayDataset
 from sparse_updates import presets
 
@@ -43,41 +48,321 @@ REQUIRED_KEYS = ('data', 'model', 'algorithm', 'num_rounds', 'cohort_size',
                  'max_examples_per_client', 'seed', 'eval_every',
                  'checkpoint_every')
 
+# sparse_updates presets by name -> their rules builder (for the sub-configs;
+# `presets.resolve` applies them). Clients send whole leaves, so presets that
+# train part of a leaf's channels are rejected by `validate_config`.
+TRAINABLE_PRESETS = presets.PRESET_BUILDERS
+_PARTIAL_CHANNEL_PRESETS = ('sparse_channels',)
+# The federated run builds plain models; lite residual branches need a
+# `LiteResidualModel`, which only the sparse_updates study wraps.
+_UNSUPPORTED_PRESETS = {'lite_residual': (
+    'needs a model wrapped in sparse_updates.LiteResidualModel, and the '
+    'federated run builds plain models')}
+PARTITIONS = ('natural', 'dirichlet', 'iid')
+
+
+def algorithm_options(default: str, **overrides) -> ml_collections.ConfigDict:
+  """`{name: default, <algorithm>: {its hyperparameters}}` for a config."""
+  values = {'fedprox': {'mu': 0.01}}
+  values.update(overrides)
+  return options.named(algorithms.ALGORITHMS, default, overrides=values,
+                       skip=algorithms.RUN_ARGUMENTS)
+
+
+def aggregator_options(default: str = 'mean', **overrides
+                       ) -> ml_collections.ConfigDict:
+  """The aggregator choice; krum with multi_k > 1 is multi-Krum."""
+  values = {'trimmed_mean': {'trim_fraction': 0.1},
+            'krum': {'num_byzantine': 1}}
+  values.update(overrides)
+  return options.named(aggregators.AGGREGATORS, default, overrides=values)
+
+
+def compression_options(default: str = 'none', **overrides
+                        ) -> ml_collections.ConfigDict:
+  """The per-client compression: none, quantize (bits) or top_k (fraction)."""
+  values = {'top_k': {'fraction': 0.1}}
+  values.update(overrides)
+  return options.named(compression.COMPRESSORS, default, overrides=values)
+
+
+def trainable_options(default: str = 'full', **overrides
+                      ) -> ml_collections.ConfigDict:
+  """The sparse_updates preset clients train and send, with its arguments."""
+  return options.named(TRAINABLE_PRESETS, default, overrides=overrides,
+                       skip=('params', 'layer_order'))
+
+
+def dp_options(**overrides) -> ml_collections.ConfigDict:
+  """DP-FedAvg settings (see `privacy.DPConfig`); off by default.
+
+  `clipped_count_stddev` unset means cohort_size / 20 (Andrew et al.).
+  """
+  values = dict(enabled=False, noise_multiplier=1.0, clip_norm=1.0,
+                adaptive=False, target_quantile=0.5, clip_learning_rate=0.2,
+                clipped_count_stddev=ml_collections.config_dict.placeholder(
+                    float), delta=1e-5)
+  values.update(overrides)
+  return ml_collections.ConfigDict(values)
+
+
+def _as_named(config, key: str) -> ml_collections.ConfigDict:
+  """config[key] in the named form (a plain name plus `<key>_kwargs`)."""
+  node = config[key]
+  if isinstance(node, str):
+    kwargs = dict(config.get(f'{key}_kwargs', None) or {})
+    return ml_collections.ConfigDict({'name': node, node: kwargs})
+  return node
+
+
+def selected(config, key: str, table: Mapping[str, Callable[..., Any]]
+             ) -> tuple[str, Callable[..., Any], dict[str, Any]]:
+  """(name, factory, kwargs) of the part `config.<key>` picks from `table`."""
+  node = _as_named(config, key)
+  factory, kwargs = options.selected(node, table, f'config.{key}')
+  return node.name, factory, kwargs
+
+
+def _chosen(config, key: str, default: str) -> ml_collections.ConfigDict:
+  if config.get(key, None) is None:
+    return ml_collections.ConfigDict({'name': default})
+  return _as_named(config, key)
+
+
+def trainable_choice(config) -> tuple[str, dict[str, Any]]:
+  """(preset name, its keyword arguments) of `config.trainable`."""
+  node = _chosen(config, 'trainable', 'full')
+  _, kwargs = options.selected(node, TRAINABLE_PRESETS, 'config.trainable')
+  return node.name, kwargs
+
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks the fields that need no data, before anything is compiled."""
-  missing = [k for k in REQUIRED_KEYS if k not in config]
-  if missing:
-    raise ValueError(f'The config lacks the keys {missing}.')
-  if config.model not in models.MODEL_NAMES:
-    raise ValueError(f'config.model={config.model!r} is unknown; choose one '
-                     f'of {models.MODEL_NAMES}.')
-  if config.algorithm not in algorithms.ALGORITHMS:
-    raise ValueError(f'config.algorithm={config.algorithm!r} is unknown; '
-                     f'choose one of {sorted(algorithms.ALGORITHMS)}.')
+  """Checks every federated key and combination; needs no data.
+
+  Raises:
+    ValueError: naming the config key, the bad value and the fix.
+  """
+  options.require(config, REQUIRED_KEYS)
+  options.one_of(config, 'model', models.MODEL_NAMES)
+  _check_numbers(config)
+  _check_local(config)
+  _check_algorithm(config)
+  _check_aggregator(config)
+  _check_compression(config)
+  _check_trainable(config)
+  _check_execution(config)
+  _check_dp(config)
+  _check_partition(config)
+
+
+def _check_numbers(config) -> None:
   for key in ('num_rounds', 'cohort_size', 'max_examples_per_client',
               'eval_every', 'checkpoint_every'):
-    if int(config[key]) <= 0:
-      raise ValueError(f'config.{key} must be > 0; got {config[key]}.')
-  for key in ('client_learning_rate', 'server_learning_rate'):
-    if not config[key] > 0:
-      raise ValueError(f'config.{key} must be > 0; got {config[key]}.')
-  if config.local.batch_size <= 0:
-    raise ValueError('config.local.batch_size must be > 0; got '
-                     f'{config.local.batch_size}.')
-  if config.get('trainable', 'full') not in presets.PRESETS:
-    raise ValueError(f'config.trainable={config.trainable!r} is unknown; '
-                     f'choose one of {presets.PRESETS}.')
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise ValueError(f'config.{key} must be an integer > 0; got {value!r}.')
+  options.positive(config, 'client_learning_rate', 'server_learning_rate')
+  if 'eval_batch_size' in config:
+    options.positive(config, 'eval_batch_size')
+  if 'client_momentum' in config:
+    options.in_range(config, 'client_momentum', 0.0, 1.0,
+                     high_inclusive=False)
+  if 'dropout_rate' in config:
+    options.in_range(config, 'dropout_rate', 0.0, 1.0, high_inclusive=False)
+  if not isinstance(config.get('weighted_sampling', False), bool):
+    raise ValueError('config.weighted_sampling must be True or False; got '
+                     f'{config.weighted_sampling!r}.')
+
+
+def _check_local(config) -> None:
+  options.require(config, ('local.batch_size',))
+  options.positive(config, 'local.batch_size')
+  steps = config.local.get('num_steps', 0) or 0
+  epochs = config.local.get('num_epochs', 0) or 0
+  for key, value in (('num_steps', steps), ('num_epochs', epochs)):
+    if value < 0:
+      raise ValueError(f'config.local.{key} must be >= 0 (0: unused); got '
+                       f'{value}.')
+  if not steps and not epochs:
+    raise ValueError('config.local.num_steps and config.local.num_epochs are '
+                     'both 0; set at least one > 0.')
+  loop = config.local.get('loop', 'auto')
+  if loop not in client_lib.LOOPS:
+    raise ValueError(f'config.local.loop={loop!r} is unknown; choose one of '
+                     f'{client_lib.LOOPS}.')
+
+
+# Hyperparameter -> (rule text, test) for the algorithms' own arguments.
+_ALGORITHM_RANGES = {
+    'mu': ('>= 0', lambda v: v >= 0),
+    'momentum': ('in [0, 1)', lambda v: 0 <= v < 1),
+    'b1': ('in [0, 1)', lambda v: 0 <= v < 1),
+    'b2': ('in [0, 1)', lambda v: 0 <= v < 1),
+    'tau': ('> 0', lambda v: v > 0),
+}
+
+
+def _check_algorithm(config) -> None:
+  name, _, kwargs = selected(config, 'algorithm', algorithms.ALGORITHMS)
+  for arg, value in kwargs.items():
+    rule, ok = _ALGORITHM_RANGES.get(arg, (None, None))
+    if ok is None:
+      continue
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or (
+        not ok(value)):
+      raise ValueError(f'config.algorithm.{name}.{arg} must be {rule}; got '
+                       f'{value!r}.')
+  if name == 'scaffold' and config.get('client_momentum', 0.0):
+    raise ValueError(
+        f'config.client_momentum={config.client_momentum} with '
+        "config.algorithm.name='scaffold': SCAFFOLD's control variates "
+        'assume plain local SGD; set config.client_momentum=0.0.')
+
+
+def _build_checked(config, key: str, table) -> tuple[str, Any]:
+  """Builds the part to run its factory's own checks, naming the key."""
+  name, factory, kwargs = selected(config, key, table)
+  try:
+    return name, factory(**kwargs)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'config.{key}.{name} {kwargs}: {e}') from None
+
+
+def _check_aggregator(config) -> None:
+  name, _ = _build_checked(config, 'aggregator', aggregators.AGGREGATORS)
+  if aggregators.AGGREGATORS[name] is not aggregators.krum:
+    return
+  krum = _as_named(config, 'aggregator')[name]
+  f, k, c = krum.num_byzantine, krum.get('multi_k', 1), config.cohort_size
+  if c < 2 * f + 3:
+    raise ValueError(f'config.aggregator.{name}.num_byzantine={f} needs '
+                     f'config.cohort_size >= 2f + 3 = {2 * f + 3}; got {c}. '
+                     'Lower num_byzantine or raise cohort_size.')
+  if k > c:
+    raise ValueError(f'config.aggregator.{name}.multi_k={k} exceeds '
+                     f'config.cohort_size={c}.')
+
+
+def _check_compression(config) -> None:
+  _build_checked(config, 'compression', compression.COMPRESSORS)
+
+
+def _check_trainable(config) -> None:
+  name, kwargs = trainable_choice(config)
+  if name in _UNSUPPORTED_PRESETS:
+    valid = sorted(set(TRAINABLE_PRESETS) - set(_UNSUPPORTED_PRESETS) -
+                   set(_PARTIAL_CHANNEL_PRESETS))
+    raise ValueError(f"config.trainable.name='{name}' "
+                     f'{_UNSUPPORTED_PRESETS[name]}; choose one of {valid}.')
+  fraction = kwargs.get('weight_fraction', 1.0)
+  if name in _PARTIAL_CHANNEL_PRESETS or (name == 'tte' and fraction != 1.0):
+    raise ValueError(
+        f"config.trainable.name='{name}' trains part of a leaf's channels; "
+        'federated clients send whole leaves, so use a whole-leaf scheme '
+        '(bias_only, norm_only, classifier_only, last_k, tte with '
+        'weight_fraction=1).')
+  k = kwargs.get('k', 1)
+  if name == 'last_k' and (not isinstance(k, int) or k < 1):
+    raise ValueError(f'config.trainable.last_k.k must be an integer >= 1; '
+                     f'got {k!r}.')
+
+
+def _check_execution(config) -> None:
+  strategy = config.get('execution', 'auto')
+  if strategy not in execution.STRATEGIES:
+    raise ValueError(f'config.execution={strategy!r} is unknown; choose one '
+                     f'of {execution.STRATEGIES}.')
+  if strategy != 'streamed':
+    return
+  aggregator = _chosen(config, 'aggregator', 'mean').name
+  if aggregators.AGGREGATORS[aggregator] is not aggregators.weighted_mean:
+    raise ValueError(
+        f"config.execution='streamed' sums client updates as they finish, "
+        f'which only the mean can do; config.aggregator.name={aggregator!r} '
+        'needs every update at once. Use execution vmap, chunked or auto.')
+  if _dp_enabled(config):
+    raise ValueError("config.execution='streamed' with config.dp.enabled: "
+                     'DP clips every update before summing them all; use '
+                     'execution vmap, chunked or auto.')
+
+
+def _dp_enabled(config) -> bool:
   dp = config.get('dp', None)
-  if dp is not None and dp.enabled and config.algorithm == 'scaffold':
-    raise ValueError('config.dp.enabled with config.algorithm=scaffold is '
-                     'not supported: SCAFFOLD shares control variates that '
-                     'DP-FedAvg does not clip.')
+  return dp is not None and bool(dp.get('enabled', False))
+
+
+def _check_dp(config) -> None:
+  if not _dp_enabled(config):
+    return
+  options.in_range(config, 'dp.delta', 0.0, 1.0, low_inclusive=False,
+                   high_inclusive=False)
+  dp_config(config)  # Its own range checks, renamed to the config keys.
+  algorithm = _as_named(config, 'algorithm').name
+  if algorithm == 'scaffold':
+    raise ValueError('config.dp.enabled with config.algorithm.name='
+                     "'scaffold' is not supported: SCAFFOLD shares control "
+                     'variates that DP-FedAvg does not clip.')
+  aggregator = _chosen(config, 'aggregator', 'mean').name
+  if aggregators.AGGREGATORS[aggregator] is not aggregators.weighted_mean:
+    raise ValueError(
+        f'config.aggregator.name={aggregator!r} with config.dp.enabled: '
+        'DP-FedAvg replaces the aggregator by its clipped, noised mean, and '
+        'its privacy analysis does not cover a robust rule on top; set '
+        "config.aggregator.name='mean' or turn DP off.")
+  if config.get('weighted_sampling', False):
+    raise ValueError(
+        'config.weighted_sampling=True with config.dp.enabled: the privacy '
+        'accountant assumes uniform cohorts drawn without replacement; set '
+        'config.weighted_sampling=False.')
+
+
+def dp_config(config) -> privacy.DPConfig | None:
+  """`privacy.DPConfig` of `config.dp` (None when DP is off).
+
+  Raises:
+    ValueError: naming `config.dp.<field>` for a value DPConfig rejects.
+  """
+  if not _dp_enabled(config):
+    return None
+  dp = config.dp
+  stddev = dp.get('clipped_count_stddev', None)
+  try:
+    return privacy.DPConfig(
+        noise_multiplier=dp.noise_multiplier, clip_norm=dp.clip_norm,
+        expected_num_clients=config.cohort_size, adaptive=dp.adaptive,
+        target_quantile=dp.target_quantile,
+        clip_learning_rate=dp.get('clip_learning_rate', 0.2),
+        clipped_count_stddev=stddev)
+  except ValueError as e:
+    field = str(e).split('DPConfig.', 1)[-1].split(' ', 1)[0]
+    fix = ''
+    if field == 'clipped_count_stddev':
+      need = 0.5 * dp.noise_multiplier
+      fix = (f' Set config.dp.clipped_count_stddev above {need:g} (half of '
+             'config.dp.noise_multiplier), or turn config.dp.adaptive off.')
+    key = ('cohort_size' if field == 'expected_num_clients'
+           else f'dp.{field}')
+    raise ValueError(f'config.{key}: {e}{fix}') from None
+
+
+def _check_partition(config) -> None:
+  part = config.get('partition', None)
+  if part is None:
+    return
+  options.one_of(config, 'partition.kind', PARTITIONS)
+  if part.kind == 'natural':
+    return
+  options.positive(config, 'partition.num_clients')
+  if part.num_clients < config.cohort_size:
+    raise ValueError(f'config.partition.num_clients={part.num_clients} is '
+                     f'below config.cohort_size={config.cohort_size}.')
+  if part.kind == 'dirichlet':
+    options.positive(config, 'partition.alpha')
 
 
 def partition_clients(config, train_ds: ArrayDataset, test_ds: ArrayDataset
                       ) -> tuple[ArrayDataset, ArrayDataset]:
-  """Gives datasets without natural clients a Dirichlet partition."""
+  """Gives datasets without natural clients a Dirichlet or IID partition."""
   part = config.get('partition', None)
   if part is None or part.kind == 'natural':
     if np.all(train_ds.client_id < 0):
@@ -87,37 +372,34 @@ def partition_clients(config, train_ds: ArrayDataset, test_ds: ArrayDataset
   if part.kind == 'dirichlet':
     ids = partition.dirichlet_partition(train_ds.y, part.num_clients,
                                         part.alpha, part.seed)
-  elif part.kind == 'iid':
-    ids = partition.iid_partition(train_ds.y, part.num_clients, part.seed)
   else:
-    raise ValueError(f'config.partition.kind={part.kind!r} is unknown; '
-                     "choose 'natural', 'dirichlet' or 'iid'.")
+    ids = partition.iid_partition(train_ds.y, part.num_clients, part.seed)
   return partition.assign_clients(train_ds, ids), test_ds
 
 
-def _rounds_config(config, num_train_clients: int) -> rounds_lib.RoundConfig:
-  transform = compression.get_compression(
-      config.compression.name,
-      **{k: v for k, v in config.compression.items() if k != 'name'})
+def rounds_config(config) -> rounds_lib.RoundConfig:
+  """The round's hooks: compression, aggregator (or DP), faults, execution.
+
+  With DP on, the DP-FedAvg aggregator takes the aggregator's place (only
+  'mean' is accepted there), clients count equally, and each client's
+  batch-norm statistics travel with its update through the clip and the
+  noise, so no model state is averaged in the clear.
+  """
+  _, transform = _build_checked(config, 'compression', compression.COMPRESSORS)
+  dp = dp_config(config)
   aggregator, stateful = None, None
-  dp = config.get('dp', None)
-  if dp is not None and dp.enabled:
-    dp_config = privacy.DPConfig(
-        noise_multiplier=dp.noise_multiplier, clip_norm=dp.clip_norm,
-        expected_num_clients=config.cohort_size, adaptive=dp.adaptive,
-        target_quantile=dp.target_quantile)
-    stateful = privacy.dp_aggregator(dp_config)
-  elif config.aggregator.name != 'mean' or len(config.aggregator) > 1:
-    aggregator = aggregators.get_aggregator(
-        config.aggregator.name,
-        **{k: v for k, v in config.aggregator.items() if k != 'name'})
-  # else: the round's own weighted mean (None), which execution 'auto' can
-  # stream client by client.
-  del num_train_clients
+  if dp is not None:
+    stateful = privacy.dp_aggregator(dp)
+  else:
+    name, built = _build_checked(config, 'aggregator', aggregators.AGGREGATORS)
+    if aggregators.AGGREGATORS[name] is not aggregators.weighted_mean:
+      aggregator = built
+    # else: the round's own weighted mean (None), which execution 'auto' can
+    # stream client by client.
   return rounds_lib.RoundConfig(
       aggregator=aggregator, stateful_aggregator=stateful,
       transform=transform, dropout_rate=config.get('dropout_rate', 0.0),
-      uniform_weights=bool(dp is not None and dp.enabled),
+      uniform_weights=dp is not None, private_model_state=dp is not None,
       execution=execution.ExecutionConfig(
           strategy=config.get('execution', 'auto')))
 
@@ -125,200 +407,58 @@ def _rounds_config(config, num_train_clients: int) -> rounds_lib.RoundConfig:
 def trainable_from_config(config, params) -> tuple[str, ...] | None:
   """The paths clients train and send under `config.trainable`.
 
-  A `sparse_updates` preset name (full, bias_only, norm_only,
-  classifier_only, last_k, tte, ...; arguments in config.trainable_kwargs)
-  applied to `params` in `model.init` order. Presets that train part of a
-  leaf's channels are refused: a client sends whole leaves.
+  A `sparse_updates` preset applied to `params` in `model.init` order;
+  None means every leaf.
   """
-  name = config.get('trainable', 'full') or 'full'
+  name, kwargs = trainable_choice(config)
   if name == 'full':
     return None
-  scheme = presets.resolve(name, params,
-                           **dict(config.get('trainable_kwargs', {})))
+  try:
+    scheme = presets.resolve(name, params, **kwargs)
+  except ValueError as e:
+    raise ValueError(f'config.trainable.{name}: {e}') from None
   if scheme.masks:
     raise ValueError(
-        f'config.trainable={name!r} trains part of the channels of '
+        f'config.trainable.name={name!r} trains part of the channels of '
         f'{sorted(scheme.masks)}; federated clients send whole leaves, so '
         'use a whole-leaf scheme (bias_only, norm_only, classifier_only, '
         'last_k, tte with weight_fraction=1).')
   return scheme.paths
 
 
-def build_algorithm(config, loss_fn, num_train_clients: int,
-                    trainable) -> algorithms.FederatedAlgorithm:
-  """The `(init, apply)` pair named by `config.algorithm`."""
-  local = client_lib.LocalConfig(
+def local_config(config, trainable) -> client_lib.LocalConfig:
+  """The clients' local work from `config.local`."""
+  extra = {'loop': config.local.loop} if 'loop' in config.local else {}
+  return client_lib.LocalConfig(
       batch_size=config.local.batch_size,
       num_steps=config.local.get('num_steps', None) or None,
       num_epochs=config.local.get('num_epochs', None) or None,
-      trainable=trainable)
-  round_config = _rounds_config(config, num_train_clients)
-  extra = dict(config.get('algorithm_kwargs', {}))
-  if config.algorithm == 'scaffold':
-    return algorithms.scaffold(
-        loss_fn, config.client_learning_rate, local,
-        num_clients=num_train_clients,
-        server_learning_rate=config.server_learning_rate, rounds=round_config,
-        **extra)
+      trainable=trainable, **extra)
+
+
+def build_algorithm(config, loss_fn, num_train_clients: int,
+                    trainable) -> algorithms.FederatedAlgorithm:
+  """The `(init, apply)` pair named by `config.algorithm`.
+
+  Every entry of `algorithms.ALGORITHMS` takes the same arguments; those in
+  `algorithms.RUN_ARGUMENTS` come from the run, the rest from the
+  algorithm's sub-config.
+  """
+  _, factory, kwargs = selected(config, 'algorithm', algorithms.ALGORITHMS)
+  run_args = {'num_clients': num_train_clients,
+              'local_learning_rate': config.client_learning_rate,
+              'server_learning_rate': config.server_learning_rate,
+              'rounds': rounds_config(config)}
+  accepted = inspect.signature(factory).parameters
+  kwargs.update({k: v for k, v in run_args.items() if k in accepted})
   client_opt = optax.sgd(config.client_learning_rate,
                          momentum=config.get('client_momentum', 0.0) or None)
-  return algorithms.ALGORITHMS[config.algorithm](
-      loss_fn, client_opt, local,
-      server_learning_rate=config.server_learning_rate, rounds=round_config,
-      **extra)
+  return factory(loss_fn, client_opt, local_config(config, trainable),
+                 **kwargs)
 
 
-def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, *,
-    model_kwargs: Mapping[str, Any] | None = None,
-    trainable: Sequence[str] | Callable[[str], bool] | None = None,
-    datasets: tuple[ArrayDataset, ArrayDataset] | None = None,
-    stop_after_rounds: int | None = None,
-) -> dict[str, Any]:
-  """Runs `config.num_rounds` federated rounds and evaluates the server model.
-
-  Args:
-    config: see configs/fed_kws.py.
-    workdir: metrics.jsonl, TensorBoard, checkpoints, accuracy_vs_round.png,
-      final_metrics.json. An existing checkpoint there is resumed.
-    model_kwargs: extra `models.build_model` arguments (e.g. int8 hooks).
-    trainable: which params clients train and send.
-    datasets: (train, test) instead of loading `config.data`.
-    stop_after_rounds: stop after this round (checkpointed), as a preempted
-      job would; rerunning resumes.
-
-  Returns:
-    {'metrics': final metrics, 'state': server state}.
-  """
-  validate_config(config)
-  train_ds, test_ds = datasets or registry.load_dataset(config.data)
-  train_ds, test_ds = partition_clients(config, train_ds, test_ds)
-  pool = cohort_lib.ClientPool.from_dataset(train_ds)
-  if config.cohort_size > pool.num_clients:
-    raise ValueError(f'config.cohort_size={config.cohort_size} exceeds the '
-                     f'{pool.num_clients} training clients with data.')
-  logging.info('Federated data: %d clients (%d skipped as empty), %d train / '
-               '%d test examples.', pool.num_clients, pool.num_empty,
-               len(train_ds), len(test_ds))
-
-  kwargs = dict(model_kwargs or {})
-  kwargs.setdefault('norm', config.get('norm', None))
-  for key, value in config.get('model_kwargs', {}).items():
-    kwargs.setdefault(key, tuple(value) if isinstance(value, list) else value)
-  model = models.build_model(config.model, train_ds.num_classes, **kwargs)
-  init_key, round_key = jax.random.split(jax.random.key(config.seed))
-  state0 = train.init_state(model, optax.sgd(1.0), train_ds.x[:1], init_key)
-  if trainable is None:
-    trainable = trainable_from_config(config, state0.params)
-  loss_fn = train.classification_loss(model)
-  algorithm = build_algorithm(config, loss_fn, pool.num_clients, trainable)
-  state = algorithm.init(state0.params, state0.model_state)
-  paths = train.resolve_trainable(state0.params, trainable)
-  flat = train.flatten_params(state0.params)
-  bytes_float32 = sum(int(np.size(flat[p])) * 4 for p in paths)
-  num_params = sum(int(np.size(v)) for v in flat.values())
-  logging.info('Model %s: %d params, %d trainable (%d bytes as float32); '
-               'algorithm %s, cohort %d, %d rounds.', config.model,
-               num_params, sum(int(np.size(flat[p])) for p in paths),
-               bytes_float32, config.algorithm, config.cohort_size,
-               config.num_rounds)
-
-  eval_fn = jax.jit(train.make_eval_step(model))
-  eval_batch = min(config.get('eval_batch_size', 512), len(test_ds))
-  ckpt = checkpoint_lib.Checkpointer(workdir)
-  writer = metric_writer.MetricWriter(workdir)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(ckpt.latest_step(), {'server': state})['server']
-    writer.truncate_after(int(state.round))
-    logging.info('Resumed at round %d.', int(state.round))
-
-  dp = config.get('dp', None)
-  t0 = t_last = time.time()
-  r_start = r_last = int(state.round)
-  totals = {'num_nonfinite_clients': 0.0, 'num_dropped': 0.0}
-  for r in range(int(state.round), config.num_rounds):
-    sample_key, gather_key, apply_key = jax.random.split(
-        jax.random.fold_in(round_key, r), 3)
-    ids = cohort_lib.sample_clients(sample_key, pool.sizes, config.cohort_size,
-                                    weighted=config.get('weighted_sampling',
-                                                        False))
-    cohort = cohort_lib.gather_cohort(train_ds, ids,
-                                      config.max_examples_per_client,
-                                      gather_key, pool)
-    state, metrics = algorithm.apply(state, cohort, ids, apply_key)
-    done = r + 1
-    metrics = {k: float(v) for k, v in metrics.items()}
-    if done == r_start + 1:
-      logging.info('round %d/%d done in %.0f s (compilation included).',
-                   done, config.num_rounds, time.time() - t0)
-    for key in totals:
-      totals[key] += metrics.get(key, 0.0)
-    if metrics.get('num_nonfinite_clients', 0):
-      logging.warning('Round %d: excluded %d clients with non-finite '
-                      'updates.', done, metrics['num_nonfinite_clients'])
-    record = {'round': done,
-              'train_loss': metrics['train_loss'],
-              'train_accuracy': metrics['train_accuracy'],
-              'bytes_per_client': metrics.get('transform/bytes_sent',
-                                              bytes_float32),
-              'num_aggregated': metrics['num_aggregated'],
-              'num_nonfinite_clients': metrics.get('num_nonfinite_clients', 0)}
-    if done % config.eval_every == 0 or done == config.num_rounds:
-      test = train.evaluate(eval_fn, state.params, state.model_state,
-                            test_ds.x, test_ds.y, eval_batch)
-      record.update(test_loss=test['loss'], test_accuracy=test['accuracy'])
-      # Rounds since the last report (fewer after a resume or at the end);
-      # the first report also pays for compilation.
-      rate = (done - r_last) / max(time.time() - t_last, 1e-9)
-      t_last, r_last = time.time(), done
-      logging.info(
-          'round %d/%d  train loss %.4f  test acc %.4f  %.0f bytes/client  '
-          '(%.2f rounds/s, ETA %.0f s)', done, config.num_rounds,
-          record['train_loss'], test['accuracy'], record['bytes_per_client'],
-          rate, (config.num_rounds - done) / max(rate, 1e-9))
-    # Wall seconds since this process started its rounds (restarts at 0
-    # after a resume; includes compilation and evaluation).
-    record['elapsed_seconds'] = time.time() - t0
-    writer.write(done, record)
-    if (done % config.checkpoint_every == 0 or done == config.num_rounds or
-        done == stop_after_rounds):
-      ckpt.save(done, {'server': state})
-    if done == stop_after_rounds:
-      writer.close()
-      ckpt.close()
-      return {'metrics': {'stopped_at': done}, 'state': state}
-
-  final = train.evaluate(eval_fn, state.params, state.model_state, test_ds.x,
-                         test_ds.y, eval_batch)
-  results = {'test_accuracy': final['accuracy'], 'test_loss': final['loss'],
-             'rounds': config.num_rounds, 'algorithm': config.algorithm,
-             'cohort_size': config.cohort_size,
-             'num_train_clients': pool.num_clients,
-             'bytes_per_client_float32': bytes_float32,
-             'num_params': num_params,
-             'nonfinite_clients_skipped': totals['num_nonfinite_clients'],
-             'clients_dropped': totals['num_dropped'],
-             'train_seconds': time.time() - t0}
-  records = metric_writer.read_metrics(writer.path)
-  accs = [(rec['round'], rec['test_accuracy']) for rec in records
-          if 'test_accuracy' in rec]
-  if accs:
-    results['best_test_accuracy'] = max(a for _, a in accs)
-  if dp is not None and dp.enabled:
-    results['dp_epsilon'] = privacy.compute_epsilon(
-        dp.noise_multiplier, config.cohort_size / pool.num_clients,
-        config.num_rounds, dp.delta)
-    results['dp_delta'] = dp.delta
-  with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
-    json.dump(results, f, indent=2)
-  metric_writer.plot_curves(
-      records, os.path.join(workdir, 'accuracy_vs_round.png'),
-      [('loss', ['train_loss', 'test_loss']),
-       ('accuracy', ['train_accuracy', 'test_accuracy'])],
-      title=f'{config.algorithm} {config.model} on {config.data.name}',
-      x_key='round')
-  writer.close()
-  ckpt.close()
-  print(metric_writer.markdown_table(
-      [{'metric': k, 'value': v} for k, v in results.items()]))
-  return {'metrics': results, 'state': state}
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       **kwargs) -> dict[str, Any]:
+  """`fedjax_ext.experiment.run` (kept for callers of the old name)."""
+  from fedjax_ext import experiment  # pylint: disable=g-import-not-at-top
+  return experiment.run(config, workdir, **kwargs)

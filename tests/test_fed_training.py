@@ -29,7 +29,7 @@ def _clients(num_clients, per_client, seed):
 def _config(**overrides):
   config = fed_kws.get_config('smoke')
   # The numbers below are for FedAvg, whatever the main job's default.
-  config.algorithm = 'fedavg'
+  config.algorithm.name = 'fedavg'
   config.server_learning_rate = 1.0
   config.model = 'mlp'
   config.norm = 'none'
@@ -41,7 +41,11 @@ def _config(**overrides):
   config.max_examples_per_client = 12
   config.eval_every = 2
   config.checkpoint_every = 100
-  config.update(overrides)
+  for key, value in overrides.items():
+    if key in ('algorithm', 'trainable'):
+      config[key].name = value
+    else:
+      config[key] = value
   return config
 
 
@@ -68,7 +72,8 @@ def test_resumed_federated_run_is_bit_identical(tmp_path):
 
 def test_outputs_and_bytes_per_client(tmp_path):
   config = _config(num_rounds=30, cohort_size=4)
-  config.compression = {'name': 'quantize', 'bits': 8}
+  config.compression.name = 'quantize'
+  config.compression.quantize.bits = 8
   out = training.train_and_evaluate(config, str(tmp_path), datasets=_data())
   for name in ('metrics.jsonl', 'accuracy_vs_round.png', 'final_metrics.json'):
     assert os.path.getsize(tmp_path / name) > 0
