@@ -113,7 +113,8 @@ def fedopt(loss_fn: train.LossFn,
            local: client_lib.LocalConfig,
            server_optimizer: optax.GradientTransformation, *,
            rounds: rounds_lib.RoundConfig = rounds_lib.RoundConfig(),
-           loss_wrapper: client_lib.LossWrapper | None = None
+           loss_wrapper: client_lib.LossWrapper | None = None,
+           client_update: rounds_lib.ClientFn | None = None
            ) -> FederatedAlgorithm:
   """The general FedOpt algorithm (Reddi et al. 2021, Algorithm 1).
 
@@ -124,9 +125,12 @@ def fedopt(loss_fn: train.LossFn,
     server_optimizer: optax transformation applied to -aggregate.
     rounds: aggregation and transform hooks, faults, execution strategy.
     loss_wrapper: client-side loss wrapper (FedProx's proximal term).
+    client_update: a client update to run instead of local SGD on
+      `loss_fn` (federated meta-learning, `meta_algorithms.py`).
   """
-  client_update = client_lib.make_client_update(loss_fn, client_optimizer,
-                                                 local, loss_wrapper)
+  if client_update is None:
+    client_update = client_lib.make_client_update(loss_fn, client_optimizer,
+                                                   local, loss_wrapper)
 
   def init(params: PyTree, model_state: PyTree = None) -> ServerState:
     paths = train.resolve_trainable(params, local.trainable)

@@ -78,7 +78,7 @@ class MetaLearner(NamedTuple):
 def require_stateless(model_state: PyTree, learner: str) -> dict:
   """Raises unless `model_state` is empty (no batch norm statistics)."""
   model_state = dict(model_state or {})
-  if any(jax.tree.leaves(model_state)):
+  if jax.tree.leaves(model_state):
     raise ValueError(
         f'{learner} needs a model without batch statistics, but the model '
         f'state has collections {sorted(model_state)}; build the model with '
