@@ -30,12 +30,11 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from configs import fed_kws
 from configs import kws_central
-from fedjax_ext import cohort as cohort_lib
-from fedjax_ext import training
+from fedjax_ext import experiment
+from fedjax_ext import federated_loop
 from ondevice import metric_writer
 from ondevice import models
 from ondevice import optim
@@ -98,27 +97,14 @@ def _time_loop(one, state, count: int, warmup: int = 2
 
 def time_federated(config, rounds: int, datasets) -> dict[str, float]:
   """Seconds per round (host gather + one jitted round), after 2 warm-ups."""
-  train_ds, _ = training.partition_clients(config, *datasets)
-  pool = cohort_lib.ClientPool.from_dataset(train_ds)
-  model = models.build_model(
-      config.model, train_ds.num_classes, norm=config.norm,
-      **{k: tuple(v) if isinstance(v, list) else v
-         for k, v in config.model_kwargs.items()})
-  init_key, round_key = jax.random.split(jax.random.key(config.seed))
-  state0 = train.init_state(model, optax.sgd(1.0), train_ds.x[:1], init_key)
-  algorithm = training.build_algorithm(
-      config, train.classification_loss(model), pool.num_clients, None)
-  state = algorithm.init(state0.params, state0.model_state)
+  train_ds, _, pool = experiment.load_clients(config, datasets)
+  parts = experiment.build_parts(config, train_ds, pool, {})
+  step = federated_loop.make_round_step(parts.algorithm, train_ds, pool,
+                                        config, parts.round_key)
+  state = parts.state
 
   def one_round(state, r):
-    sample_key, gather_key, apply_key = jax.random.split(
-        jax.random.fold_in(round_key, r), 3)
-    ids = cohort_lib.sample_clients(sample_key, pool.sizes,
-                                    config.cohort_size)
-    cohort = cohort_lib.gather_cohort(train_ds, ids,
-                                      config.max_examples_per_client,
-                                      gather_key, pool)
-    state, metrics = algorithm.apply(state, cohort, ids, apply_key)
+    state, metrics = step(state, r)
     jax.block_until_ready((state, metrics))
     return state
 
@@ -160,6 +146,7 @@ def time_central(config, steps: int, datasets) -> dict[str, float]:
 
 def run_timing() -> dict:
   fed_config = _apply_overrides(fed_kws.get_config(), _OVERRIDE.value)
+  experiment.validate_config(fed_config)
   central_config = kws_central.get_config()
   datasets = registry.load_dataset(fed_config.data)
   load1 = os.getloadavg()[0]

@@ -22,7 +22,7 @@ from absl import app
 from absl import flags
 
 from configs import fed_kws
-from fedjax_ext import training
+from fedjax_ext import experiment
 from ondevice import logs
 from ondevice import metric_writer
 
@@ -32,27 +32,29 @@ _WORKDIR = flags.DEFINE_string('workdir', '/tmp/fed_sparse_bytes',
                                'Where the runs write.')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Rounds per scheme.')
 
-# (label, config.trainable, config.trainable_kwargs, compression).
+# (label, config.trainable.name, its arguments, compression name, its
+# arguments).
 SCHEMES = (
-    ('full', 'full', {}, {'name': 'none'}),
-    ('full + int8 deltas', 'full', {}, {'name': 'quantize', 'bits': 8}),
-    ('bias_only', 'bias_only', {}, {'name': 'none'}),
-    ('last_k (k=2)', 'last_k', {'k': 2}, {'name': 'none'}),
-    ('classifier_only', 'classifier_only', {}, {'name': 'none'}),
-    ('norm_only', 'norm_only', {}, {'name': 'none'}),
+    ('full', 'full', {}, 'none', {}),
+    ('full + int8 deltas', 'full', {}, 'quantize', {'bits': 8}),
+    ('bias_only', 'bias_only', {}, 'none', {}),
+    ('last_k (k=2)', 'last_k', {'k': 2}, 'none', {}),
+    ('classifier_only', 'classifier_only', {}, 'none', {}),
+    ('norm_only', 'norm_only', {}, 'none', {}),
 )
 
 
-def run_scheme(label: str, trainable: str, kwargs: dict, compression: dict,
-               rounds: int, workdir: str) -> dict:
+def run_scheme(label: str, trainable: str, kwargs: dict, compression: str,
+               compression_kwargs: dict, rounds: int, workdir: str) -> dict:
   config = fed_kws.get_config()
-  config.trainable = trainable
-  config.trainable_kwargs = kwargs
-  config.compression = compression
+  config.trainable.name = trainable
+  config.trainable[trainable].update(kwargs)
+  config.compression.name = compression
+  config.compression[compression].update(compression_kwargs)
   config.num_rounds = rounds
   config.eval_every = rounds
   config.checkpoint_every = rounds
-  out = training.train_and_evaluate(config, workdir)
+  out = experiment.run(config, workdir)
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     records = [json.loads(line) for line in f]
   sent = {r['bytes_per_client'] for r in records}
@@ -71,11 +73,11 @@ def main(argv):
   del argv
   logs.setup_experiment_logging()
   rows = []
-  for label, trainable, kwargs, compression in SCHEMES:
+  for label, trainable, kwargs, compression, compression_kwargs in SCHEMES:
     workdir = os.path.join(_WORKDIR.value,
                            label.replace(' ', '_').replace('+', 'plus'))
-    row = run_scheme(label, trainable, kwargs, compression, _ROUNDS.value,
-                     workdir)
+    row = run_scheme(label, trainable, kwargs, compression,
+                     compression_kwargs, _ROUNDS.value, workdir)
     row['fraction_of_full_model'] = round(
         row['bytes_per_client_per_round'] / row['full_model_bytes'], 4)
     rows.append(row)

@@ -54,7 +54,7 @@ VARIANTS = {
     'none': {'quant': 'none'},
     INT8_MODE: {'quant': INT8_MODE},
     'none+int8_upload': {'quant': 'none', 'compression.name': 'quantize',
-                         'compression.bits': 8},
+                         'compression.quantize.bits': 8},
   }
 ACCURACY_VARIANTS = ('none', INT8_MODE)
 
@@ -79,7 +79,7 @@ RUNS: dict[str, tuple[str, str, dict[str, Any], tuple[str, ...]]] = {
     # in a few dozen rounds.
     'fed_kws': (
         'federated', 'configs/fed_kws.py',
-        {'num_rounds': 20, 'cohort_size': 10, 'algorithm': 'fedadam',
+        {'num_rounds': 20, 'cohort_size': 10, 'algorithm.name': 'fedadam',
          'server_learning_rate': 1e-2, 'eval_every': 10,
          'checkpoint_every': 20},
         ACCURACY_VARIANTS),
