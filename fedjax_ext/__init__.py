@@ -37,6 +37,13 @@ from fedjax_ext.cohort import gather_cohort
 from fedjax_ext.cohort import sample_clients
 from fedjax_ext.cohort import stack_clients
 from fedjax_ext.execution import ExecutionConfig
+from fedjax_ext.execution import resolved_choices
+from fedjax_ext.fedjax_interop import as_loss_fn
+from fedjax_ext.fedjax_interop import bridge_fedjax_model
+from fedjax_ext.fedjax_interop import FederatedDataSource
+from fedjax_ext.fedjax_interop import FedjaxModelBridge
+from fedjax_ext.fedjax_interop import import_fedjax
+from fedjax_ext.fedjax_interop import to_haiku_params
 from fedjax_ext.rounds import RoundConfig
 from fedjax_ext.rounds import run_round
 from fedjax_ext.rounds import weighted_mean

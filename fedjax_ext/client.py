@@ -23,17 +23,36 @@ mask 0 (it never crosses into the next epoch). The scan has a fixed length:
 
 A client with no valid example (a padded cohort slot) takes no step and has
 weight 0.
+
+`LocalConfig.last_batch='fill'` draws batches as FedJAX's
+`shuffle_repeat_batch` does instead: the client's epochs form one stream of
+permutations, step s takes stream positions [s * B, (s + 1) * B), so a short
+last batch of an epoch is filled with the first examples of the next epoch's
+permutation and every batch holds B real examples. With `num_epochs=E` a
+client takes ceil(n * E / B) steps.
+
+How the local steps are looped (`LocalConfig.loop`) does not change what is
+computed, only how XLA compiles it: 'scan' is one `lax.scan` (one compiled
+step, reused; all-padding steps are skipped by a `lax.cond`), 'unroll' is
+the same scan with `unroll=True` and no cond (every step inlined, so XLA
+compiles each one as top-level code; a padded step runs and changes
+nothing). XLA:CPU runs a convolution inside a loop or a conditional much
+more slowly than an inlined one, so 'auto' unrolls steps that hold a
+convolution on a CPU; see `resolve_loop`.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
+from absl import logging
 import jax
 from jax import lax
 import jax.numpy as jnp
 import optax
 
+from fedjax_ext import execution
+from fedjax_ext import fedjax_interop
 from ondevice import train
 
 PyTree = Any
@@ -41,6 +60,13 @@ FlatParams = dict[str, jax.Array]
 # (loss_fn, server trainable params (flat), context) -> loss_fn. `context` is
 # the per-client PyTree given to client_update (SCAFFOLD's correction).
 LossWrapper = Callable[[train.LossFn, FlatParams, PyTree], train.LossFn]
+LOOPS = ('auto', 'scan', 'unroll')
+LAST_BATCHES = ('mask', 'fill')
+# 'auto' unrolls at most this many local steps: compile time and program size
+# grow linearly with the unrolled length.
+AUTO_UNROLL_MAX_STEPS = 64
+# Primitives whose presence in a step makes 'auto' unroll it on a CPU.
+_UNROLL_PRIMITIVES = frozenset({'conv_general_dilated'})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +81,18 @@ class LocalConfig:
     trainable: which params train (paths, a predicate on paths, or None for
       all); frozen leaves get no gradient and no delta (sparse / bias-only
       updates plug in here).
+    loop: how the local steps are looped, one of LOOPS: 'scan', 'unroll'
+      or 'auto' (the rule of `resolve_loop`). Results are the same.
+    last_batch: 'mask' pads the short last batch of an epoch with masked
+      examples; 'fill' fills it from the next epoch's permutation, as
+      FedJAX's `shuffle_repeat_batch` does (module docstring).
   """
   batch_size: int
   num_steps: int | None = None
   num_epochs: int | None = None
   trainable: Sequence[str] | Callable[[str], bool] | None = None
+  loop: str = 'auto'
+  last_batch: str = 'mask'
 
   def __post_init__(self):
     if self.batch_size < 1:
@@ -73,6 +106,12 @@ class LocalConfig:
       if value is not None and value < 1:
         raise ValueError(f'LocalConfig.{name} must be >= 1 or None; got '
                          f'{value}.')
+    if self.loop not in LOOPS:
+      raise ValueError(f'LocalConfig.loop must be one of {LOOPS}; got '
+                       f'{self.loop!r}.')
+    if self.last_batch not in LAST_BATCHES:
+      raise ValueError(f'LocalConfig.last_batch must be one of '
+                       f'{LAST_BATCHES}; got {self.last_batch!r}.')
 
   def scan_length(self, max_examples: int) -> int:
     """Number of scanned steps for a cohort padded to `max_examples`."""
@@ -104,33 +143,162 @@ class ClientOutput(NamedTuple):
   extras: PyTree = None
 
 
+def _epoch_order(key: jax.Array, epoch: jax.Array,
+                 valid: jax.Array) -> jax.Array:
+  """Valid examples first, in a random order that changes every epoch."""
+  scores = jnp.where(valid,
+                     jax.random.uniform(jax.random.fold_in(key, epoch),
+                                        valid.shape), 2.0)
+  return jnp.argsort(scores)
+
+
+def _gather(client_data, index, real):
+  return {'x': jnp.take(client_data['x'], index, axis=0),
+          'y': jnp.take(client_data['y'], index, axis=0),
+          'mask': real.astype(jnp.float32)}
+
+
+def _filled_batch(client_data: Mapping[str, jax.Array], key: jax.Array,
+                  step: jax.Array, batch_size: int,
+                  num_epochs: int | None) -> dict[str, jax.Array]:
+  """FedJAX-style batch: positions of one stream of epoch permutations."""
+  valid = client_data['mask'] > 0
+  n = jnp.sum(valid).astype(jnp.int32)
+  positions = step * batch_size + jnp.arange(batch_size)
+  epochs = positions // jnp.maximum(n, 1)
+  offsets = positions % jnp.maximum(n, 1)
+  # A batch may span several epochs (n < B): one permutation per position.
+  index = jax.vmap(lambda e, o: _epoch_order(key, e, valid)[o])(epochs,
+                                                                offsets)
+  real = jnp.broadcast_to(n > 0, (batch_size,))
+  if num_epochs is not None:
+    real &= step < (n * num_epochs + batch_size - 1) // batch_size
+  return _gather(client_data, index, real)
+
+
 def local_batch(client_data: Mapping[str, jax.Array], key: jax.Array,
                 step: jax.Array, batch_size: int,
-                num_epochs: int | None) -> dict[str, jax.Array]:
+                num_epochs: int | None,
+                last_batch: str = 'mask') -> dict[str, jax.Array]:
   """The `step`-th local batch of one client (see the module docstring)."""
+  if last_batch == 'fill':
+    return _filled_batch(client_data, key, step, batch_size, num_epochs)
   valid = client_data['mask'] > 0
   max_examples = valid.shape[0]
   n = jnp.sum(valid).astype(jnp.int32)
   steps_per_epoch = jnp.maximum((n + batch_size - 1) // batch_size, 1)
   epoch = step // steps_per_epoch
   start = (step % steps_per_epoch) * batch_size
-  # Valid examples first, in a random order that changes every epoch.
-  scores = jnp.where(valid,
-                     jax.random.uniform(jax.random.fold_in(key, epoch),
-                                        (max_examples,)), 2.0)
-  order = jnp.argsort(scores)
+  order = _epoch_order(key, epoch, valid)
   padded = -(-max_examples // batch_size) * batch_size
   order = jnp.pad(order, (0, padded - max_examples))
   index = lax.dynamic_slice(order, (start,), (batch_size,))
   real = start + jnp.arange(batch_size) < n
   if num_epochs is not None:
     real &= epoch < num_epochs
-  return {'x': jnp.take(client_data['x'], index, axis=0),
-          'y': jnp.take(client_data['y'], index, axis=0),
-          'mask': real.astype(jnp.float32)}
+  return _gather(client_data, index, real)
 
 
-def make_client_update(loss_fn: train.LossFn,
+def _primitive_names(jaxpr) -> set[str]:
+  """Names of the primitives of a jaxpr and of every jaxpr nested in it."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, 'jaxpr', sub)
+        if hasattr(inner, 'eqns'):
+          names |= _primitive_names(inner)
+  return names
+
+
+def step_primitives(fn: Callable[..., Any], *args) -> set[str]:
+  """The primitives `fn(*args)` runs (traced on abstract values)."""
+  def spec(x):
+    return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+
+  closed = jax.make_jaxpr(fn)(*jax.tree.map(spec, args))
+  return _primitive_names(closed.jaxpr)
+
+
+def resolve_loop(loop: str, scan_length: int, primitives: set[str],
+                 backend: str | None = None) -> str:
+  """The local loop to run: 'scan' or 'unroll'.
+
+  The 'auto' rule: on a CPU backend, unroll when the local step holds a
+  convolution (`conv_general_dilated`, as stock `flax.linen.Conv` and
+  `hk.Conv2D` emit) and there are at most AUTO_UNROLL_MAX_STEPS steps;
+  otherwise scan. Measured with benchmarks/client_loop.py (results in
+  benchmarks/results/fedjax_comparison/client_loop.json): a step of XLA
+  convolutions runs several times faster unrolled than in a scan, while
+  steps of matmuls only (dense layers, the library's im2col convolutions)
+  run as fast or faster in a scan and compile faster there. Other backends
+  scan: nothing was measured there.
+
+  Args:
+    loop: LocalConfig.loop.
+    scan_length: number of local steps.
+    primitives: primitive names of one local step (`step_primitives`).
+    backend: default `jax.default_backend()`.
+  """
+  if loop != 'auto':
+    return loop
+  backend = backend or jax.default_backend()
+  if (backend == 'cpu' and primitives & _UNROLL_PRIMITIVES and
+      scan_length <= AUTO_UNROLL_MAX_STEPS):
+    return 'unroll'
+  return 'scan'
+
+
+def _local_steps(step_fn, local: LocalConfig, client_data, key, state):
+  """Runs the local steps; returns (final state, per-step summed metrics)."""
+  batch_key, step_key = jax.random.split(key)
+  scan_length = local.scan_length(client_data['mask'].shape[0])
+
+  def train_step(state, batch, step):
+    state, metrics = step_fn(state, batch,
+                             jax.random.fold_in(step_key, step))
+    # 'loss' and 'grad_norm' are per-step means, not sums: dropped here.
+    return state, {k: v for k, v in metrics.items()
+                   if k not in ('loss', 'grad_norm')}
+
+  def skip_step(state, batch, step):
+    # An all-padding batch: the train step would leave the state as it is
+    # and sum zeros; skipping it saves the work when the client update runs
+    # unbatched (streamed execution). Under vmap, lax.cond becomes a select
+    # and both branches run, as before.
+    sums = jax.eval_shape(train_step, state, batch, step)[1]
+    return state, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sums)
+
+  def batch_at(step):
+    return local_batch(client_data, batch_key, step, local.batch_size,
+                       local.num_epochs, local.last_batch)
+
+  def body(state, step):
+    batch = batch_at(step)
+    return lax.cond(jnp.any(batch['mask'] > 0), train_step, skip_step,
+                    state, batch, step)
+
+  def unrolled_body(state, step):
+    # No cond: XLA:CPU runs a convolution inside a conditional as slowly as
+    # inside a loop, and the train step is a no-op on padding anyway.
+    return train_step(state, batch_at(step), step)
+
+  primitives = set()
+  if local.loop == 'auto':
+    one_batch = jax.eval_shape(batch_at, jnp.int32(0))
+    primitives = step_primitives(train_step, state, one_batch, jnp.int32(0))
+  loop = resolve_loop(local.loop, scan_length, primitives)
+  logging.info('Client update: %d local steps as %s (LocalConfig.loop=%r).',
+               scan_length, loop, local.loop)
+  execution.record_choice('local_loop', loop)
+  if loop == 'unroll':
+    return lax.scan(unrolled_body, state, jnp.arange(scan_length),
+                    unroll=True)
+  return lax.scan(body, state, jnp.arange(scan_length))
+
+
+def make_client_update(loss_fn: train.LossFn | Any,
                        optimizer: optax.GradientTransformation,
                        local: LocalConfig,
                        loss_wrapper: LossWrapper | None = None):
@@ -139,10 +307,12 @@ def make_client_update(loss_fn: train.LossFn,
   Args:
     loss_fn: `(params, model_state, batch, rng) -> (loss, (sums, state))`,
       e.g. `ondevice.train.classification_loss(model)`, possibly wrapped by a
-      regulariser or built on a quantised model.
+      regulariser or built on a quantised model; or a `fedjax.Model`, whose
+      per-example `train_loss` becomes the masked mean loss
+      (`fedjax_interop.as_loss_fn`).
     optimizer: the local (client) optimiser; its state starts fresh every
       round.
-    local: steps / epochs / batch size / trainable params.
+    local: steps / epochs / batch size / trainable params / loop.
     loss_wrapper: optional `(loss_fn, server_trainable, context) -> loss_fn`
       applied every round, e.g. FedProx's proximal term.
 
@@ -151,9 +321,15 @@ def make_client_update(loss_fn: train.LossFn,
     context=None) -> ClientOutput`, where client_data is one client's
     {'x': [M, ...], 'y': [M], 'mask': [M]}. Pure, jittable and vmappable.
   """
+  loss_fn = fedjax_interop.as_loss_fn(loss_fn)
+
   def client_update(server_params: PyTree, model_state: PyTree,
                     client_data: Mapping[str, jax.Array], key: jax.Array,
                     context: PyTree = None) -> ClientOutput:
+    # Nested at every '/' of a path, as the train step returns params (a
+    # no-op for flax params; haiku's 'mlp/~/linear_0' modules nest).
+    server_params = train.unflatten_params(
+        train.flatten_params(server_params))
     paths = train.resolve_trainable(server_params, local.trainable)
     if not paths:
       raise ValueError('LocalConfig.trainable froze every parameter; nothing '
@@ -165,32 +341,7 @@ def make_client_update(loss_fn: train.LossFn,
     step_fn = train.make_train_step(client_loss, optimizer, paths)
     state = train.state_from_params(server_params, model_state, optimizer,
                                     paths)
-    batch_key, step_key = jax.random.split(key)
-    max_examples = client_data['mask'].shape[0]
-
-    def train_step(state, batch, step):
-      state, metrics = step_fn(state, batch,
-                               jax.random.fold_in(step_key, step))
-      # 'loss' and 'grad_norm' are per-step means, not sums: dropped here.
-      return state, {k: v for k, v in metrics.items()
-                     if k not in ('loss', 'grad_norm')}
-
-    def skip_step(state, batch, step):
-      # An all-padding batch: the train step would leave the state as it is
-      # and sum zeros; skipping it saves the work when the client update
-      # runs unbatched (streamed execution). Under vmap, lax.cond becomes a
-      # select and both branches run, as before.
-      sums = jax.eval_shape(train_step, state, batch, step)[1]
-      return state, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sums)
-
-    def body(state, step):
-      batch = local_batch(client_data, batch_key, step, local.batch_size,
-                          local.num_epochs)
-      return lax.cond(jnp.any(batch['mask'] > 0), train_step, skip_step,
-                      state, batch, step)
-
-    steps = jnp.arange(local.scan_length(max_examples))
-    final, per_step = lax.scan(body, state, steps)
+    final, per_step = _local_steps(step_fn, local, client_data, key, state)
     metrics = {k: jnp.sum(v, axis=0) for k, v in per_step.items()}
     metrics['num_steps'] = jnp.sum(per_step['count'] > 0).astype(jnp.float32)
     final_trainable, _ = train.split_params(final.params, paths)

@@ -29,6 +29,10 @@ and sums part of their output. Five strategies:
   with `jax.make_array_from_process_local_data`).
 * 'auto': the rule in `resolve_strategy`.
 
+What was resolved is logged (absl) and kept: `resolved_choices()` returns
+the latest execution strategy, chunk size and client local loop chosen while
+a round was traced (e.g. for a run's final metrics).
+
 Cohorts whose size does not divide the chunk size or the device count are
 padded with copies of their first client; the copies' outputs are dropped, so
 every strategy returns exactly what 'vmap' returns. For 'sharded', pick a
@@ -41,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -60,6 +65,24 @@ AUTO_VMAP_BUDGET = 2 ** 26
 # while a 2k-param CNN (12.5 MFLOP) and a 200k-param MLP (4.9 MFLOP) ran
 # 2-6x faster streamed (100 clients, 2-core CPU).
 AUTO_STREAM_MIN_FLOPS = 1e6
+# The latest resolved choices (see `resolved_choices`); written while tracing.
+_RESOLVED: dict[str, Any] = {}
+
+
+def record_choice(name: str, value: Any) -> None:
+  """Keeps a choice resolved while tracing a round (`resolved_choices`)."""
+  _RESOLVED[name] = value
+
+
+def resolved_choices() -> dict[str, Any]:
+  """The latest choices resolved while tracing a round.
+
+  Keys (present once a round has been traced): 'execution' (the strategy
+  'auto' or the config resolved to), 'chunk_size', 'local_loop' ('scan' or
+  'unroll', see `client.resolve_loop`). Tracing is when the choice is made,
+  so a run reads this after its first round to put it in its metrics.
+  """
+  return dict(_RESOLVED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,13 +146,26 @@ def resolve_strategy(config: ExecutionConfig, param_count: int,
                    else jax.device_count())
   if backend is None:
     backend = jax.default_backend()
-  strategy = config.strategy
-  if strategy == 'streamed' and not streamable:
+  if config.strategy == 'streamed' and not streamable:
     raise ValueError(
         "execution 'streamed' sums weighted client deltas as clients finish, "
         'so it needs the default weighted-mean aggregation; this round has '
         'a custom or stateful aggregator (robust rules and DP need every '
         "client's delta at once). Use 'vmap', 'chunked' or 'auto'.")
+  strategy, chunk = _resolve(config, param_count, cohort_size, num_devices,
+                             streamable, backend, client_flops)
+  logging.info('Execution %r resolved to %r (chunk_size %d, %d clients, %d '
+               'devices, client FLOPs %s).', config.strategy, strategy, chunk,
+               cohort_size, num_devices, client_flops)
+  record_choice('execution', strategy)
+  record_choice('chunk_size', chunk)
+  return strategy, chunk
+
+
+def _resolve(config, param_count, cohort_size, num_devices, streamable,
+             backend, client_flops) -> tuple[str, int]:
+  """`resolve_strategy` after the checks."""
+  strategy = config.strategy
   if strategy == 'auto':
     if num_devices > 1 and cohort_size >= num_devices:
       strategy = 'sharded'

@@ -17,8 +17,11 @@ or, for a dataset that fits in memory, `to_array_dataset(fd)` builds one
 `ArrayDataset` whose `client_id` column is the pool index, for the rest of
 the codebase (`ClientPool.from_dataset`, `experiments/federated.py`).
 
-A `fedjax.Model` (haiku or stax) trains in our rounds through
-`bridge_fedjax_model`, which renames its params into the '/'-path dicts that
+A haiku `fedjax.Model` can be passed to any algorithm where a loss function
+goes (`fedavg(model, ...)`, through `as_loss_fn`); the algorithm's params are
+then `model.init(key)` and come back nested at every '/'
+(`to_haiku_params` restores the haiku layout). A stax model, or one whose
+params should keep FedJAX's names, trains through `bridge_fedjax_model`, which renames its params into the '/'-path dicts that
 `ondevice.train` splits and merges, and wraps its per-example `train_loss`
 as our masked `LossFn`:
 
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,6 +130,10 @@ class FederatedDataSource:
         num_empty += 1
     if not ids:
       raise ValueError('The FederatedData has no client with examples.')
+    if num_empty:
+      logging.warning('FederatedData: %d of %d clients have no examples; '
+                      'they are skipped (never sampled).', num_empty,
+                      num_empty + len(ids))
     self.client_ids = tuple(ids)
     self.sizes = np.asarray(sizes, np.int32)
     self.num_empty = num_empty
@@ -261,9 +269,28 @@ def bridge_fedjax_model(model, fedjax_params: PyTree, x_key: str = 'x',
     flat = train.flatten_params(params)
     return jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names])
 
+  return FedjaxModelBridge(
+      params=to_ours(fedjax_params),
+      loss_fn=_masked_loss(model, to_fedjax, x_key, y_key),
+      to_fedjax=to_fedjax)
+
+
+def _check_predictions(preds: jax.Array, labels: jax.Array) -> None:
+  """Trace-time shape check of a FedJAX model's predictions."""
+  if preds.ndim < 1 or preds.shape[0] != labels.shape[0]:
+    raise ValueError(
+        f'The FedJAX model predicts shape {preds.shape} for a batch of '
+        f'{labels.shape[0]} labels; its apply_for_train must return one row '
+        'per example ([B, num_classes]).')
+
+
+def _masked_loss(model, to_fedjax: Callable[[PyTree], PyTree], x_key: str,
+                 y_key: str) -> train.LossFn:
+  """Our masked `LossFn` from a FedJAX model's per-example `train_loss`."""
   def loss_fn(params, model_state, batch, rng):
     fedjax_batch = {x_key: batch['x'], y_key: batch['y']}
     preds = model.apply_for_train(to_fedjax(params), fedjax_batch, rng)
+    _check_predictions(preds, batch['y'])
     per_example = model.train_loss(fedjax_batch, preds)
     mask = batch['mask'].astype(jnp.float32)
     if preds.ndim == 2:
@@ -274,5 +301,93 @@ def bridge_fedjax_model(model, fedjax_params: PyTree, x_key: str = 'x',
             'correct': jnp.sum(correct * mask), 'count': jnp.sum(mask)}
     return train.masked_mean(per_example, mask), (sums, model_state)
 
-  return FedjaxModelBridge(params=to_ours(fedjax_params), loss_fn=loss_fn,
-                           to_fedjax=to_fedjax)
+  return loss_fn
+
+
+def is_fedjax_model(obj: Any) -> bool:
+  """Whether `obj` looks like a `fedjax.Model` (duck-typed, no import)."""
+  return hasattr(obj, 'apply_for_train') and hasattr(obj, 'train_loss')
+
+
+def to_haiku_params(params: PyTree) -> dict[str, dict[str, jax.Array]]:
+  """Params in haiku's {module: {name: value}} layout.
+
+  Our rounds nest params at every '/' of a path, so haiku's
+  {'mlp/~/linear_0': {'w': w}} comes back as {'mlp': {'~': {'linear_0':
+  {'w': w}}}}; the last path segment is the param name, the rest the module.
+
+  Raises:
+    ValueError: for params that are not nested dicts (stax tuples): those
+      need `bridge_fedjax_model`.
+  """
+  if not isinstance(params, Mapping):
+    raise ValueError(
+        f'A fedjax.Model passed as a loss needs haiku params (nested dicts); '
+        f'got {type(params).__name__}. For stax models use '
+        'bridge_fedjax_model(model, params) and pass bridge.loss_fn and '
+        'bridge.params.')
+  out = {}
+  for path, value in train.flatten_params(params).items():
+    if '/' not in path:
+      raise ValueError(f'Param {path!r} has no module; haiku params are '
+                       '{module: {name: value}}.')
+    module, name = path.rsplit('/', 1)
+    out.setdefault(module, {})[name] = value
+  return out
+
+
+def fedjax_model_loss(model, x_key: str = 'x', y_key: str = 'y'
+                      ) -> train.LossFn:
+  """A haiku `fedjax.Model` as our `LossFn` over its own params.
+
+  The masked mean of the model's per-example `train_loss`, with sums
+  'loss_sum', 'correct' (argmax of [B, K] predictions) and 'count'. Params
+  may be haiku's layout or ours (`to_haiku_params`).
+  """
+  return _masked_loss(model, to_haiku_params, x_key, y_key)
+
+
+def as_loss_fn(loss_or_model: Any) -> train.LossFn:
+  """A loss function as is, or a `fedjax.Model` through `fedjax_model_loss`.
+
+  Raises:
+    TypeError: for anything else.
+  """
+  if is_fedjax_model(loss_or_model):
+    return fedjax_model_loss(loss_or_model)
+  if not callable(loss_or_model):
+    raise TypeError(
+        f'Expected a loss function (params, model_state, batch, rng) -> '
+        f'(loss, (sums, model_state)) or a fedjax.Model; got '
+        f'{type(loss_or_model).__name__}. For a flax module use '
+        'ondevice.train.classification_loss(model).')
+  return loss_or_model
+
+
+def check_model_outputs(model, params: PyTree, source: FederatedDataSource,
+                        x_key: str = 'x') -> int:
+  """Checks a FedJAX model's output size against a source's labels.
+
+  Runs `model.apply_for_eval` on the first pool client and compares the
+  number of predicted classes with the largest label of the pool (labels
+  are read from every client once).
+
+  Returns:
+    The number of classes the model predicts.
+
+  Raises:
+    ValueError: when a label is outside the model's outputs.
+  """
+  first = source.client_examples(0)
+  preds = model.apply_for_eval(to_haiku_params(params)
+                               if isinstance(params, Mapping) else params,
+                               {x_key: first['x'][:1]})
+  num_classes = int(np.shape(preds)[-1])
+  largest = max(int(source.client_examples(i)['y'].max())
+                for i in range(source.num_clients))
+  if largest >= num_classes:
+    raise ValueError(
+        f'The FedJAX model predicts {num_classes} classes but the data has '
+        f'label {largest}; build the model with at least {largest + 1} '
+        'outputs (e.g. the last hk.Linear), or remap the labels.')
+  return num_classes

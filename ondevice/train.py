@@ -17,6 +17,7 @@ the gradient or the metrics.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -130,15 +131,22 @@ def _apply(model: nn.Module, params, model_state, x, *, train: bool,
   kwargs = {}
   if mask is not None and getattr(model, 'accepts_mask', False):
     kwargs['mask'] = mask
+  # A stock module whose __call__ has no `train` argument is called without
+  # it (it then has no train-only behaviour such as dropout).
+  params_of_call = inspect.signature(model.__call__).parameters
+  takes_train = 'train' in params_of_call or any(
+      p.kind == p.VAR_KEYWORD for p in params_of_call.values())
+  if takes_train:
+    kwargs['train'] = train
   rngs = None
   if rng is not None:
     dropout_rng, quant_rng = jax.random.split(rng)
     rngs = {'dropout': dropout_rng, 'quant': quant_rng}
   if train and model_state:
-    logits, new_state = model.apply(variables, x, train=True, rngs=rngs,
+    logits, new_state = model.apply(variables, x, rngs=rngs,
                                     mutable=list(model_state), **kwargs)
     return logits, dict(new_state)
-  logits = model.apply(variables, x, train=train, rngs=rngs, **kwargs)
+  logits = model.apply(variables, x, rngs=rngs, **kwargs)
   return logits, model_state
 
 

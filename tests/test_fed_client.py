@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from fedjax_ext import client
+from fedjax_ext import execution
 from ondevice import train
 
 
@@ -144,6 +145,10 @@ def test_bad_local_configs_are_errors():
     client.LocalConfig(batch_size=0, num_steps=1)
   with pytest.raises(ValueError, match='num_epochs must be >= 1'):
     client.LocalConfig(batch_size=2, num_epochs=0)
+  with pytest.raises(ValueError, match="loop must be one of"):
+    client.LocalConfig(batch_size=2, num_steps=1, loop='python')
+  with pytest.raises(ValueError, match="last_batch must be one of"):
+    client.LocalConfig(batch_size=2, num_steps=1, last_batch='pad')
   with pytest.raises(ValueError, match='mu must be >= 0'):
     client.proximal_wrapper(-1.0)
   with pytest.raises(ValueError, match='not parameters of the model'):
@@ -151,3 +156,115 @@ def test_bad_local_configs_are_errors():
                                trainable=('nope',)))(
                                    _params(), {}, _client(2, 4),
                                    jax.random.key(0))
+
+
+class StockConv(nn.Module):
+  """Stock flax layers as a user writes them: no `train` argument."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(2, (3, 3))(x))
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def _image_client(n, max_examples):
+  data = _client(n, max_examples)
+  x = np.random.default_rng(1).normal(size=(max_examples, 5, 5, 1))
+  return dict(data, x=(x * data['mask'][:, None, None, None]).astype(
+      np.float32))
+
+
+def test_unrolled_loop_equals_scan_on_a_stock_flax_conv():
+  # 3 real examples padded to 6, B = 2, 1 epoch: ceil(6 / 2) = 3 steps of
+  # which ceil(3 / 2) = 2 are real, the second half masked. The scan skips
+  # the padded step with a cond; the unrolled loop runs it as a no-op: same
+  # outputs up to float32 reassociation.
+  model = StockConv()
+  params = model.init(jax.random.key(0), jnp.zeros((1, 5, 5, 1)))['params']
+  data = _image_client(3, 6)
+  outs = {}
+  for loop in ('scan', 'unroll'):
+    local = client.LocalConfig(batch_size=2, num_epochs=1, loop=loop)
+    update = client.make_client_update(train.classification_loss(model),
+                                       optax.sgd(0.3), local)
+    outs[loop] = jax.jit(update)(params, {}, data, jax.random.key(4))
+  scan, unroll = outs['scan'], outs['unroll']
+  assert float(scan.metrics['num_steps']) == 2.0
+  assert float(scan.metrics['count']) == 3.0
+  for k in ('num_steps', 'count', 'correct'):
+    assert float(unroll.metrics[k]) == float(scan.metrics[k])
+  np.testing.assert_allclose(unroll.metrics['loss_sum'],
+                             scan.metrics['loss_sum'], rtol=1e-5)
+  assert float(jnp.abs(scan.delta['Conv_0/kernel']).sum()) > 0
+  for k in scan.delta:
+    np.testing.assert_allclose(unroll.delta[k], scan.delta[k], rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_auto_loop_unrolls_convolutions_on_cpu_only():
+  conv_params = StockConv().init(jax.random.key(0),
+                                 jnp.zeros((1, 5, 5, 1)))['params']
+  conv_loss = train.classification_loss(StockConv())
+  batch = {k: v[:2] for k, v in _image_client(2, 2).items()}
+  conv = client.step_primitives(
+      lambda p: conv_loss(p, {}, batch, None)[0], conv_params)
+  dense = client.step_primitives(
+      lambda p: _LOSS(p, {}, {k: v[:2] for k, v in _client(2, 2).items()},
+                      None)[0], _params())
+  assert 'conv_general_dilated' in conv
+  assert 'conv_general_dilated' not in dense and 'dot_general' in dense
+  assert client.resolve_loop('auto', 8, conv, 'cpu') == 'unroll'
+  assert client.resolve_loop('auto', 8, dense, 'cpu') == 'scan'
+  assert client.resolve_loop('auto', 8, conv, 'gpu') == 'scan'
+  too_long = client.AUTO_UNROLL_MAX_STEPS + 1
+  assert client.resolve_loop('auto', too_long, conv, 'cpu') == 'scan'
+  assert client.resolve_loop('unroll', 8, dense, 'cpu') == 'unroll'
+  # The choice made while tracing is kept for the run's metrics.
+  _update(client.LocalConfig(batch_size=2, num_steps=1, loop='auto'))(
+      _params(), {}, _client(2, 2), jax.random.key(0))
+  assert execution.resolved_choices()['local_loop'] == 'scan'
+
+
+def _linear_loss(params, model_state, batch, rng):
+  """-mean(w * x) over real examples: the SGD step adds lr * mean(x)."""
+  del rng
+  mask = batch['mask']
+  loss = -train.masked_mean(params['w'] * batch['x'], mask)
+  sums = {'loss_sum': -jnp.sum(params['w'] * batch['x'] * mask),
+          'correct': jnp.zeros(()), 'count': jnp.sum(mask)}
+  return loss, (sums, model_state)
+
+
+def test_fill_last_batch_follows_fedjax_shuffle_repeat_batch():
+  # n = 3 examples x = 1, 2, 4 (padded to 4), B = 2. FedJAX-style batches
+  # take positions of one stream of epoch permutations, so 3 steps cover
+  # exactly two epochs: w moves by lr * (sum of batch means) =
+  # lr * 2 * (1 + 2 + 4) / 2 = 7 lr, whatever the permutations. Masked
+  # padding would have stepped on a lone example instead.
+  lr = 0.1
+  data = {'x': np.array([1.0, 2.0, 4.0, 9.0], np.float32),
+          'y': np.zeros(4, np.int32),
+          'mask': np.array([1, 1, 1, 0], np.float32)}
+  params = {'w': jnp.zeros(())}
+  for local in (client.LocalConfig(batch_size=2, num_steps=3,
+                                   last_batch='fill'),
+                client.LocalConfig(batch_size=2, num_epochs=2,
+                                   last_batch='fill')):
+    update = jax.jit(client.make_client_update(_linear_loss, optax.sgd(lr),
+                                               local))
+    for seed in range(3):
+      out = update(params, {}, data, jax.random.key(seed))
+      np.testing.assert_allclose(out.delta['w'], 7 * lr, rtol=1e-6)
+      assert float(out.metrics['count']) == 6.0
+      assert float(out.metrics['num_steps']) == 3.0
+  # One epoch: ceil(3 / 2) = 2 steps, the second filled from epoch 1.
+  batch_at = jax.jit(client.local_batch, static_argnums=(3, 4, 5))
+  seen = []
+  for step in range(2):
+    batch = batch_at(data, jax.random.key(0), jnp.asarray(step), 2, 1,
+                     'fill')
+    np.testing.assert_array_equal(batch['mask'], 1.0)
+    seen += np.asarray(batch['x']).tolist()
+  assert sorted(seen[:3]) == [1.0, 2.0, 4.0] and seen[3] in (1.0, 2.0, 4.0)
+  late = batch_at(data, jax.random.key(0), jnp.asarray(2), 2, 1, 'fill')
+  np.testing.assert_array_equal(late['mask'], 0.0)

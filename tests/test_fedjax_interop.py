@@ -170,6 +170,17 @@ def test_our_round_on_fedjax_data_equals_fedjax_fed_avg():
     moved = max(moved, float(jnp.max(jnp.abs(a - c))))
   assert moved > 1e-3  # The round really trained.
 
+  # The fedjax.Model itself in place of a loss, on FedJAX's own params.
+  direct = algorithms.fedavg(model, optax.sgd(0.5),
+                             client.LocalConfig(batch_size=4, num_steps=1))
+  state, _ = direct.apply(direct.init(init), cohort, ids, jax.random.key(2))
+  back = fedjax_interop.to_haiku_params(state.params)
+  assert jax.tree_util.tree_structure(back) == (
+      jax.tree_util.tree_structure(init))
+  for a, b in zip(jax.tree_util.tree_leaves(back),
+                  jax.tree_util.tree_leaves(their_state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
 
 def test_bridge_names_stax_params_and_masks_the_loss():
   from jax.example_libraries import stax  # pylint: disable=g-import-not-at-top
@@ -201,3 +212,44 @@ def test_bridge_names_stax_params_and_masks_the_loss():
   np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
   assert float(sums_b['count']) == 2.0
   np.testing.assert_allclose(sums_b['loss_sum'], 2 * loss_a, rtol=1e-6)
+
+
+def test_bad_fedjax_inputs_are_clear_errors_or_logged_skips(caplog):
+  # An empty client is counted and logged, never sampled.
+  with caplog.at_level('WARNING'):
+    source = fedjax_interop.FederatedDataSource(
+        fedjax.InMemoryFederatedData(_client_data()))
+  assert source.num_empty == 1
+  assert '1 of 5 clients have no examples' in caplog.text
+
+  # Labels 0..2 against a model with 2 outputs: says what to change.
+  def train_loss(batch, preds):
+    return fedjax.metrics.unreduced_cross_entropy_loss(batch['y'], preds)
+
+  two = fedjax.create_model_from_haiku(
+      hk.transform(lambda batch: hk.Linear(2)(batch['x'])),
+      {'x': jnp.zeros((1, 4))}, train_loss)
+  largest = max(int(v['y'].max()) for v in _client_data().values()
+                if len(v['y']))
+  with pytest.raises(ValueError, match=f'predicts 2 classes but the data has '
+                     f'label {largest}; build the model with at least '
+                     f'{largest + 1} outputs'):
+    fedjax_interop.check_model_outputs(two, two.init(jax.random.PRNGKey(0)),
+                                       source)
+  three = _haiku_model()
+  assert fedjax_interop.check_model_outputs(
+      three, three.init(jax.random.PRNGKey(0)), source) == 3
+
+  # One prediction per example is required.
+  flat = fedjax.create_model_from_haiku(
+      hk.transform(lambda batch: hk.Linear(3)(batch['x'].reshape(1, -1))),
+      {'x': jnp.zeros((2, 4))}, train_loss)
+  batch = {'x': jnp.zeros((2, 4)), 'y': jnp.zeros(2, jnp.int32),
+           'mask': jnp.ones(2)}
+  loss = fedjax_interop.as_loss_fn(flat)
+  with pytest.raises(ValueError, match='one row per example'):
+    loss(flat.init(jax.random.PRNGKey(0)), {}, batch, None)
+  with pytest.raises(TypeError, match='or a fedjax.Model'):
+    fedjax_interop.as_loss_fn(3)
+  with pytest.raises(ValueError, match='use bridge_fedjax_model'):
+    fedjax_interop.to_haiku_params(((jnp.zeros(2),),))
