@@ -1,8 +1,13 @@
 """One user's life after pre-training: enrollment, then the stream in chunks.
 
-    enrolled = enroll(fns, state, split.enroll_x, split.enroll_y, ...)
-    verifier = calibrate_verifier(fns, enrolled.params, ..., target_far)
-    curve, quality = run_stream(fns, settings, enrolled, stream, verifier, ...)
+    state = enroll(fns.enroll_step, state, split.enroll_x, split.enroll_y,
+                   num_steps, batch_size, key)
+    verifier = calibrate_verifier(fns.embed, state.params, state.model_state,
+                                  split.enroll_x, split.enroll_y, num_classes,
+                                  target_far)
+    curve, quality, final = run_stream(
+        fns, settings, state, stream, chunk_size, verifier, stream_scores,
+        split.enroll_x, split.enroll_y, evaluate, key)
 
 Enrollment fine-tunes the pre-trained model on the user's K labelled
 utterances of every keyword. The verifier (templates and a threshold) is
@@ -27,7 +32,8 @@ them. Methods:
   tent          entropy-minimisation steps on the chunk's clips (tta).
 
 Every draw comes from `jax.random.fold_in(key, ...)`, so a run is a
-deterministic function of its key.
+deterministic function of its key. A non-finite training loss stops the run
+with a FloatingPointError that names the chunk and the step.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ import numpy as np
 from continual import pseudo_label as pl
 from continual import replay
 from continual import streams
+from ondevice import batching
 from ondevice import train
 
 PyTree = Any
@@ -79,10 +86,19 @@ class Settings:
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f'Unknown learner method {self.method!r}; set '
-                       f'config.learner.method to one of {METHODS}.')
+                       f'config.learner.method.name to one of {METHODS}.')
     if self.steps_per_chunk < 0 or self.batch_size < 1:
       raise ValueError('steps_per_chunk must be >= 0 and batch_size >= 1; '
                        f'got {self.steps_per_chunk} and {self.batch_size}.')
+    if min(self.distill_batch_size, self.replay_capacity) < 0 or (
+        self.bn_window < 1):
+      raise ValueError('distill_batch_size and replay_capacity must be >= 0 '
+                       f'and bn_window >= 1; got {self.distill_batch_size}, '
+                       f'{self.replay_capacity} and {self.bn_window}.')
+    if self.teacher_bn and self.method != 'pseudo_label':
+      # Only pseudo-labelling has a teacher; the other methods never label.
+      raise ValueError(f'teacher_bn applies to method pseudo_label only; got '
+                       f'method {self.method!r}.')
 
 
 class Verifier(NamedTuple):
@@ -105,19 +121,24 @@ def batched(fn: Callable, x: np.ndarray, batch_size: int) -> np.ndarray:
   return np.concatenate(out)
 
 
+def check_finite(loss: float, where: str) -> float:
+  """Returns `loss`; raises FloatingPointError naming `where` if not finite."""
+  if not np.isfinite(loss):
+    raise FloatingPointError(f'Non-finite training loss {loss} at {where}; '
+                             'lower the learning rate or check the data.')
+  return loss
+
+
 def enroll(step: Callable, state: train.TrainState, x: np.ndarray,
            y: np.ndarray, num_steps: int, batch_size: int,
            key: jax.Array) -> train.TrainState:
-  """Fine-tunes on the enrollment clips, batches drawn per epoch."""
-  n = len(x)
+  """Fine-tunes on the enrollment clips, a fresh order every epoch."""
+  batches = batching.EpochBatches(key, len(x), batch_size,
+                                  drop_remainder=False)
   for i in range(num_steps):
-    epoch, offset = divmod(i * batch_size, n)
-    perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch),
-                                             n))
-    index = np.resize(np.roll(perm, -offset), batch_size)
-    batch = {'x': x[index], 'y': y[index],
-             'mask': np.ones(batch_size, np.float32)}
-    state, _ = step(state, batch, jax.random.fold_in(key, 10**6 + i))
+    state, metrics = step(state, batches.batch(i, x, y),
+                          jax.random.fold_in(key, 10**6 + i))
+    check_finite(float(metrics['loss']), f'enrollment step {i}')
   return state
 
 
@@ -171,8 +192,8 @@ def _labelled_rows(key, settings, x, labels, accepted, buffer):
 
 
 def _pseudo_label_steps(fns, settings, state, chunk_x, labels, accepted,
-                        buffer, key):
-  """The train steps of one chunk; returns (state, mean loss)."""
+                        buffer, key, chunk):
+  """The train steps of chunk `chunk`; returns (state, mean loss)."""
   losses = []
   for i in range(settings.steps_per_chunk):
     step_key = jax.random.fold_in(key, i)
@@ -192,11 +213,13 @@ def _pseudo_label_steps(fns, settings, state, chunk_x, labels, accepted,
     batch = {'x': x, 'y': y.astype(np.int32), 'mask': mask,
              'distill_mask': distill}
     state, metrics = fns.train_step(state, batch, train_key)
-    losses.append(float(metrics['loss']))
+    losses.append(check_finite(float(metrics['loss']),
+                               f'stream chunk {chunk}, step {i}'))
   return state, float(np.mean(losses)) if losses else float('nan')
 
 
-def _tent_steps(fns, settings, state, chunk_x, key):
+def _tent_steps(fns, settings, state, chunk_x, key, chunk):
+  """TENT's steps on chunk `chunk`; returns (state, mean loss)."""
   losses = []
   for i in range(settings.steps_per_chunk):
     step_key = jax.random.fold_in(key, i)
@@ -205,7 +228,8 @@ def _tent_steps(fns, settings, state, chunk_x, key):
     batch = {'x': chunk_x[index], 'y': np.zeros(len(index), np.int32),
              'mask': np.ones(len(index), np.float32)}
     state, metrics = fns.tent_step(state, batch, train_key)
-    losses.append(float(metrics['loss']))
+    losses.append(check_finite(float(metrics['loss']),
+                               f'stream chunk {chunk}, TENT step {i}'))
   return state, float(np.mean(losses)) if losses else float('nan')
 
 
@@ -244,6 +268,96 @@ def _teacher(fns, settings, state, enrolled_params, source_state, verifier,
                                                       emb))
 
 
+def _init_replay(settings: Settings, enroll_x: np.ndarray,
+                 enroll_y: np.ndarray, key: jax.Array
+                 ) -> replay.ReplayBuffer | None:
+  """A replay buffer seeded with the enrollment clips, or None."""
+  if settings.method != 'pseudo_label' or not settings.replay_capacity:
+    return None
+  buffer = replay.init(settings.replay_capacity,
+                       {'x': enroll_x[0], 'y': np.int32(0)})
+  return replay.add(buffer, {'x': enroll_x, 'y': enroll_y.astype(np.int32)},
+                    np.ones(len(enroll_x), bool), key)
+
+
+class _Run(NamedTuple):
+  """What one user's stream keeps fixed from start to end."""
+  fns: Functions
+  settings: Settings
+  stream: streams.Stream
+  chunk_size: int
+  verifier: Verifier
+  stream_scores: np.ndarray
+  enrolled_params: PyTree
+  source_state: PyTree
+
+
+def _pseudo_label_chunk(run: _Run, state, buffer, chunk, seen: int,
+                        index: int, key):
+  """Labels chunk `index`, replays and trains; returns the new pieces."""
+  teacher_state, scores = _teacher(
+      run.fns, run.settings, state, run.enrolled_params, run.source_state,
+      run.verifier, run.stream, chunk, seen, run.stream_scores,
+      run.chunk_size)
+  logits = batched(lambda b: run.fns.classify(state.params, teacher_state, b),
+                   chunk.x, run.chunk_size)
+  result = _label(logits, scores, run.settings.confidence,
+                  run.verifier.threshold, verify=run.settings.verify)
+  labels = np.asarray(result.labels, np.int32)
+  accepted = np.asarray(result.accepted)
+  if buffer is not None:
+    buffer = replay.add(buffer, {'x': chunk.x, 'y': labels}, accepted,
+                        jax.random.fold_in(key, 1))
+  state, loss = _pseudo_label_steps(
+      run.fns, run.settings, state, chunk.x, labels, accepted, buffer,
+      jax.random.fold_in(key, 2), index)
+  return state, buffer, labels, accepted, loss
+
+
+def _chunk(run: _Run, state, buffer, chunk, seen: int, index: int, key):
+  """One chunk under the run's method: (state, buffer, labels, accepted,
+  loss); nothing is accepted unless the method pseudo-labels."""
+  none = np.zeros(len(chunk), np.int32), np.zeros(len(chunk), bool)
+  if run.settings.method == 'pseudo_label':
+    return _pseudo_label_chunk(run, state, buffer, chunk, seen, index, key)
+  if run.settings.method == 'bn_adapt':
+    state = state._replace(model_state=run.fns.adapt_bn(
+        state.params, run.source_state,
+        *_recent(run.stream, seen + len(chunk), run.settings.bn_window)))
+    return (state, buffer) + none + (float('nan'),)
+  state, loss = _tent_steps(run.fns, run.settings, state, chunk.x, key, index)
+  return (state, buffer) + none + (loss,)
+
+
+def _quality(stream: streams.Stream, labels: np.ndarray, accepted: np.ndarray
+             ) -> dict[str, Any]:
+  """Label quality over the whole stream, also per source."""
+  by_source = {}
+  for s, name in enumerate(streams.SOURCES):
+    rows = stream.source == s
+    by_source[name] = {
+        'clips': int(rows.sum()),
+        'accepted': int(accepted[rows].sum()),
+        'correct': int((accepted & rows & (labels == stream.label)).sum())}
+  quality = pl.label_quality(
+      labels, accepted, stream.label,
+      stream.source == streams.SOURCES.index('user_keyword'))
+  quality['by_source'] = by_source
+  return quality
+
+
+def _check_functions(fns: Functions, settings: Settings) -> None:
+  needs_bn = settings.method == 'bn_adapt' or settings.teacher_bn
+  if needs_bn and fns.adapt_bn is None:
+    raise ValueError(f'Method {settings.method!r} with teacher_bn='
+                     f'{settings.teacher_bn} needs Functions.adapt_bn (see '
+                     'tta.adapt_batch_norm).')
+  step = {'pseudo_label': fns.train_step, 'tent': fns.tent_step}
+  if step.get(settings.method, fns.classify) is None:
+    raise ValueError(f'Method {settings.method!r} needs its step in '
+                     'Functions (train_step or tent_step).')
+
+
 def run_stream(fns: Functions, settings: Settings, state: train.TrainState,
                stream: streams.Stream, chunk_size: int, verifier: Verifier,
                stream_scores: np.ndarray, enroll_x: np.ndarray,
@@ -271,72 +385,29 @@ def run_stream(fns: Functions, settings: Settings, state: train.TrainState,
     over the whole stream, also by source (nothing is accepted unless the
     method pseudo-labels); and the final train state.
   """
-  if settings.teacher_bn and fns.adapt_bn is None:
-    raise ValueError('Settings.teacher_bn needs Functions.adapt_bn (see '
-                     'tta.adapt_batch_norm); pass it or set teacher_bn=False.')
-  source_state = state.model_state
-  enrolled_params = state.params
-  buffer = None
-  if settings.method == 'pseudo_label' and settings.replay_capacity:
-    buffer = replay.init(settings.replay_capacity,
-                         {'x': enroll_x[0], 'y': np.int32(0)})
-    buffer = replay.add(buffer, {'x': enroll_x, 'y': enroll_y.astype(np.int32)},
-                        np.ones(len(enroll_x), bool), jax.random.fold_in(key, 0))
+  _check_functions(fns, settings)
+  run = _Run(fns, settings, stream, chunk_size, verifier, stream_scores,
+             state.params, state.model_state)
+  buffer = _init_replay(settings, enroll_x, enroll_y,
+                        jax.random.fold_in(key, 0))
   curve = [dict(chunk=0, clips=0, drift=0.0, **evaluate(
       state.params, state.model_state, 0.0))]
   all_labels = np.zeros(len(stream), np.int32)
   all_accepted = np.zeros(len(stream), bool)
   seen = 0
   for index, chunk in enumerate(stream.chunks(chunk_size), start=1):
-    chunk_key = jax.random.fold_in(key, index)
-    labels = np.zeros(len(chunk), np.int32)
-    accepted = np.zeros(len(chunk), bool)
-    loss = float('nan')
-    if settings.method == 'pseudo_label':
-      teacher_state, scores = _teacher(
-          fns, settings, state, enrolled_params, source_state, verifier,
-          stream, chunk, seen, stream_scores, chunk_size)
-      logits = batched(lambda b: fns.classify(state.params, teacher_state, b),
-                       chunk.x, chunk_size)
-      result = _label(logits, scores, settings.confidence,
-                      verifier.threshold, verify=settings.verify)
-      labels = np.asarray(result.labels, np.int32)
-      accepted = np.asarray(result.accepted)
-      if buffer is not None:
-        buffer = replay.add(buffer, {'x': chunk.x, 'y': labels}, accepted,
-                            jax.random.fold_in(chunk_key, 1))
-      state, loss = _pseudo_label_steps(fns, settings, state, chunk.x, labels,
-                                        accepted, buffer,
-                                        jax.random.fold_in(chunk_key, 2))
-    elif settings.method == 'bn_adapt':
-      state = state._replace(model_state=fns.adapt_bn(
-          state.params, source_state,
-          *_recent(stream, seen + len(chunk), settings.bn_window)))
-    else:
-      state, loss = _tent_steps(fns, settings, state, chunk.x, chunk_key)
+    state, buffer, labels, accepted, loss = _chunk(
+        run, state, buffer, chunk, seen, index, jax.random.fold_in(key, index))
     all_labels[seen:seen + len(chunk)] = labels
     all_accepted[seen:seen + len(chunk)] = accepted
     seen += len(chunk)
-    so_far = slice(0, seen)
     quality = pl.label_quality(
-        all_labels[so_far], all_accepted[so_far], stream.label[so_far],
-        stream.source[so_far] == streams.SOURCES.index('user_keyword'))
+        all_labels[:seen], all_accepted[:seen], stream.label[:seen],
+        stream.source[:seen] == streams.SOURCES.index('user_keyword'))
     drift = float(chunk.drift[-1])
     curve.append(dict(chunk=index, clips=seen, drift=drift, loss=loss,
                       accepted=int(accepted.sum()),
                       precision=quality['precision'],
                       recall=quality['recall'],
                       **evaluate(state.params, state.model_state, drift)))
-  by_source = {}
-  for s, name in enumerate(streams.SOURCES):
-    rows = stream.source == s
-    by_source[name] = {
-        'clips': int(rows.sum()),
-        'accepted': int(all_accepted[rows].sum()),
-        'correct': int((all_accepted & rows &
-                        (all_labels == stream.label)).sum())}
-  quality = pl.label_quality(
-      all_labels, all_accepted, stream.label,
-      stream.source == streams.SOURCES.index('user_keyword'))
-  quality['by_source'] = by_source
-  return curve, quality, state
+  return curve, _quality(stream, all_labels, all_accepted), state

@@ -144,7 +144,8 @@ def test_config_variants_merge_and_validate():
   assert merged.regularizer.name == config.regularizer.name
   assert 'variants' not in merged
   ewc = experiment.variant_config(config, 'verified+ewc')
-  assert ewc.regularizer.name == 'ewc' and ewc.learner.method == 'pseudo_label'
+  assert (ewc.regularizer.name == 'ewc' and
+          ewc.learner.method.name == 'pseudo_label')
   config.variants.bad = {'pseudo': {'verifiy': False}}
   with pytest.raises(ValueError, match='pseudo.verifiy'):
     experiment.variant_config(config, 'bad')
@@ -158,7 +159,11 @@ def test_config_variants_merge_and_validate():
               smoke.users.num_test)
   assert counts[0] <= 36 * per_word
   assert counts[3] <= smoke.users.num_noise
-  assert dataclasses.is_dataclass(learner.Settings())
+  # The tent variant inherits nothing of pseudo-labelling's teacher.
+  tent = experiment._settings(experiment.variant_config(smoke, 'tent'))
+  assert tent.method == 'tent' and not tent.teacher_bn
+  with pytest.raises(ValueError, match='teacher_bn applies to method'):
+    learner.Settings(method='tent', teacher_bn=True)
 
 
 def test_recent_window_pads_and_masks(setup):
