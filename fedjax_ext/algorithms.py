@@ -256,10 +256,7 @@ def scaffold(loss_fn: train.LossFn, local_learning_rate: float,
   def apply(state: ScaffoldState, cohort, client_ids, key):
     paths = train.resolve_trainable(state.params, local.trainable)
     client_ids = jnp.asarray(client_ids, jnp.int32)
-    old_ci = {k: jnp.take(v, client_ids, axis=0, mode='fill',
-                          fill_value=jnp.nan)
-              for k, v in state.client_controls.items()}
-    correction = {k: state.server_control[k][None] - old_ci[k] for k in paths}
+    correction = _scaffold_correction(state, client_ids, paths)
     result = rounds_lib.run_round(client_fn, state.params,
                                   state.model_state, cohort, client_ids, key,
                                   rounds, context=correction,
@@ -294,6 +291,14 @@ def _scaffold_client(loss_fn, local_learning_rate, local):
     return out._replace(extras=mean_grad)
 
   return scaffold_client
+
+
+def _scaffold_correction(state: ScaffoldState, client_ids, paths):
+  """c - c_i per cohort client (NaN for an id outside the pool)."""
+  old_ci = {k: jnp.take(v, client_ids, axis=0, mode='fill',
+                        fill_value=jnp.nan)
+            for k, v in state.client_controls.items()}
+  return {k: state.server_control[k][None] - old_ci[k] for k in paths}
 
 
 def _scaffold_init(params, model_state, local, num_clients, server_optimizer,
