@@ -4,6 +4,11 @@ r"""Federated Fashion-MNIST with Dirichlet(alpha) label skew over N clients.
         --workdir=/tmp/fed_fmnist
     python -m experiments.federated --config=configs/fed_fmnist.py:smoke \
         --config.partition.alpha=0.1 --workdir=/tmp/run
+    python -m experiments.federated --config=configs/fed_fmnist.py:smoke \
+        --config.aggregator.name=median --workdir=/tmp/run
+
+Parts chosen by name are a `name` plus one sub-config per choice (see
+configs/fed_kws.py for the flags of each).
 """
 import ml_collections
 

@@ -9,8 +9,25 @@ and the tuning behind these settings: benchmarks/results/fed_kws/.
     python -m experiments.federated --config=configs/fed_kws.py \
         --workdir=/tmp/fed_kws
     python -m experiments.federated --config=configs/fed_kws.py:smoke \
-        --config.algorithm=fedavg --config.server_learning_rate=1.0 \
-        --workdir=/tmp/run
+        --config.algorithm.name=fedprox --config.algorithm.fedprox.mu=0.01 \
+        --config.server_learning_rate=1.0 --workdir=/tmp/run
+
+Parts chosen by name (algorithm, aggregator, compression, trainable) are a
+`name` plus one sub-config per choice with that choice's arguments
+(`fedjax_ext.training`), so every option is a flag:
+
+    --config.aggregator.name=krum --config.aggregator.krum.num_byzantine=1 \
+        --config.aggregator.krum.multi_k=3        # multi-Krum
+    --config.aggregator.name=trimmed_mean \
+        --config.aggregator.trimmed_mean.trim_fraction=0.2
+    --config.compression.name=top_k --config.compression.top_k.fraction=0.05
+    --config.compression.name=quantize --config.compression.quantize.bits=8
+    --config.trainable.name=last_k --config.trainable.last_k.k=3
+    --config.dp.enabled=True --config.dp.noise_multiplier=1.0
+
+With DP on, the aggregator must be 'mean' (DP-FedAvg's clipped, noised mean
+replaces it) and batch-norm statistics travel through the same clip and
+noise; epsilon is accounted for cohorts drawn without replacement.
 """
 import ml_collections
 
@@ -32,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # A sparse_updates preset; clients train and send only its leaves.
   config.trainable = training.trainable_options('full')
 
-  # fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad | scaffold.
+  # fedjax_ext.algorithms.ALGORITHMS; each has its sub-config of arguments.
   # Adaptive server steps escape the early loss plateau in far fewer rounds
   # than FedAvg at the same client work (benchmarks/results/fed_kws/).
   config.algorithm = training.algorithm_options('fedadam')
