@@ -13,7 +13,9 @@ update), `rounds` (one round: faults, transform and aggregator hooks),
 `execution` (vmap / chunked / sharded), `server_optimizers` (Reddi et al.
 2021), `algorithms` (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad,
 SCAFFOLD), `aggregators`, `compression`, `privacy` (DP-FedAvg),
-`secure_aggregation`, `training` (the config-driven run), `fedjax_interop`
+`secure_aggregation`, `training` (a run's parts from its config),
+`federated_loop` (the per-round step of `ondevice.loop`), `experiment` (the
+config-driven run), `report` (its final metrics and plot), `fedjax_interop`
 (a `fedjax.FederatedData` as a client source), `codes` (BCH codes) and
 `verification` (FedUV: user verification without sharing embeddings).
 """
