@@ -22,6 +22,10 @@ Federated Optimization":
 * SCAFFOLD (Karimireddy et al. 2020, "SCAFFOLD: Stochastic Controlled
   Averaging for Federated Learning"), option II, with a control variate per
   client kept in the server state (see `scaffold`).
+* Per-FedAvg (Fallah et al. 2020) and federated Reptile (Nichol et al. 2018;
+  Jiang et al. 2019): FedOpt whose clients meta-learn on their own data
+  with few_shot's task gradients (`meta_client.py`), so the server model is
+  an initialisation for few-shot personalisation.
 
 Server states are NamedTuples of arrays only, so `ondevice.checkpoint`
 saves them. `round` counts rounds, including rounds where no client update
@@ -38,8 +42,10 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_ext import client as client_lib
+from fedjax_ext import meta_client
 from fedjax_ext import rounds as rounds_lib
 from fedjax_ext import server_optimizers
+from few_shot import learner as learner_lib
 from ondevice import train
 
 PyTree = Any
@@ -357,6 +363,44 @@ def scaffold_algorithm(loss_fn: train.LossFn,
                   server_learning_rate=server_learning_rate, rounds=rounds)
 
 
+def _stateless(algorithm: FederatedAlgorithm, name: str) -> FederatedAlgorithm:
+  """Refuses batch statistics at `init`, before any round compiles."""
+
+  def init(params, model_state=None):
+    learner_lib.require_stateless(model_state, name)
+    return algorithm.init(params, {})
+
+  return algorithm._replace(init=init)
+
+
+def per_fedavg(loss_fn, client_optimizer, local, *, server_learning_rate=1.0,
+               alpha=0.01, variant='first_order',
+               rounds=rounds_lib.RoundConfig()) -> FederatedAlgorithm:
+  """Per-FedAvg (Fallah et al. 2020), see `meta_client`.
+
+  The client optimiser's rate is the paper's beta, `alpha` the adaptation
+  rate; `variant` is 'first_order' or 'hessian_free'.
+  """
+  client_update = meta_client.per_fedavg_client(
+      loss_fn, client_optimizer, local, alpha=alpha, variant=variant)
+  return _stateless(fedopt(loss_fn, client_optimizer, local,
+                           optax.sgd(server_learning_rate), rounds=rounds,
+                           client_update=client_update), 'per_fedavg')
+
+
+def fed_reptile(loss_fn, client_optimizer, local, *, server_learning_rate=1.0,
+                rounds=rounds_lib.RoundConfig()) -> FederatedAlgorithm:
+  """Federated Reptile (clients as Reptile tasks), see `meta_client`.
+
+  `server_learning_rate` is Reptile's epsilon.
+  """
+  client_update = meta_client.fed_reptile_client(loss_fn, client_optimizer,
+                                                 local)
+  return _stateless(fedopt(loss_fn, client_optimizer, local,
+                           optax.sgd(server_learning_rate), rounds=rounds,
+                           client_update=client_update), 'fed_reptile')
+
+
 # Names a config can select. Every entry takes (loss_fn, client_optimizer,
 # local, *, server_learning_rate, rounds, **hparams); the keyword arguments
 # in RUN_ARGUMENTS are filled in by the run (not by the algorithm's
@@ -371,4 +415,6 @@ ALGORITHMS = {
     'fedyogi': fedyogi,
     'fedadagrad': fedadagrad,
     'scaffold': scaffold_algorithm,
+    'per_fedavg': per_fedavg,
+    'fed_reptile': fed_reptile,
 }

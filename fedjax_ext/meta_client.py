@@ -1,8 +1,9 @@
-"""Federated meta-learning: Per-FedAvg and federated Reptile.
+"""Client updates for federated meta-learning: Per-FedAvg, federated Reptile.
 
-Both are FedOpt algorithms (`algorithms.fedopt`) whose clients run a
-meta-learning inner loop instead of plain local SGD, so the server model is
-an initialisation that adapts well from a few of a user's examples:
+`algorithms.per_fedavg` and `algorithms.fed_reptile` are FedOpt algorithms
+whose clients run these meta-learning updates instead of plain local SGD,
+so the server model is an initialisation that adapts well from a few of a
+user's examples:
 
 * Per-FedAvg (Fallah, Mokhtari & Ozdaglar 2020, "Personalized Federated
   Learning with Theoretical Guarantees: A Model-Agnostic Meta-Learning
@@ -31,7 +32,8 @@ with the loss function's model.
 A client needs `2 * local.batch_size` real examples (a support and a
 disjoint query batch); a client with fewer sends nothing (weight 0) and is
 counted in the round's `num_empty_clients`. Models must carry no batch
-statistics (norm 'group', 'layer' or 'none'): `init` refuses batch norm.
+statistics (norm 'group', 'layer' or 'none'): the algorithms' `init`
+refuses batch norm.
 """
 from __future__ import annotations
 
@@ -42,9 +44,7 @@ from jax import lax
 import jax.numpy as jnp
 import optax
 
-from fedjax_ext import algorithms
 from fedjax_ext import client as client_lib
-from fedjax_ext import rounds as rounds_lib
 from few_shot import learner as learner_lib
 from few_shot import maml
 from few_shot import reptile
@@ -144,29 +144,16 @@ def meta_client_update(task_gradient, client_optimizer: optax.GradientTransforma
   return client_update
 
 
-def _stateless_init(algorithm: algorithms.FederatedAlgorithm, name: str
-                    ) -> algorithms.FederatedAlgorithm:
-  """Refuses batch statistics at `init`, before any round compiles."""
-
-  def init(params, model_state=None):
-    learner_lib.require_stateless(model_state, name)
-    return algorithm.init(params, {})
-
-  return algorithm._replace(init=init)
-
-
-def per_fedavg(loss_fn: train.LossFn,
-               client_optimizer: optax.GradientTransformation,
-               local: client_lib.LocalConfig, *,
-               server_learning_rate: float = 1.0, alpha: float = 0.01,
-               variant: str = 'first_order',
-               rounds: rounds_lib.RoundConfig = rounds_lib.RoundConfig()
-               ) -> algorithms.FederatedAlgorithm:
-  """Per-FedAvg (Fallah et al. 2020): `local.num_steps` MAML steps a round.
+def per_fedavg_client(loss_fn: train.LossFn,
+                      client_optimizer: optax.GradientTransformation,
+                      local: client_lib.LocalConfig, *, alpha: float,
+                      variant: str):
+  """Per-FedAvg's client: `local.num_steps` MAML steps on its own tasks.
 
   Args:
-    loss_fn, client_optimizer, local, server_learning_rate, rounds: as for
-      `algorithms.fedavg`; the client optimiser's rate is beta.
+    loss_fn: the clients' loss.
+    client_optimizer: applied to each meta-gradient (beta).
+    local: batch size of support and of query, meta-steps, trainable leaves.
     alpha: the inner (adaptation) learning rate.
     variant: 'first_order' or 'hessian_free' (module docstring).
   """
@@ -182,24 +169,17 @@ def per_fedavg(loss_fn: train.LossFn,
       loss_fn, optax.identity(), inner_lr=alpha, inner_steps=1,
       first_order=variant == 'first_order', outer_trainable=local.trainable,
       name='per_fedavg')
-  client_update = meta_client_update(learner.task_gradient, client_optimizer,
-                                     local, local.num_steps)
-  return _stateless_init(algorithms.fedopt(
-      loss_fn, client_optimizer, local, optax.sgd(server_learning_rate),
-      rounds=rounds, client_update=client_update), 'per_fedavg')
+  return meta_client_update(learner.task_gradient, client_optimizer, local,
+                            local.num_steps)
 
 
-def fed_reptile(loss_fn: train.LossFn,
-                client_optimizer: optax.GradientTransformation,
-                local: client_lib.LocalConfig, *,
-                server_learning_rate: float = 1.0,
-                rounds: rounds_lib.RoundConfig = rounds_lib.RoundConfig()
-                ) -> algorithms.FederatedAlgorithm:
-  """Federated Reptile: one Reptile task per client and round.
+def fed_reptile_client(loss_fn: train.LossFn,
+                       client_optimizer: optax.GradientTransformation,
+                       local: client_lib.LocalConfig):
+  """Federated Reptile's client: one Reptile task a round.
 
-  The client trains for `local.num_steps` full-batch steps of
-  `client_optimizer` on its support and query batches together; the server
-  takes `server_learning_rate` (epsilon) times the mean adapted delta.
+  It trains for `local.num_steps` full-batch steps of `client_optimizer` on
+  its support and query batches together and sends the adapted delta.
   """
   if not local.num_steps:
     raise ValueError('fed_reptile needs LocalConfig.num_steps (inner steps '
@@ -208,14 +188,7 @@ def fed_reptile(loss_fn: train.LossFn,
                             inner_optimizer=client_optimizer,
                             inner_steps=local.num_steps,
                             trainable=local.trainable)
-
-  def task_gradient(state, task, key):
-    grads, metrics = learner.task_gradient(state, task, key)
-    # Reptile's pseudo-gradient is phi - W: the client moves by W - phi.
-    return {'params': grads['params']}, metrics
-
-  client_update = meta_client_update(
-      task_gradient, optax.sgd(1.0), local, num_tasks=1)
-  return _stateless_init(algorithms.fedopt(
-      loss_fn, client_optimizer, local, optax.sgd(server_learning_rate),
-      rounds=rounds, client_update=client_update), 'fed_reptile')
+  # Reptile's pseudo-gradient is phi - W: one SGD step of rate 1 on it lands
+  # on W, so the client sends W - phi.
+  return meta_client_update(learner.task_gradient, optax.sgd(1.0), local,
+                            num_tasks=1)

@@ -8,7 +8,8 @@ import optax
 import pytest
 
 from fedjax_ext import client as client_lib
-from fedjax_ext import meta_algorithms
+from fedjax_ext import algorithms
+from fedjax_ext import meta_client
 from ondevice import models
 from ondevice import train
 
@@ -36,7 +37,7 @@ def _loss(loss_fn, params, batch):
 
 def test_support_query_are_disjoint_real_examples():
   data = _data(num_real=5, max_examples=8)
-  task, enough = meta_algorithms.support_query(data, jax.random.key(3), 2)
+  task, enough = meta_client.support_query(data, jax.random.key(3), 2)
   assert bool(enough)
   rows = []
   for part in ('support', 'query'):
@@ -45,7 +46,7 @@ def test_support_query_are_disjoint_real_examples():
       rows.append(int(np.flatnonzero(np.all(np.asarray(data['x']) == x,
                                             axis=1))[0]))
   assert len(set(rows)) == 4 and max(rows) < 5  # disjoint, never padding
-  _, enough = meta_algorithms.support_query(data, jax.random.key(3), 3)
+  _, enough = meta_client.support_query(data, jax.random.key(3), 3)
   assert not bool(enough)  # 5 real examples < 2 * 3
 
 
@@ -53,7 +54,7 @@ def _client_task(data, key, size):
   """The task the client update draws for its first (only) meta-step."""
   step_key = jax.random.split(key, 1)[0]
   task_key, _ = jax.random.split(step_key)
-  task, _ = meta_algorithms.support_query(data, task_key, size)
+  task, _ = meta_client.support_query(data, task_key, size)
   return task
 
 
@@ -62,10 +63,10 @@ def test_per_fedavg_client_step_equals_the_maml_formula(variant):
   loss_fn, params = _setup()
   local = client_lib.LocalConfig(batch_size=3, num_steps=1)
   data, key = _data(num_real=8), jax.random.key(7)
-  learner_grad = meta_algorithms.maml.gradient_meta_learner(
+  learner_grad = meta_client.maml.gradient_meta_learner(
       loss_fn, optax.identity(), inner_lr=ALPHA, inner_steps=1,
       first_order=variant == 'first_order').task_gradient
-  client = meta_algorithms.meta_client_update(learner_grad, optax.sgd(BETA),
+  client = meta_client.meta_client_update(learner_grad, optax.sgd(BETA),
                                               local, num_tasks=1)
   out = client(params, {}, data, key, None)
 
@@ -92,10 +93,10 @@ def test_fed_reptile_client_trains_on_support_and_query():
   loss_fn, params = _setup()
   steps = 3
   local = client_lib.LocalConfig(batch_size=2, num_steps=steps)
-  learner = meta_algorithms.reptile.reptile(
+  learner = meta_client.reptile.reptile(
       loss_fn, optax.identity(), inner_optimizer=optax.sgd(BETA),
       inner_steps=steps)
-  client = meta_algorithms.meta_client_update(
+  client = meta_client.meta_client_update(
       learner.task_gradient, optax.sgd(1.0), local, num_tasks=1)
   data, key = _data(num_real=6), jax.random.key(5)
   out = client(params, {}, data, key, None)
@@ -115,7 +116,7 @@ def test_fed_reptile_client_trains_on_support_and_query():
 def test_round_skips_clients_without_a_task_and_averages_the_rest():
   loss_fn, params = _setup()
   local = client_lib.LocalConfig(batch_size=2, num_steps=2)
-  algorithm = meta_algorithms.per_fedavg(loss_fn, optax.sgd(BETA), local,
+  algorithm = algorithms.per_fedavg(loss_fn, optax.sgd(BETA), local,
                                          alpha=ALPHA)
   clients = [_data(6, seed=0), _data(3, seed=1), _data(10, seed=2)]
   cohort = {k: jnp.stack([c[k] for c in clients]) for k in clients[0]}
@@ -133,15 +134,15 @@ def test_round_skips_clients_without_a_task_and_averages_the_rest():
 def test_batch_norm_models_and_bad_arguments_are_refused():
   loss_fn, params = _setup()
   local = client_lib.LocalConfig(batch_size=2, num_steps=1)
-  algorithm = meta_algorithms.per_fedavg(loss_fn, optax.sgd(BETA), local)
+  algorithm = algorithms.per_fedavg(loss_fn, optax.sgd(BETA), local)
   with pytest.raises(ValueError, match="norm='group'"):
     algorithm.init(params, {'batch_stats': {'mean': jnp.zeros(3)}})
   with pytest.raises(ValueError, match='variant'):
-    meta_algorithms.per_fedavg(loss_fn, optax.sgd(BETA), local,
+    algorithms.per_fedavg(loss_fn, optax.sgd(BETA), local,
                                variant='second_order')
   with pytest.raises(ValueError, match='alpha'):
-    meta_algorithms.per_fedavg(loss_fn, optax.sgd(BETA), local, alpha=0.0)
+    algorithms.per_fedavg(loss_fn, optax.sgd(BETA), local, alpha=0.0)
   with pytest.raises(ValueError, match='num_steps'):
-    meta_algorithms.fed_reptile(
+    algorithms.fed_reptile(
         loss_fn, optax.sgd(BETA),
         client_lib.LocalConfig(batch_size=2, num_epochs=1))
