@@ -281,3 +281,34 @@ def test_worst_users_never_read_evaluation_clips():
   assert all(rates[u] >= worst_rate for u in rates if u not in chosen)
   with pytest.raises(ValueError, match='both sides'):
     outliers.calibration_split(utterance, 6)
+
+
+def test_registry_passes_the_population_to_the_loader(monkeypatch):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ondevice.data import base  # pylint: disable=g-import-not-at-top
+  from ondevice.data import registry  # pylint: disable=g-import-not-at-top
+  seen = []
+
+  def fake_load(config, pop, cache_dir, num_workers):
+    del cache_dir, num_workers
+    seen.append((config, pop))
+    n = 8
+    return base.ArrayDataset(
+        x=np.random.default_rng(0).normal(size=(n, 98, 40)).astype(
+            np.float32), y=np.zeros(n, np.int32),
+        client_id=np.repeat(np.arange(4), 2).astype(np.int32),
+        class_names=config.words)
+
+  monkeypatch.setattr(pc, 'load_population_keywords', fake_load)
+  data = ml_collections.ConfigDict(dict(
+      name='speech_keywords', num_speakers=4, utterances_per_word=1,
+      corpus_seed=0, test_fraction=0.5, split_seed=0, cache_dir='',
+      population='mixed_unseen'))
+  train, test = registry.load_dataset(data)
+  assert seen[0][1] is pop_lib.MIXED_UNSEEN
+  assert seen[0][0] == sk.SpeechCorpusConfig(num_speakers=4,
+                                             utterances_per_word=1)
+  assert len(train) + len(test) == 8
+  data.population = 'unknown_population'
+  with pytest.raises(ValueError, match=r'config\.data\.population='):
+    registry.load_dataset(data)

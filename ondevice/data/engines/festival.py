@@ -74,9 +74,12 @@ def version() -> str:
                             capture_output=True, text=True,
                             timeout=60).stdout.strip()
   packages = sorted({v.package for v in VOICES.values()})
-  query = subprocess.run(['dpkg-query', '-W', '-f', '${Package} ${Version}\n']
-                         + packages, capture_output=True, text=True,
-                         timeout=60, check=False).stdout
+  try:
+    query = subprocess.run(
+        ['dpkg-query', '-W', '-f', '${Package} ${Version}\n'] + packages,
+        capture_output=True, text=True, timeout=60, check=False).stdout
+  except FileNotFoundError:  # Not Debian: the voices' versions are unknown.
+    query = ''
   return '; '.join([festival] + sorted(query.split('\n'))[1:])
 
 
