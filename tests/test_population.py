@@ -200,7 +200,7 @@ def test_pretraining_corpus_holds_the_seen_speakers(tiny):
   np.testing.assert_array_equal(ds.meta['accent_group'], ds.meta['family'])
 
 
-def test_cache_hit_gives_the_same_arrays(tiny, monkeypatch, caplog):
+def test_cache_hit_gives_the_same_arrays(tiny, monkeypatch):
   cache_dir, config, ds = tiny
   def fail(*args, **kwargs):
     raise AssertionError('synthesised despite a cache hit')
@@ -250,11 +250,14 @@ def test_select_users_picks_both_kinds_of_new_speakers():
 
 
 def test_worst_users_by_hand():
-  # Users 0..4 with calibration detection rates .9, .5, .7, .5, 1.0 over
-  # two clips each... (.5 twice: the tie goes to the lower id).
-  detected = np.array([1, 0.8, 1, 0, 1, 0.4, 0, 1, 1, 1], float)
-  user = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
-  calibration = np.ones(10, bool)
+  # Four calibration clips per user; detection rates .75, .25, .5, .25, 1
+  # for users 0..4 (.25 twice: the tie goes to the lower id).
+  detected = np.array([1, 1, 1, 0, 0, 1, 0, 0, 1, 0, 1, 0, 0, 0, 0, 1,
+                       1, 1, 1, 1], bool)
+  user = np.repeat(np.arange(5), 4)
+  calibration = np.ones(20, bool)
+  rates = outliers.per_user_rate(detected, user, calibration)
+  assert rates == {0: 0.75, 1: 0.25, 2: 0.5, 3: 0.25, 4: 1.0}
   assert outliers.select_worst_users(detected, user, calibration, 0.2) == [1]
   assert outliers.select_worst_users(detected, user, calibration, 0.4) == [
       1, 3]
