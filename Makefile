@@ -8,7 +8,7 @@ WORKDIR ?= /tmp/ondevice_demo
 # The speech engines of ondevice/data/engines: the default corpus needs only
 # espeak-ng; Flite, Festival and the festvox voices make the multi-engine
 # populations (config.data.population) and run in their tests. Together they
-# add about 20 s of apt-get install.
+# add about 64 MB of downloads and 20 s of apt-get install.
 FESTVOX := festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts \
   festvox-ca-ona-hts festvox-czech-krb festvox-czech-ph festvox-suopuhe-lj \
   festvox-suopuhe-mv festvox-italp16k festvox-itapc16k

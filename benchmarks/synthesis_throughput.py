@@ -126,7 +126,26 @@ def _markdown(results: dict) -> str:
     lines.append(f"| {name} | {e['speakers']} | {e['clips']} | "
                  f"{e['workers']} | {e['seconds']:.1f} | "
                  f"{e['clips_per_second']:.1f} |")
+  lines += ['', _extrapolation(results)]
   return '\n'.join(lines) + '\n'
+
+
+def _extrapolation(results: dict) -> str:
+  """Full-size build times at the measured build rates (an estimate)."""
+  builds = results['builds']
+  default = 200 * len(sk.WORDS) * 3  # configs' num_speakers, words, utts
+  seen = builds['mixed_unseen']['speakers'] / builds['mixed_unseen']['config'][
+      'num_speakers']
+  mixed = seen * default
+  minutes = lambda clips, name: clips / builds[name]['clips_per_second'] / 60
+  return (f'At these build rates, the default eSpeak corpus (200 speakers, '
+          f'{default} clips) would take about '
+          f"{minutes(default, 'espeak'):.0f} min and a mixed_unseen "
+          f'pre-training corpus of 200 speaker indices ({seen:.0%} seen, '
+          f"about {mixed:.0f} clips) about {minutes(mixed, 'mixed_unseen'):.0f}"
+          ' min on this loaded machine: extrapolated, not measured; small '
+          'builds include fixed costs (spawning workers, compiling the '
+          'log-mel front end).')
 
 
 def main(argv):

@@ -21,6 +21,10 @@ a fixed order, so a corpus is a deterministic function of its config.
     ds = load_speech_keywords(SpeechCorpusConfig(num_speakers=200))
     ds.x.shape          # (21600, 98, 40) log-mel, float32
     ds.client_id        # speaker of each clip: one client per speaker
+
+This eSpeak-only corpus is the default population; `load_corpus` also builds
+populations of several engines, rooms and microphones with held-out outliers
+(`ondevice.data.population`), chosen by `config.data.population`.
 """
 from __future__ import annotations
 
