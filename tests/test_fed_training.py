@@ -2,6 +2,8 @@
 import json
 import os
 
+import dp_accounting
+from dp_accounting.rdp import rdp_privacy_accountant
 import jax
 import numpy as np
 import optax
@@ -9,7 +11,10 @@ import pytest
 
 from configs import fed_fmnist
 from configs import fed_kws
+from fedjax_ext import experiment
+from fedjax_ext import federated_loop
 from fedjax_ext import training
+from ondevice import loop
 from ondevice import models
 from ondevice import train
 from ondevice.data.base import ArrayDataset
@@ -164,3 +169,105 @@ def test_bias_only_clients_train_and_send_only_biases(tmp_path):
     training.train_and_evaluate(
         _config(num_rounds=1, trainable='sparse_channels'),
         str(tmp_path / 'sc'), datasets=_data())
+
+
+def _without_wall_clock(record):
+  return {k: v for k, v in record.items() if k not in loop.WALL_CLOCK_KEYS}
+
+
+def test_killed_and_resumed_run_writes_the_same_files(tmp_path):
+  # One of the three clients drops out every round, so the dropped-client
+  # total (a loop counter) must survive the resume to match.
+  full = training.train_and_evaluate(_config(dropout_rate=0.34),
+                                     str(tmp_path / 'a'), datasets=_data())
+  assert full['metrics']['clients_dropped'] == 6.0
+  part = training.train_and_evaluate(_config(dropout_rate=0.34),
+                                     str(tmp_path / 'b'), datasets=_data(),
+                                     stop_after_rounds=4)
+  assert part['metrics'] == {'stopped_at': 4}
+  training.train_and_evaluate(_config(dropout_rate=0.34), str(tmp_path / 'b'),
+                              datasets=_data())
+  files = {}
+  for run in ('a', 'b'):
+    with open(tmp_path / run / 'metrics.jsonl') as f:
+      rows = [_without_wall_clock(json.loads(line)) for line in f]
+    with open(tmp_path / run / 'final_metrics.json') as f:
+      files[run] = (rows, _without_wall_clock(json.load(f)))
+  assert [r['round'] for r in files['b'][0]] == [1, 2, 3, 4, 5, 6]
+  assert all(r['num_dropped'] == 1.0 for r in files['b'][0])
+  assert files['a'] == files['b']
+
+
+def _bn_config(noise):
+  config = _config(num_rounds=1, cohort_size=3, norm='batch')
+  config.dp.enabled = noise is not None
+  config.dp.noise_multiplier = noise or 0.0
+  config.dp.clip_norm = 1e6  # Never clips: noise 0 is then the plain mean.
+  return config
+
+
+def _one_round(config):
+  train_ds, _, pool = experiment.load_clients(config, _data())
+  parts = experiment.build_parts(config, train_ds, pool, {})
+  step = federated_loop.make_round_step(parts.algorithm, train_ds, pool,
+                                        config, parts.round_key)
+  state, _ = step(parts.state, 0)
+  return state
+
+
+def test_dp_privatises_every_aggregated_leaf_including_batch_norm():
+  # Three clients of ten examples each: the plain (unweighted) client mean
+  # is what FedAvg without DP computes, in the clear.
+  plain = _one_round(_bn_config(None))
+  assert jax.tree.leaves(plain.model_state)  # Batch-norm statistics exist.
+  noiseless = _one_round(_bn_config(0.0))
+  noised = _one_round(_bn_config(1.0))
+  for tree in ('params', 'model_state'):
+    for mean, quiet, loud in zip(jax.tree.leaves(getattr(plain, tree)),
+                                 jax.tree.leaves(getattr(noiseless, tree)),
+                                 jax.tree.leaves(getattr(noised, tree))):
+      # Without noise the private path computes the same mean ...
+      np.testing.assert_allclose(quiet, mean, rtol=1e-4, atol=1e-5)
+      # ... and with noise no element of any leaf equals it.
+      assert np.all(np.asarray(loud) != np.asarray(mean))
+
+
+def test_logged_epsilon_is_dp_accountings_for_sampling_without_replacement(
+    tmp_path):
+  config = _config(num_rounds=3)
+  config.dp.enabled = True
+  config.dp.noise_multiplier = 1.1
+  config.dp.clip_norm = 0.5
+  training.train_and_evaluate(config, str(tmp_path), datasets=_data())
+  with open(tmp_path / 'metrics.jsonl') as f:
+    rows = [json.loads(line) for line in f]
+  for r, row in enumerate(rows, start=1):
+    # 3 of the 8 clients, drawn without replacement, every round.
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.SampledWithoutReplacementDpEvent(
+            8, 3, dp_accounting.GaussianDpEvent(1.1)), r)
+    accountant = rdp_privacy_accountant.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    accountant.compose(event)
+    assert row['dp_epsilon'] == pytest.approx(accountant.get_epsilon(1e-5),
+                                              rel=1e-12)
+    assert row['dp_clip_norm'] == 0.5
+    # z * C / m with m the cohort size.
+    assert row['dp_noise_std'] == pytest.approx(1.1 * 0.5 / 3, rel=1e-6)
+
+
+def test_dp_without_noise_writes_epsilon_as_null(tmp_path):
+  config = _config(num_rounds=2)
+  config.dp.enabled = True
+  config.dp.noise_multiplier = 0.0
+  training.train_and_evaluate(config, str(tmp_path), datasets=_data())
+  with open(tmp_path / 'final_metrics.json') as f:
+    text = f.read()
+  def reject(constant):
+    raise AssertionError(f'{constant} is not JSON')
+  final = json.loads(text, parse_constant=reject)
+  assert 'dp_epsilon' in final and final['dp_epsilon'] is None
+  with open(tmp_path / 'metrics.jsonl') as f:
+    rows = [json.loads(line, parse_constant=reject) for line in f]
+  assert all('dp_epsilon' not in row and row['dp_noise_std'] == 0.0
+             for row in rows)
