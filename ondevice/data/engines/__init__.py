@@ -13,8 +13,11 @@ them by name:
 `stretches` scale each utterance's duration (2.0 = twice as slow) with the
 engine's own duration model, so the pitch is untouched; `noise_seeds` seed
 an engine's random noise where it has any. Every engine is deterministic: the
-same (text, voice, stretch, noise_seed) gives the same samples, whatever was
-spoken before it in the same call (eSpeak NG is reset per call for that).
+same call gives the same samples. Flite and Festival speak each text
+independently of the others; eSpeak NG carries hidden state from one text to
+the next within a call (each call starts from a reset engine), so callers
+that need a clip to be independent of the other texts keep their order
+fixed.
 
     from ondevice.data import engines
     flite = engines.get_engine('flite', 'config.data.population')
