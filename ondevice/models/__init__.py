@@ -1,7 +1,9 @@
 """Models chosen by name: DS-CNN keyword spotters and small image classifiers.
 
-Every model takes the quantisation hooks `dot_general` and
-`conv_general_dilated` (None: lax's), exposes `features(x, train)` (the
+Every model, the embedding model included, takes the quantisation hooks
+`QUANT_HOOKS` (`dot_general`, `conv_general_dilated`, `dot_general_cls`,
+`conv_general_dilated_cls`; None: lax's), which is exactly what
+`quantized_training.get_quant(name).model_kwargs()` returns, exposes `features(x, train)` (the
 classifier's input) and `__call__(x, train=False)` (logits), and names its
 parameters stably (conv0, dw3, pw3_norm, hidden1, classifier, ...) so that
 trainable subsets can be chosen by regex over paths like 'pw3/kernel'.
@@ -36,6 +38,7 @@ from ondevice.models.image import MLP
 from ondevice.models.image import SmallCNN
 from ondevice.models.layers import l2_normalize
 from ondevice.models.layers import NORMS
+from ondevice.models.layers import QUANT_HOOKS
 
 # name -> (module class, preset fields). Fields given to build_model win.
 _REGISTRY = {
@@ -53,13 +56,14 @@ MODEL_NAMES = tuple(_REGISTRY)
 
 __all__ = [
     'DSCNN', 'EmbeddingHead', 'EmbeddingModel', 'MLP', 'MODEL_NAMES', 'NORMS',
-    'SmallCNN', 'build_embedding_model', 'build_model', 'count_params',
+    'QUANT_HOOKS', 'SmallCNN', 'build_embedding_model', 'build_model', 'count_params',
     'l2_normalize',
 ]
 
 
 def build_model(name: str, num_classes: int, *, dot_general=None,
-                conv_general_dilated=None, norm: Optional[str] = None,
+                conv_general_dilated=None, dot_general_cls=None,
+                conv_general_dilated_cls=None, norm: Optional[str] = None,
                 **kwargs: Any) -> nn.Module:
   """Builds the classifier registered under `name`.
 
@@ -68,6 +72,9 @@ def build_model(name: str, num_classes: int, *, dot_general=None,
     num_classes: number of logits.
     dot_general: replaces lax.dot_general in every Dense (None: lax's).
     conv_general_dilated: replaces lax.conv_general_dilated in every conv.
+    dot_general_cls, conv_general_dilated_cls: module-class forms of the two
+      hooks (e.g. `get_quant(name).model_kwargs()`), for products that draw
+      flax RNG streams.
     norm: 'batch', 'layer', 'group' or 'none'; None keeps the model's default
       ('batch' for DS-CNNs as in Zhang et al., 'none' for cnn and mlp).
     **kwargs: overrides of the model's fields, e.g. channels=32.
@@ -91,11 +98,14 @@ def build_model(name: str, num_classes: int, *, dot_general=None,
   if norm is not None:
     config['norm'] = norm
   return cls(num_classes=num_classes, dot_general=dot_general,
-             conv_general_dilated=conv_general_dilated, **config)
+             conv_general_dilated=conv_general_dilated,
+             dot_general_cls=dot_general_cls,
+             conv_general_dilated_cls=conv_general_dilated_cls, **config)
 
 
 def build_embedding_model(name: str, embedding_dim: int, *, dot_general=None,
-                          conv_general_dilated=None,
+                          conv_general_dilated=None, dot_general_cls=None,
+                          conv_general_dilated_cls=None,
                           norm: Optional[str] = None,
                           **kwargs: Any) -> EmbeddingModel:
   """A `build_model` backbone with a unit-norm `embedding_dim` head.
@@ -103,11 +113,13 @@ def build_embedding_model(name: str, embedding_dim: int, *, dot_general=None,
   The backbone's classifier is never created, so num_classes is irrelevant
   and set to 1. The hooks reach the backbone and the projection alike.
   """
-  backbone = build_model(name, 1, dot_general=dot_general,
-                         conv_general_dilated=conv_general_dilated, norm=norm,
-                         **kwargs)
+  hooks = dict(dot_general=dot_general,
+               conv_general_dilated=conv_general_dilated,
+               dot_general_cls=dot_general_cls,
+               conv_general_dilated_cls=conv_general_dilated_cls)
+  backbone = build_model(name, 1, norm=norm, **hooks, **kwargs)
   return EmbeddingModel(backbone=backbone, embedding_dim=embedding_dim,
-                        dot_general=dot_general)
+                        **hooks)
 
 
 def count_params(params: Any) -> int:

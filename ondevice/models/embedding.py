@@ -24,9 +24,12 @@ class EmbeddingHead(nn.Module):
   Attributes:
     embedding_dim: size of the unit-norm embedding.
     dot_general: replaces lax.dot_general in the projection (None: lax's).
+    dot_general_cls: a module class used instead (e.g. int8 with stochastic
+      rounding, which draws the 'quant' RNG stream).
   """
   embedding_dim: int
   dot_general: layers.DotGeneral = None
+  dot_general_cls: layers.ModuleClass = None
 
   def __post_init__(self):
     layers.validate_positive('embedding_dim', self.embedding_dim)
@@ -35,6 +38,7 @@ class EmbeddingHead(nn.Module):
   @nn.compact
   def __call__(self, features: jax.Array) -> jax.Array:
     x = nn.Dense(self.embedding_dim, dot_general=self.dot_general,
+                 dot_general_cls=self.dot_general_cls,
                  name='projection')(features)
     return layers.l2_normalize(x)
 
@@ -46,12 +50,20 @@ class EmbeddingModel(nn.Module):
     backbone: a module with a `features(x, train)` method, e.g. a DSCNN from
       `build_model`; its classifier is left unused.
     embedding_dim: size of the unit-norm embedding.
-    dot_general: replaces lax.dot_general in the projection (None: lax's);
-      `build_embedding_model` passes the backbone's hook here too.
+    dot_general, dot_general_cls: the quantisation hooks of the projection
+      (None: lax's); `build_embedding_model` passes the backbone's hooks here
+      too.
+    conv_general_dilated, conv_general_dilated_cls: accepted, like every
+      model's hooks (`layers.QUANT_HOOKS`), so one set of quant keyword
+      arguments builds any model; the head has no convolution, and the
+      backbone receives its own hooks when it is built.
   """
   backbone: Any
   embedding_dim: int = 128
   dot_general: layers.DotGeneral = None
+  conv_general_dilated: layers.ConvGeneralDilated = None
+  dot_general_cls: layers.ModuleClass = None
+  conv_general_dilated_cls: layers.ModuleClass = None
 
   def __post_init__(self):
     if not callable(getattr(self.backbone, 'features', None)):
@@ -65,6 +77,7 @@ class EmbeddingModel(nn.Module):
     """Unit-norm embeddings [B, embedding_dim]."""
     feats = self.backbone.features(x, train)
     return EmbeddingHead(self.embedding_dim, dot_general=self.dot_general,
+                         dot_general_cls=self.dot_general_cls,
                          name='head')(feats)
 
   def features(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -6,10 +6,12 @@ norm (Wu & He, 2018), the last being the usual choice for federated learning
 because it keeps no statistics across clients (Hsieh et al., 2020, "The
 Non-IID Data Quagmire of Decentralized Machine Learning").
 
-Quantisation hooks: every model module carries `dot_general` and
-`conv_general_dilated` fields (None means lax's) and hands them to every
-`nn.Dense` / `nn.Conv` it creates, as AQT does, so an int8 fake-quantised
-product can be injected without touching the model body.
+Quantisation hooks: every model module carries the fields in `QUANT_HOOKS`
+(`dot_general`, `conv_general_dilated` and their module-class forms
+`dot_general_cls`, `conv_general_dilated_cls`; None means lax's) and hands
+them to every `nn.Dense` / `nn.Conv` it creates, as AQT does, so an int8
+fake-quantised product can be injected without touching the model body, and
+`quantized_training.get_quant(name).model_kwargs()` builds any model.
 """
 
 from typing import Any, Callable, Optional
@@ -32,6 +34,9 @@ DotGeneral = Optional[Callable[..., jax.Array]]
 # product needs flax RNG streams (int8 stochastic rounding draws 'quant').
 ModuleClass = Any
 ConvGeneralDilated = Optional[Callable[..., jax.Array]]
+# The keyword arguments every model (and `build_model`) accepts.
+QUANT_HOOKS = ('dot_general', 'conv_general_dilated', 'dot_general_cls',
+               'conv_general_dilated_cls')
 
 
 def validate_norm(norm: str) -> None:
