@@ -65,8 +65,6 @@ LAST_BATCHES = ('mask', 'fill')
 # 'auto' unrolls at most this many local steps: compile time and program size
 # grow linearly with the unrolled length.
 AUTO_UNROLL_MAX_STEPS = 64
-# Primitives whose presence in a step makes 'auto' unroll it on a CPU.
-_UNROLL_PRIMITIVES = frozenset({'conv_general_dilated'})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,28 +197,6 @@ def local_batch(client_data: Mapping[str, jax.Array], key: jax.Array,
   return _gather(client_data, index, real)
 
 
-def _primitive_names(jaxpr) -> set[str]:
-  """Names of the primitives of a jaxpr and of every jaxpr nested in it."""
-  names = set()
-  for eqn in jaxpr.eqns:
-    names.add(eqn.primitive.name)
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        inner = getattr(sub, 'jaxpr', sub)
-        if hasattr(inner, 'eqns'):
-          names |= _primitive_names(inner)
-  return names
-
-
-def step_primitives(fn: Callable[..., Any], *args) -> set[str]:
-  """The primitives `fn(*args)` runs (traced on abstract values)."""
-  def spec(x):
-    return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
-
-  closed = jax.make_jaxpr(fn)(*jax.tree.map(spec, args))
-  return _primitive_names(closed.jaxpr)
-
-
 def resolve_loop(loop: str, scan_length: int, primitives: set[str],
                  backend: str | None = None) -> str:
   """The local loop to run: 'scan' or 'unroll'.
@@ -238,13 +214,14 @@ def resolve_loop(loop: str, scan_length: int, primitives: set[str],
   Args:
     loop: LocalConfig.loop.
     scan_length: number of local steps.
-    primitives: primitive names of one local step (`step_primitives`).
+    primitives: primitive names of one local step
+      (`execution.traced_primitives`).
     backend: default `jax.default_backend()`.
   """
   if loop != 'auto':
     return loop
   backend = backend or jax.default_backend()
-  if (backend == 'cpu' and primitives & _UNROLL_PRIMITIVES and
+  if (backend == 'cpu' and primitives & execution.CONV_PRIMITIVES and
       scan_length <= AUTO_UNROLL_MAX_STEPS):
     return 'unroll'
   return 'scan'
@@ -287,7 +264,8 @@ def _local_steps(step_fn, local: LocalConfig, client_data, key, state):
   primitives = set()
   if local.loop == 'auto':
     one_batch = jax.eval_shape(batch_at, jnp.int32(0))
-    primitives = step_primitives(train_step, state, one_batch, jnp.int32(0))
+    primitives = execution.traced_primitives(train_step, state, one_batch,
+                                             jnp.int32(0))
   loop = resolve_loop(local.loop, scan_length, primitives)
   logging.info('Client update: %d local steps as %s (LocalConfig.loop=%r).',
                scan_length, loop, local.loop)

@@ -206,9 +206,9 @@ def test_auto_loop_unrolls_convolutions_on_cpu_only():
                                  jnp.zeros((1, 5, 5, 1)))['params']
   conv_loss = train.classification_loss(StockConv())
   batch = {k: v[:2] for k, v in _image_client(2, 2).items()}
-  conv = client.step_primitives(
+  conv = execution.traced_primitives(
       lambda p: conv_loss(p, {}, batch, None)[0], conv_params)
-  dense = client.step_primitives(
+  dense = execution.traced_primitives(
       lambda p: _LOSS(p, {}, {k: v[:2] for k, v in _client(2, 2).items()},
                       None)[0], _params())
   assert 'conv_general_dilated' in conv

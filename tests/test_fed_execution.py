@@ -125,6 +125,28 @@ def test_client_flops_counts_one_clients_matmul():
       fn, {'k': jnp.ones((16, 4)), 'b': jnp.ones(4)},
       {'x': jnp.ones((5, 8, 16))})
   assert flops == pytest.approx(1024 + 32, rel=0.05)
+  assert not flops.convolutions
+  # A 3x3 'VALID' conv of a 4x4 map, one channel in and out: 2 * 2x2 * 9.
+  conv = lambda w, c: jax.lax.conv(c['x'], w, (1, 1), 'VALID')
+  cost = execution.client_flops(conv, jnp.ones((1, 1, 3, 3)),
+                                {'x': jnp.ones((5, 1, 1, 4, 4))})
+  assert cost.convolutions and cost == pytest.approx(72, rel=0.05)
+
+
+def test_auto_rule_vmaps_convolutions_on_cpu():
+  # A scan over clients would put the convolutions in a loop body.
+  config = execution.ExecutionConfig()
+  conv = execution.ClientCost(5e6, convolutions=True)
+  assert execution.resolve_strategy(config, 10_000, 100, 1, streamable=True,
+                                    backend='cpu', client_flops=conv) == (
+                                        'vmap', 100)
+  assert execution.resolve_strategy(
+      config, 10_000, 100, 1, streamable=True, backend='cpu',
+      client_flops=execution.ClientCost(5e6)) == ('streamed', 1)
+  assert execution.resolve_strategy(config, 10_000_000, 100, 1,
+                                    streamable=True, backend='cpu',
+                                    client_flops=conv) == ('chunked', 6)
+  assert execution.resolved_choices()['execution'] == 'chunked'
 
 
 def test_bad_execution_configs_are_errors():
