@@ -3,13 +3,21 @@
 Every experiment writes `<workdir>/metrics.jsonl` (one JSON object per logged
 step, easy to load with pandas or `read_metrics`), TensorBoard summaries under
 `<workdir>/tensorboard` through tensorboardX, and plots made by `plot_curves`.
+
+metrics.jsonl is strict JSON: a non-finite value (a NaN loss, an infinite
+epsilon) is written as `null`, since `NaN` and `Infinity` are not JSON tokens
+and other readers reject them; `read_metrics` reads every `null` back as
+float('nan'). Each line is flushed and fsynced as it is written, so a killed
+run loses at most the line it was writing; that torn last line is dropped
+with a warning by `read_metrics` and removed from the file by the writer.
+A damaged line anywhere else is an error: it is not what a kill leaves.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from absl import logging
 
@@ -20,6 +28,8 @@ class MetricWriter:
   def __init__(self, workdir: str, tensorboard: bool = True):
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, 'metrics.jsonl')
+    # A line torn by a kill would otherwise be glued to the next record.
+    _drop_torn_tail(self.path)
     self._tb = None
     if tensorboard:
       try:
@@ -31,33 +41,113 @@ class MetricWriter:
                         'only.')
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    """Appends one record; it is on disk when this returns."""
     record = {'step': int(step)}
     record.update({k: float(v) for k, v in metrics.items()})
     with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+      f.write(encode_record(record) + '\n')
+      f.flush()
+      os.fsync(f.fileno())
     if self._tb is not None:
       for key, value in metrics.items():
         self._tb.add_scalar(key, float(value), int(step))
       self._tb.flush()
 
   def truncate_after(self, step: int) -> None:
-    """Drops records past `step`: a resumed run rewrites them."""
+    """Drops records past `step` (and a torn last line): a resumed run
+    rewrites them. The file is replaced atomically."""
     records = [r for r in read_metrics(self.path) if r['step'] <= step]
-    with open(self.path, 'w') as f:
+    tmp = f'{self.path}.tmp.{os.getpid()}'
+    with open(tmp, 'w') as f:
       for r in records:
-        f.write(json.dumps(r) + '\n')
+        f.write(encode_record(r) + '\n')
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, self.path)
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
 
 
+def encode_record(record: Mapping[str, Any]) -> str:
+  """One strict-JSON line; non-finite floats become null."""
+  return json.dumps({k: _finite_or_none(v) for k, v in record.items()},
+                    allow_nan=False)
+
+
+def _finite_or_none(value: Any) -> Any:
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def _decode(value: Any) -> Any:
+  return math.nan if value is None else value
+
+
 def read_metrics(path: str) -> list[dict[str, float]]:
-  """Loads a metrics.jsonl file; a missing file is an empty list."""
+  """Loads a metrics.jsonl file; a missing file is an empty list.
+
+  `null` values are read as float('nan'). A last line that does not parse
+  (a kill during a write) is dropped with a warning.
+
+  Raises:
+    ValueError: a line other than the last does not parse, naming the file
+      and the line number.
+  """
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  with open(path, encoding='utf-8', errors='replace') as f:
+    lines = f.read().split('\n')
+  numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+  records = []
+  for n, (number, line) in enumerate(numbered):
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict):
+        raise ValueError(f'a {type(record).__name__}, not an object')
+    except ValueError as e:
+      if n == len(numbered) - 1:
+        logging.warning('Dropping the torn last line %d of %s (a run was '
+                        'killed while writing it): %r', number, path,
+                        line[:80])
+        break
+      raise ValueError(
+          f'{path}, line {number}, is not a JSON record ({e}); only the last '
+          'line can be torn by a kill, so the file is damaged. Repair or '
+          'delete that line.') from e
+    records.append({k: _decode(v) for k, v in record.items()})
+  return records
+
+
+def _drop_torn_tail(path: str) -> None:
+  """Cuts an unterminated or unparsable last line off the file."""
+  if not os.path.exists(path):
+    return
+  with open(path, 'rb') as f:
+    data = f.read()
+  body, _, tail = data.rstrip(b'\n').rpartition(b'\n')
+  keep = len(body) + 1 if body else 0
+  if not tail.strip() or (data.endswith(b'\n') and _parses(tail)):
+    return
+  if _parses(tail):  # Complete record whose newline was not written.
+    with open(path, 'ab') as f:
+      f.write(b'\n')
+    return
+  logging.warning('Removing the torn last line of %s (a run was killed '
+                  'while writing it): %r', path, tail[:80])
+  with open(path, 'r+b') as f:
+    f.truncate(keep)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _parses(line: bytes) -> bool:
+  try:
+    return isinstance(json.loads(line), dict)
+  except ValueError:
+    return False
 
 
 def plot_curves(records: Iterable[Mapping[str, float]], path: str,
