@@ -1,4 +1,6 @@
 """Tests of fedjax_ext.algorithms against Python-loop and by-hand references."""
+import inspect
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -353,3 +355,26 @@ def test_stateful_dp_aggregator_and_compression_plug_into_the_hooks():
   with pytest.raises(ValueError, match='set only one'):
     rounds.RoundConfig(aggregator=rounds.weighted_mean,
                        stateful_aggregator=dp)
+
+
+def test_every_algorithm_takes_the_standard_factory_arguments():
+  """ALGORITHMS has one shape: (loss_fn, client_optimizer, local, *, ...)."""
+  for name, factory in algorithms.ALGORITHMS.items():
+    params = list(inspect.signature(factory).parameters.values())
+    assert [p.name for p in params[:3]] == [
+        'loss_fn', 'client_optimizer', 'local'], name
+    keywords = {p.name for p in params[3:]}
+    assert {'server_learning_rate', 'rounds'} <= keywords, name
+
+
+def test_scaffold_table_entry_is_scaffold():
+  state, cohort, *_ = _scaffold_setup()
+  ids = jnp.array([3, 0, 4], jnp.int32)
+  entry = algorithms.ALGORITHMS['scaffold'](
+      _squared_loss, optax.sgd(_LR),
+      client.LocalConfig(batch_size=4, num_steps=_STEPS),
+      num_clients=_NUM_CLIENTS, local_learning_rate=_LR)
+  via_table, _ = entry.apply(state, cohort, ids, jax.random.key(0))
+  direct, _ = _SCAFFOLD.apply(state, cohort, ids, jax.random.key(0))
+  for a, b in zip(jax.tree.leaves(via_table), jax.tree.leaves(direct)):
+    np.testing.assert_array_equal(a, b)

@@ -185,3 +185,14 @@ def test_other_bad_inputs_raise():
       privacy.compute_epsilon(*args)
   with pytest.raises(ValueError, match='accountant'):
     privacy.compute_epsilon(1.0, 0.1, 10, 1e-5, accountant='moments')
+
+
+def test_epsilon_curve_equals_compute_epsilon_without_replacement():
+  curve = privacy.epsilon_curve(1.3, 10, 160, 1e-5)
+  assert curve(0) == 0.0
+  for rounds in (1, 5, 40):
+    assert curve(rounds) == privacy.compute_epsilon(
+        1.3, 10 / 160, rounds, 1e-5, sampling='without_replacement',
+        population_size=160)
+  silent = privacy.epsilon_curve(0.0, 10, 160, 1e-5)
+  assert silent(0) == 0.0 and silent(3) == math.inf
