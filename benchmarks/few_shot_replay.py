@@ -65,14 +65,13 @@ def main(argv):
   pre_ds, model, loss_fn = setup.pre_ds, setup.model, setup.loss_fn
   keywords = setup.keywords
   glob = experiment.train_global_model(
-      config, os.path.join(_WORKDIR.value, 'global'), (pre_ds, test_ds),
-      setup.model_kwargs)
-  params = glob['state'].params
+      config, os.path.join(_WORKDIR.value, 'global'), (pre_ds, test_ds))
+  params = glob.params
   users = experiment.load_users(config, train_ds)
   table = enrollment.enrollment_table(users.x, users.y, users.client_id,
                                       keywords, pool_size=5)
   is_outlier = experiment.outlier_mask(users, table.speakers)
-  state = personalize.as_state(params, glob['state'].model_state)
+  state = personalize.as_state(params, glob.model_state)
   key = jax.random.key(config.seed)
 
   def run(evaluate, replay, k):
@@ -110,7 +109,7 @@ def main(argv):
                 stats['detection_rate'], base_row[group]['detection_rate'])
           logging.info('%s', row)
           rows.append(row)
-  out = {'global_test_accuracy': glob['metrics']['test_accuracy'],
+  out = {'global_test_accuracy': glob.metrics['test_accuracy'],
          'num_users': {'outlier': int(is_outlier.sum()),
                        'typical': int((~is_outlier).sum())},
          'far': config.far, 'rows': rows, 'seconds': time.time() - start}

@@ -28,6 +28,8 @@ import ml_collections
 
 from configs import common
 from few_shot import meta_learners
+from ondevice import options
+from sparse_updates import presets
 
 KEYWORDS = ('yes', 'no', 'up', 'down', 'left', 'right', 'on', 'off', 'stop',
             'go', 'hey snapdragon')
@@ -54,7 +56,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict(dict(
       name='speech_keywords', num_speakers=200, utterances_per_word=3,
       corpus_seed=0, test_fraction=0.2, split_seed=0, cache_dir=''))
-  _set_backbone(config, args.backbone)
   config.quant = 'none'            # See quantized_training.QUANT_NAMES.
   config.keywords = KEYWORDS       # All other words are non-keywords.
   config.far = 0.05                # Detection rate at 5% false accepts.
@@ -68,6 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.personalize = _personalize()
   config.meta = _meta()
   config.keyword_split = _keyword_split()
+  _set_backbone(config, args.backbone)
   # What report.md calls the goal: the best relative detection-rate gain on
   # outlier-accent users over the global model, at K <= max_k.
   config.report = ml_collections.ConfigDict(dict(outlier_gain_goal=0.3,
@@ -78,16 +80,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def _set_backbone(config: ml_collections.ConfigDict, backbone: str) -> None:
+  """The model, and the keyword split's (smaller, trained from scratch)."""
   if backbone == 'mlp':
     config.model = 'mlp'
     config.norm = 'layer'
     config.model_kwargs = ml_collections.ConfigDict(dict(hidden=(256, 256)))
+    config.keyword_split.model_kwargs = ml_collections.ConfigDict(
+        dict(hidden=(128,)))
   else:
     # The main job's DS-CNN S (configs/kws_central.py) with group norm, which
     # keeps no batch statistics and so can be fine-tuned on K clips.
     config.model = 'ds_cnn_s'
     config.norm = 'group'
     config.model_kwargs = ml_collections.ConfigDict(
+        {'first_stride': (4, 4)})
+    config.keyword_split.model_kwargs = ml_collections.ConfigDict(
         {'first_stride': (4, 4)})
 
 
@@ -110,9 +117,16 @@ def _personalize() -> ml_collections.ConfigDict:
   # fine-tuning does not make the user's other words fire
   # (few_shot.enrollment.with_replay; measured in
   # benchmarks/results/few_shot_replay, 4 per word best there).
+  # `trainable` names the presets compared; trainable_kwargs holds every
+  # preset's own arguments (e.g. --config.personalize.trainable_kwargs.
+  # last_k.k=3). lite_residual is left out: it needs lite residual branches.
   return ml_collections.ConfigDict(dict(
       k_values=(1, 2, 3, 5),
       trainable=('full', 'bias_only', 'classifier_only'),
+      trainable_kwargs={
+          name: options.keyword_defaults(builder, skip=('params',))
+          for name, builder in presets.PRESET_BUILDERS.items()
+          if name != 'lite_residual'},
       learning_rate=FINETUNE_LR, num_steps=FINETUNE_STEPS, eval_chunk=16,
       replay_per_word=0))
 
@@ -143,7 +157,6 @@ def _keyword_split() -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(dict(
       names=('maml', 'fomaml', 'reptile', 'anil', 'meta_sgd', 'protonet'),
       train_words=OTHER_WORDS, test_words=KEYWORDS, n_way=5, k_shots=(1, 5),
-      model_kwargs=ml_collections.ConfigDict(dict(hidden=(128,))),
       n_query=5, num_steps=300, tasks_per_step=4, eval_tasks=200,
       log_every=50))
   cfg.update(meta_learners.default_configs(
@@ -156,8 +169,6 @@ def _shrink(config: ml_collections.ConfigDict, backbone: str) -> None:
   """The smoke variant: a few speakers and steps, every stage still runs."""
   config.data.update(num_speakers=8, utterances_per_word=2,
                      test_fraction=0.25)
-  if backbone == 'mlp':
-    config.model_kwargs.hidden = (16,)
   config.pretrain.update(num_steps=10, batch_size=16, warmup_steps=2,
                          log_every=5, eval_every=10, checkpoint_every=10)
   config.users.update(num_typical=1, num_outlier=1, utterances_per_word=3)
@@ -169,7 +180,9 @@ def _shrink(config: ml_collections.ConfigDict, backbone: str) -> None:
   config.meta.update(meta_learners.default_configs(
       inner_lr=FINETUNE_LR, inner_steps=1, eval_inner_steps=2, outer_lr=3e-5,
       step_size=0.5))
-  config.keyword_split.model_kwargs.hidden = (16,)
+  if backbone == 'mlp':
+    config.model_kwargs.hidden = (16,)
+    config.keyword_split.model_kwargs.hidden = (16,)
   config.keyword_split.update(
       names=('protonet',), k_shots=(1,), n_query=1, num_steps=2,
       tasks_per_step=2, eval_tasks=4, log_every=1)

@@ -5,20 +5,19 @@ r"""Few-shot keyword-spotting binary: meta-learned inits and personalisation.
 
 Writes results.json, report.md and detection_vs_k.png to --workdir, with
 the global model (resumable) under global/ and meta-training metrics under
-meta_<name>/ and keyword_split/.
+meta_<name>/ and keyword_split/ (see few_shot/experiment.py).
 """
 from absl import app
 
 from experiments import common
-import few_shot
+from few_shot import experiment
 
 _CONFIG, _WORKDIR = common.define_flags('configs/few_shot_kws.py:smoke')
 
 
 def main(argv):
   del argv
-  common.setup()
-  few_shot.run(_CONFIG.value, _WORKDIR.value)
+  common.run_binary(experiment.run, _CONFIG, _WORKDIR)
 
 
 if __name__ == '__main__':

@@ -7,6 +7,8 @@ or anything compiles.
 """
 from __future__ import annotations
 
+import inspect
+
 import ml_collections
 
 from few_shot import meta_learners
@@ -105,6 +107,21 @@ def _model(config) -> None:
                      f'of {META_NORMS}, or empty config.meta.names and '
                      'config.keyword_split.names.')
   options.one_of(config, 'quant', quantized_training.QUANT_NAMES)
+  _buildable(config, 'model_kwargs')
+  if config.keyword_split.get('names', ()):
+    _buildable(config, 'keyword_split.model_kwargs')
+
+
+def _buildable(config, key: str) -> None:
+  """config.model can be built with the keyword arguments at `key` (a
+  flax module is only constructed here, nothing is initialised)."""
+  kwargs = {k: tuple(v) if isinstance(v, list) else v
+            for k, v in options.get(config, key).items()}
+  try:
+    models.build_model(config.model, 2, norm=config.norm, **kwargs)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'config.{key}={kwargs} does not fit '
+                     f'config.model={config.model!r}: {e}') from e
 
 
 def _top_level(config) -> None:
@@ -153,10 +170,7 @@ def _personalize(config) -> None:
         'config.users.utterances_per_word - 1] = [1, '
         f'{config.users.utterances_per_word - 1}]: every user keeps a clip '
         'per word to evaluate on.')
-  trainable = options.get(config, 'personalize.trainable')
-  if isinstance(trainable, str) or any(p not in TRAINABLE for p in trainable):
-    raise ValueError(f'config.personalize.trainable={trainable!r} must be a '
-                     f'tuple of presets from {TRAINABLE}.')
+  _trainable(config)
   options.positive(config, 'personalize.learning_rate')
   _int_at_least(config, 'personalize.num_steps', 1)
   _int_at_least(config, 'personalize.eval_chunk', 1)
@@ -164,6 +178,31 @@ def _personalize(config) -> None:
   if isinstance(replay, bool) or not isinstance(replay, int) or replay < 0:
     raise ValueError('config.personalize.replay_per_word must be an int >= 0 '
                      f'(0: enroll on keyword clips only); got {replay!r}.')
+
+
+def _trainable(config) -> None:
+  """Preset names, and every preset's arguments in trainable_kwargs."""
+  trainable = options.get(config, 'personalize.trainable')
+  if isinstance(trainable, str) or any(p not in TRAINABLE for p in trainable):
+    raise ValueError(f'config.personalize.trainable={trainable!r} must be a '
+                     f'tuple of presets from {TRAINABLE}.')
+  kwargs = options.get(config, 'personalize.trainable_kwargs')
+  for name in trainable:
+    if name not in kwargs:
+      raise ValueError(f'config.personalize.trainable_kwargs.{name} is '
+                       'missing; every preset named needs its arguments.')
+  for name, values in kwargs.items():
+    if name not in TRAINABLE:
+      raise ValueError(f'config.personalize.trainable_kwargs.{name}: '
+                       f'{name!r} is no preset; choose from {TRAINABLE}.')
+    builder = sparse_updates.presets.PRESET_BUILDERS[name]
+    key = f'config.personalize.trainable_kwargs.{name}'
+    options.check_kwargs(builder, dict(values), key)
+    if 'params' not in inspect.signature(builder).parameters:
+      try:  # Rules that need no model check their ranges now.
+        builder(**{k: v for k, v in values.items() if v is not None})
+      except (TypeError, ValueError) as e:
+        raise ValueError(f'{key}: {e}') from e
 
 
 def _meta(config) -> None:

@@ -2,7 +2,7 @@
 
 1. Split the training speakers into a pre-training pool and a meta-training
    pool, and train the global keyword spotter on the former
-   (`ondevice.supervised`, resumable from its checkpoint). Meta-training on
+   (`ondevice.pretrain`: resumed from its checkpoint, reused when done). Meta-training on
    the speakers the global model was fitted to gives no adaptation signal
    (their query loss is already near zero), so the pools are disjoint; a
    second global model trained on all training speakers ('global_all') is
@@ -38,6 +38,7 @@ from few_shot import meta_learners
 from few_shot import meta_training
 from few_shot import personalize
 from few_shot import report
+from ondevice import pretrain
 from ondevice import supervised
 from ondevice import train
 from ondevice import user_corpus
@@ -60,7 +61,6 @@ class Setup(NamedTuple):
   """What every stage shares: the model, its loss and the speaker pools."""
   model: Any
   loss_fn: train.LossFn
-  model_kwargs: dict[str, Any]
   keywords: np.ndarray      # Keyword class indices.
   pre_ds: base.ArrayDataset   # Speakers of the global model.
   meta_ds: base.ArrayDataset  # Speakers of meta-training (= pre_ds if none).
@@ -101,8 +101,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                                           quant)
   results = {
       'config': config.to_dict(),
-      'global_model': global_models['global']['metrics'],
-      'global_models': {k: v['metrics'] for k, v in global_models.items()},
+      'global_model': global_models['global'].metrics,
+      'global_models': {k: v.metrics for k, v in global_models.items()},
       'speakers': speaker_counts(config, setup, test_ds),
       'meta_training': timings, 'personalisation': personal,
       'users': user_info, 'keyword_split': keyword_split,
@@ -132,11 +132,14 @@ def speaker_pools(config, train_ds: base.ArrayDataset
 
 
 def pretrain_config(config) -> ml_collections.ConfigDict:
-  """config.pretrain with the data, model, norm and seed it trains."""
+  """The global model's `ondevice.supervised` config: config.pretrain with
+  the data, model (and its kwargs and quant mode), norm and seed."""
   out = ml_collections.ConfigDict(config.pretrain.to_dict())
   out.data = config.data
   out.model = config.model
+  out.model_kwargs = config.model_kwargs
   out.norm = config.norm
+  out.quant = config.quant
   out.seed = config.seed
   return out
 
@@ -144,46 +147,46 @@ def pretrain_config(config) -> ml_collections.ConfigDict:
 def build_setup(config, train_ds: base.ArrayDataset,
                 quant: quantized_training.QuantSpec) -> Setup:
   """The model (with the quant mode's layers), its loss and the pools."""
-  model_kwargs = {**config.model_kwargs.to_dict(), **quant.model_kwargs()}
   model = supervised.build_model(pretrain_config(config),
-                                 train_ds.num_classes, model_kwargs)
+                                 train_ds.num_classes, quant.model_kwargs())
   pre_ds, meta_ds = speaker_pools(config, train_ds)
   return Setup(model=model, loss_fn=train.classification_loss(model),
-               model_kwargs=model_kwargs,
                keywords=keyword_labels(config.keywords, train_ds.class_names),
                pre_ds=pre_ds, meta_ds=meta_ds,
                num_classes=train_ds.num_classes)
 
 
-def train_global_model(config, workdir: str, datasets: Datasets,
-                       model_kwargs: dict[str, Any]) -> dict[str, Any]:
-  """The global keyword spotter on `datasets`; resumes from `workdir`."""
-  return supervised.train_and_evaluate(
-      pretrain_config(config), workdir, model_kwargs=model_kwargs,
-      datasets=datasets)
+def train_global_model(config, workdir: str,
+                       datasets: Datasets) -> pretrain.Pretrained:
+  """The global keyword spotter on `datasets` (`ondevice.pretrain`): a
+  finished run in `workdir` is reused, an interrupted one resumed."""
+  return pretrain.pretrain(pretrain_config(config), os.path.dirname(workdir),
+                           datasets=datasets, workdir=workdir)
 
 
 def train_global_models(config, workdir: str, setup: Setup,
                         train_ds: base.ArrayDataset,
-                        test_ds: base.ArrayDataset) -> dict[str, Any]:
+                        test_ds: base.ArrayDataset
+                        ) -> dict[str, pretrain.Pretrained]:
   """{'global': on the pre-training pool, 'global_all' (optional): on every
-  training speaker}, each {'metrics', 'state'}."""
+  training speaker}."""
   out = {'global': train_global_model(
-      config, os.path.join(workdir, 'global'), (setup.pre_ds, test_ds),
-      setup.model_kwargs)}
+      config, os.path.join(workdir, 'global'), (setup.pre_ds, test_ds))}
   if config.meta.names and config.meta.all_speakers_baseline:
     out['global_all'] = train_global_model(
-        config, os.path.join(workdir, 'global_all'), (train_ds, test_ds),
-        setup.model_kwargs)
+        config, os.path.join(workdir, 'global_all'), (train_ds, test_ds))
   return out
 
 
 def finetune_adapters(config, setup: Setup, params) -> dict[str, Any]:
-  """Plain fine-tuning of a global model with each trainable preset."""
+  """Plain fine-tuning of a global model with each trainable preset (and
+  its arguments in config.personalize.trainable_kwargs)."""
   cfg = config.personalize
   out = {}
   for preset in cfg.trainable:
-    scheme = sparse_updates.resolve(preset, params)
+    kwargs = {k: v for k, v in cfg.trainable_kwargs[preset].items()
+              if v is not None}
+    scheme = sparse_updates.resolve(preset, params, **kwargs)
     optimizer = optax.sgd(cfg.learning_rate)
     if scheme.masks:
       optimizer = sparse_updates.masked_optimizer(optimizer, scheme.masks)
@@ -192,15 +195,15 @@ def finetune_adapters(config, setup: Setup, params) -> dict[str, Any]:
   return out
 
 
-def baseline_inits(config, global_models, setup: Setup) -> Inits:
+def baseline_inits(config, global_models: dict[str, pretrain.Pretrained],
+                   setup: Setup) -> Inits:
   """Every global model as it is, and fine-tuned with each preset."""
   inits = {}
-  for prefix, out in global_models.items():
-    state = personalize.as_state(out['state'].params,
-                                 out['state'].model_state)
+  for prefix, glob in global_models.items():
+    state = personalize.as_state(glob.params, glob.model_state)
     inits[prefix] = (state, personalize.no_adaptation())
     for label, adapt_fn in finetune_adapters(config, setup,
-                                             out['state'].params).items():
+                                             glob.params).items():
       inits[f'{prefix}+{label}'] = (state, adapt_fn)
   return inits
 
@@ -215,8 +218,9 @@ def replay_buffer(config, setup: Setup) -> enrollment.ReplayBuffer | None:
                                   setup.keywords, per_word, seed=config.seed)
 
 
-def meta_train_all(config, workdir: str, setup: Setup, glob,
-                   replay) -> tuple[Inits, dict[str, Any]]:
+def meta_train_all(config, workdir: str, setup: Setup,
+                   glob: pretrain.Pretrained, replay
+                   ) -> tuple[Inits, dict[str, Any]]:
   """Meta-trains every learner of config.meta.names from the global model.
 
   Returns:
@@ -241,8 +245,7 @@ def meta_train_all(config, workdir: str, setup: Setup, glob,
         meta_cfg, name, setup.model, num_classes=setup.num_classes,
         key='config.meta', loss_fn=setup.loss_fn)
     state, timings[name] = meta_training.meta_train(
-        learner, learner.init(glob['state'].params,
-                              glob['state'].model_state), sample,
+        learner, learner.init(glob.params, glob.model_state), sample,
         num_steps=meta_cfg.num_steps,
         key=jax.random.fold_in(key, 100 + index),
         log_every=meta_cfg.log_every,

@@ -165,6 +165,9 @@ def validate(config: ml_collections.ConfigDict, key: str) -> None:
   for name in META_LEARNERS:
     if name not in cfg:
       continue
+    # Sub-configs of learners not run are checked too: a typo there is as
+    # likely a mistake as one in a learner that runs.
+    hyperparameters(cfg, name, f'config.{key}')
     for arg, value in cfg[name].items():
       if arg in _RATES:
         options.positive(config, f'{key}.{name}.{arg}')

@@ -188,3 +188,67 @@ def test_protonet_logits_are_negative_squared_distances_to_class_means():
   softmax = lambda z: np.exp(z - z.max(1, keepdims=True)) / np.exp(
       z - z.max(1, keepdims=True)).sum(1, keepdims=True)
   np.testing.assert_allclose(softmax(head_logits), softmax(logits), atol=1e-5)
+
+
+# Every learner of the table, built from its config block, takes an outer step.
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from few_shot import meta_learners  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ondevice import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _class_tasks(num_tasks=2, per_class=2, num_classes=3):
+  rng = np.random.default_rng(0)
+  means = rng.normal(size=(num_classes, 5, 4))
+  y = np.tile(np.repeat(np.arange(num_classes), per_class), (num_tasks, 1))
+  batch = lambda: {
+      'x': jnp.asarray(means[y] + 0.1 * rng.normal(size=y.shape + (5, 4)),
+                       jnp.float32),
+      'y': jnp.asarray(y, jnp.int32), 'mask': jnp.ones(y.shape, jnp.float32)}
+  return {'support': batch(), 'query': batch()}
+
+
+@pytest.mark.parametrize('name', sorted(meta_learners.META_LEARNERS))
+def test_every_meta_learner_builds_from_its_config_block_and_steps(name):
+  cfg = ml_collections.ConfigDict(meta_learners.default_configs(
+      inner_lr=0.1, inner_steps=1, outer_lr=0.01, step_size=0.5))
+  model = models.build_model('mlp', 3, hidden=(8,), norm='none')
+  params = model.init(jax.random.key(0), jnp.zeros((1, 5, 4)))['params']
+  learn = meta_learners.from_config(cfg, name, model, num_classes=3,
+                                    key='config.meta')
+  state = learn.init(params)
+  new, metrics = learn.apply(state, _class_tasks(), jax.random.key(1))
+  assert int(new.step) == 1
+  assert np.isfinite(float(metrics['loss']))
+  # The hidden layer's kernel is meta-trained by every learner.
+  before, after = (np.asarray(s.params['hidden1']['kernel'])
+                   for s in (state, new))
+  assert not np.allclose(before, after)
+  per_task = learn.evaluate(new, _class_tasks(), jax.random.key(2))
+  assert per_task['accuracy'].shape == (2,)
+
+
+def test_config_blocks_hold_each_learners_own_hyperparameters():
+  cfg = meta_learners.default_configs(inner_lr=0.2, step_size=0.3,
+                                      outer_lr=1e-4)
+  assert set(cfg) == set(meta_learners.META_LEARNERS)
+  assert cfg['reptile'].to_dict() == {'inner_lr': 0.2, 'inner_steps': 1,
+                                      'eval_inner_steps': None,
+                                      'step_size': 0.3}
+  assert cfg['protonet'].to_dict() == {'outer_lr': 1e-4}
+  assert cfg['meta_sgd'].outer_lr == 1e-4 and 'step_size' not in cfg['maml']
+
+
+def test_unknown_learner_and_unknown_argument_name_the_key():
+  cfg = ml_collections.ConfigDict(meta_learners.default_configs())
+  model = models.build_model('mlp', 3, hidden=(8,), norm='none')
+  with pytest.raises(ValueError, match=r"config.meta.names has 'mamll'.*"
+                     r"'anil', 'fomaml', 'maml', 'meta_sgd', 'protonet'"):
+    meta_learners.from_config(cfg, 'mamll', model, num_classes=3,
+                              key='config.meta')
+  cfg.protonet.inner_lr = 0.1
+  with pytest.raises(ValueError, match=r"config.meta.protonet has unknown "
+                     r"arguments \['inner_lr'\]"):
+    meta_learners.from_config(cfg, 'protonet', model, num_classes=3,
+                              key='config.meta')

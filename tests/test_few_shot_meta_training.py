@@ -69,6 +69,14 @@ def test_meta_train_resumes_bit_for_bit_from_its_checkpoint(tmp_path):
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert summary['final_loss'] == run(5, 'b')[1]['final_loss']
+  # metrics.jsonl of the resumed run equals the uninterrupted run's, row for
+  # row, but for wall-clock fields.
+  from ondevice import loop  # pylint: disable=g-import-not-at-top
+  from ondevice import metric_writer  # pylint: disable=g-import-not-at-top
+  rows = [[{k: v for k, v in r.items() if k not in loop.WALL_CLOCK_KEYS}
+           for r in metric_writer.read_metrics(
+               str(tmp_path / d / 'metrics.jsonl'))] for d in 'ab']
+  assert len(rows[0]) == 5 and rows[0] == rows[1]
   # The init moved, so the comparison above is not trivially true.
   assert not np.allclose(np.asarray(straight.params['w']), 0.3)
   with pytest.raises(ValueError, match='past num_steps=4'):
