@@ -14,11 +14,24 @@ train / warm-up / test utterances; unseen speakers are extra impostors.
     python -m experiments.feduv \
         --config=configs/feduv_kws.py:backbone=ds_cnn_s --workdir=/tmp/dscnn
 
+Every federated variant runs `config.algorithm` (a name plus one sub-config
+of arguments per algorithm, `fedjax_ext.training`), so its options are flags:
+
+    --config.algorithm.name=fedprox --config.algorithm.fedprox.mu=0.01
+    --config.algorithm.fedavgm.momentum=0.5
+    --config.dp.noise_multiplier=5.0 --config.dp.adaptive=True \
+        --config.dp.clipped_count_stddev=3.0
+    --config.quant=int8_fwd_bwd_sr --config.feduv_margin=0.5
+
+The *_dp variants turn `config.dp` on (`config.dp.enabled` is set per
+variant); epsilon is accounted for cohorts drawn without replacement.
+
 Results of the default config: benchmarks/results/feduv/.
 """
 import ml_collections
 
 from configs import common
+from fedjax_ext import training
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -30,15 +43,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Of each seen user's utterances: warm-up (thresholds) and test trials.
   config.split = ml_collections.ConfigDict(dict(
       warmup_fraction=0.2, test_fraction=0.2, seed=0))
+  _set_backbone(config, args.backbone)
+  _set_verification(config)
+  _set_federated(config)
+  # Central: 15000 steps of 32 (480k examples, a sixth of the federated
+  # runs' 3.1M), enough to be the not-private upper bound.
+  config.central = ml_collections.ConfigDict(dict(
+      optimizer='momentum', learning_rate=0.05, momentum=0.9, num_steps=15000,
+      batch_size=32, log_every=1, checkpoint_every=5000))
+  config.seed = 0
+  if args.smoke:
+    _shrink(config, args.backbone)
+  return config
+
+
+def _set_backbone(config, backbone: str) -> None:
+  """The embedding network and its input features."""
   # Default: an MLP on per-band log-mel mean and std (statistics pooling),
   # sized so the five variants train in minutes on a loaded 2-core CPU;
   # `:backbone=ds_cnn_s` trains DS-CNN S on the log-mel frames instead.
-  if args.backbone == 'mlp':
+  if backbone == 'mlp':
     config.features = 'log_mel_stats'
     config.model = 'mlp'
     config.norm = 'none'
     config.model_kwargs = ml_collections.ConfigDict({'hidden': (256, 256)})
-  elif args.backbone == 'ds_cnn_s':
+  elif backbone == 'ds_cnn_s':
     config.features = 'log_mel'
     config.model = 'ds_cnn_s'
     # Group norm: batch norm over one speaker's batch would subtract the
@@ -47,12 +76,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model_kwargs = ml_collections.ConfigDict(
         {'first_stride': (4, 4), 'channels': 32})
   else:
-    raise ValueError(f"backbone={args.backbone!r}: choose 'mlp' or "
-                     "'ds_cnn_s'.")
+    raise ValueError(f"backbone={backbone!r}: choose 'mlp' or 'ds_cnn_s'.")
+  config.quant = 'none'          # quantized_training.QUANT_NAMES
+
+
+def _set_verification(config) -> None:
+  """Codes, loss, variants and how they are scored."""
   # BCH(63, 16), t = 11: d_min >= 23; 8 id bits + 8 private bits.
   config.code = ml_collections.ConfigDict(dict(m=6, t=11, min_random_bits=4))
   config.embedding_dim = 63      # softmax baselines (FedUV uses n).
-  config.quant = 'none'          # quantized_training.QUANT_NAMES
   config.logit_scale = 16.0
   # The paper's hinge has margin 1: with a unit-norm f that asks for
   # cos(f, v_u) = 1, an exact codeword, and never stops pulling. A margin
@@ -69,11 +101,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.fars = (0.01, 0.1)
   config.eval_batch_size = 512   # Utterances embedded per call when scoring.
 
-  # Federated rounds (fedjax_ext.training.build_algorithm reads these).
+
+def _set_federated(config) -> None:
+  """Rounds of every federated variant (`fedjax_ext.training` reads them)."""
   # Server momentum (FedAvgM) for every federated variant: it lowered
-  # FedUV's EER from 0.47 to 0.43 at 300 rounds in a small sweep.
-  config.algorithm = 'fedavgm'
-  config.algorithm_kwargs = ml_collections.ConfigDict(dict(momentum=0.9))
+  # FedUV's EER at 300 rounds in a small sweep (benchmarks/results/feduv).
+  config.algorithm = training.algorithm_options(
+      'fedavgm', fedavgm={'momentum': 0.9})
   config.server_learning_rate = 1.0
   config.client_learning_rate = 0.2
   config.client_momentum = 0.0
@@ -84,38 +118,36 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_rounds = 3000
   config.dropout_rate = 0.0
   config.execution = 'auto'
-  config.aggregator = ml_collections.ConfigDict(dict(name='mean'))
-  config.compression = ml_collections.ConfigDict(dict(name='none'))
-  # z = 3.5 at q = 16/160 over 3000 rounds: (epsilon, delta) = (7.36, 1e-4)
-  # by the RDP accountant, inside the issue's epsilon <= 8.
-  config.dp = ml_collections.ConfigDict(dict(
-      enabled=False, noise_multiplier=3.5, clip_norm=0.5, adaptive=False,
-      target_quantile=0.5, delta=1e-4))
+  config.aggregator = training.aggregator_options('mean')
+  config.compression = training.compression_options('none')
+  # z = 3.5 with cohorts of 16 of 160 users over 3000 rounds: epsilon 18.0
+  # at delta 1e-4 for fixed-size cohorts drawn without replacement (RDP,
+  # replace-one neighbours).
+  config.dp = training.dp_options(noise_multiplier=3.5, clip_norm=0.5,
+                                  delta=1e-4)
   config.eval_every = 100
   # Every round's training loss is logged (results' train_loss_curve);
   # checkpoints go to <workdir>/variants/<name>/.
   config.log_every = 1
   config.checkpoint_every = 1000
-  # Central: 15000 steps of 32 (480k examples, a sixth of the federated
-  # runs' 3.1M), enough to be the not-private upper bound.
-  config.central = ml_collections.ConfigDict(dict(
-      optimizer='momentum', learning_rate=0.05, momentum=0.9, num_steps=15000,
-      batch_size=32, log_every=1, checkpoint_every=5000))
-  config.seed = 0
 
-  if args.smoke:
-    config.data.num_speakers = 10
-    config.data.utterances_per_word = 1
-    config.code = ml_collections.ConfigDict(dict(m=4, t=2, min_random_bits=2))
-    config.embedding_dim = 15
-    if args.backbone == 'ds_cnn_s':
-      config.model_kwargs.channels = 16
-    config.cohort_size = 4
-    config.local.num_steps = 2
-    config.local.batch_size = 8
-    config.max_examples_per_client = 24
-    config.num_rounds = 3
-    config.eval_every = 1
-    config.central.num_steps = 3
-    config.central.batch_size = 8
-  return config
+
+def _shrink(config, backbone: str) -> None:
+  """The smoke variant: ten speakers, a few rounds and steps."""
+  config.data.num_speakers = 10
+  config.data.utterances_per_word = 1
+  config.code = ml_collections.ConfigDict(dict(m=4, t=2, min_random_bits=2))
+  config.embedding_dim = 15
+  if backbone == 'ds_cnn_s':
+    config.model_kwargs.channels = 16
+    # A DS-CNN compiles slowly on a CPU: FedUV alone (the MLP smoke run
+    # covers the other trainers and the DP rounds).
+    config.variants = 'feduv'
+  config.cohort_size = 4
+  config.local.num_steps = 2
+  config.local.batch_size = 8
+  config.max_examples_per_client = 24
+  config.num_rounds = 3
+  config.eval_every = 1
+  config.central.num_steps = 3
+  config.central.batch_size = 8

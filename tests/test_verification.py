@@ -164,9 +164,8 @@ def _tiny_config():
   config.num_rounds = 25
   config.eval_every = 25
   config.local.num_steps = 4
-  config.algorithm = 'fedavg'  # Pinned: independent of the full config.
+  config.algorithm.name = 'fedavg'  # Pinned: independent of the full config.
   config.feduv_margin = 1.0
-  config.algorithm_kwargs = ml_collections.ConfigDict()
   config.client_learning_rate = 0.1
   config.client_momentum = 0.9
   return config
@@ -288,22 +287,54 @@ def test_combine_refuses_runs_with_different_configs(tmp_path):
                                 str(tmp_path / 'out'))
 
 
-def test_smoke_run_writes_every_row_and_combine_merges(tmp_path):
-  config = feduv_kws.get_config('smoke')
-  config.data.cache_dir = str(tmp_path / 'cache')
-  config.variants = 'fed_softmax,feduv'
-  out = experiment.run(config, str(tmp_path / 'a'))
-  assert list(out['variants']) == ['fed_softmax', 'feduv', 'feduv_mean_ref']
-  assert len(out['goals']) == 4
-  for name in out['variants']:
-    assert (tmp_path / 'a' / f'trials_{name}.npz').exists()
-  for f in ('results.json', 'results.md', 'roc.png'):
-    assert (tmp_path / 'a' / f).exists()
-  assert 'feduv_mean_ref' in (tmp_path / 'a' / 'results.md').read_text()
-  # A second run of the FedUV variant alone merges into the same table.
-  config.variants = 'feduv'
-  experiment.run(config, str(tmp_path / 'b'))
-  merged = report.combine(
-      [str(tmp_path / 'a'), str(tmp_path / 'b')], str(tmp_path / 'c'))
-  assert list(merged['variants']) == list(out['variants'])
+def _row(eer, tpr, trained_as, reference, **extra):
+  return {'eer': eer, 'tpr_at_far0.01': tpr / 2, 'tpr_at_far0.1': tpr,
+          'unseen_eer': eer, 'warmup_threshold_tpr': 0.9,
+          'warmup_threshold_far': 0.2, 'shares_class_embeddings': False,
+          'train_seconds': 1.0, 'trained_as': trained_as,
+          'reference': reference, **extra}
+
+
+def _fake_run(workdir, config, rows):
+  """A finished run's results.json and trials, without training."""
+  workdir.mkdir()
+  res = {'code': {'n': 15, 'k': 7, 't': 2, 'min_distance_lower_bound': 5},
+         'num_users': 2, 'num_unseen_speakers': 1,
+         'utterances': {'train': 4, 'warmup': 2, 'test': 2, 'unseen': 3},
+         'variants': rows, 'goals': report.goals(rows), 'config': config}
+  trials = {name: {'genuine': np.array([0.9, 0.1 * i]),
+                   'impostor': np.array([0.3, -0.2, 0.05 * i])}
+            for i, name in enumerate(rows)}
+  report.save_trials(trials, str(workdir))
+  report.write_outputs(res, trials, str(workdir))
+  return trials
+
+
+def test_combine_merges_rows_in_variant_order(tmp_path):
+  config = {'seed': 0, 'fars': [0.01, 0.1], 'target_tpr': 0.9,
+            'variants': 'feduv'}
+  uv = _fake_run(tmp_path / 'a', config, {
+      'feduv': _row(0.3, 0.5, 'feduv', 'codeword'),
+      'feduv_mean_ref': _row(0.12, 0.85, 'feduv', 'mean')})
+  sm = _fake_run(tmp_path / 'b', dict(config, variants='fed_softmax'), {
+      'fed_softmax': _row(0.1, 0.9, 'fed_softmax', 'mean',
+                          dp_epsilon=float('inf'))})
+  merged = report.combine([tmp_path / 'a', tmp_path / 'b'],
+                          str(tmp_path / 'c'))
+  assert list(merged['variants']) == ['fed_softmax', 'feduv',
+                                      'feduv_mean_ref']
   assert merged['config']['variants'] == 'fed_softmax,feduv'
+  # EER ratios 0.3 / 0.1 and 0.12 / 0.1, now that both sides are present.
+  assert [round(g['value'], 6) for g in merged['goals']] == [3.0, 0.5, 1.2,
+                                                             0.85]
+  for name, trials in {**uv, **sm}.items():
+    with np.load(tmp_path / 'c' / f'trials_{name}.npz') as z:
+      np.testing.assert_array_equal(z['genuine'], trials['genuine'])
+  # No noise: epsilon is infinite, written as a string JSON can hold.
+  text = (tmp_path / 'c' / 'results.json').read_text()
+  def no_constants(name):
+    raise AssertionError(f'results.json holds the non-JSON {name}')
+  res = json.loads(text, parse_constant=no_constants)
+  assert res['variants']['fed_softmax']['dp_epsilon'] == 'inf'
+  assert 'feduv_mean_ref' in (tmp_path / 'c' / 'results.md').read_text()
+  assert (tmp_path / 'c' / 'roc.png').exists()

@@ -162,6 +162,7 @@ def combine(workdirs: Iterable[str], out_dir: str) -> dict[str, Any]:
       v for v in variants_lib.VARIANTS if v in trained)
   merged['goals'] = goals(merged['variants'])
   os.makedirs(out_dir, exist_ok=True)
+  save_trials(trials, out_dir)  # So a merged run can itself be merged.
   write_outputs(merged, trials, out_dir)
   return merged
 

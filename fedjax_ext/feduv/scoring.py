@@ -36,7 +36,6 @@ def embed_all(model, params, model_state, x: np.ndarray,
   if batch_size < 1:
     raise ValueError(f'config.eval_batch_size must be >= 1; got '
                      f'{batch_size}.')
-  batch_size = min(batch_size, len(x))
   out = []
   for start in range(0, len(x), batch_size):
     xb = x[start:start + batch_size]
@@ -49,7 +48,13 @@ def embed_all(model, params, model_state, x: np.ndarray,
 def embed_splits(model, params, model_state,
                  splits: verification_data.VerificationSplits,
                  batch_size: int = 512) -> dict[str, np.ndarray]:
-  """Embeddings of every split's utterances, keyed by split name."""
+  """Embeddings of every split's utterances, keyed by split name.
+
+  Every split is embedded in batches of one size (the largest split's when
+  that is below `batch_size`), so the embedding compiles once.
+  """
+  batch_size = min(batch_size, max(len(getattr(splits, name))
+                                   for name in SPLITS))
   return {name: embed_all(model, params, model_state,
                           getattr(splits, name).x, batch_size)
           for name in SPLITS}

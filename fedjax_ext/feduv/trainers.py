@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import jax
 
 from fedjax_ext import cohort as cohort_lib
+from fedjax_ext import experiment as fed_experiment
 from fedjax_ext import federated_loop
 from fedjax_ext import privacy
 from fedjax_ext import training
@@ -41,6 +42,13 @@ def _loss_info(records, loss_key: str) -> dict[str, Any]:
   return {'final_train_loss': curve[-1], 'train_loss_curve': curve}
 
 
+def _bytes_float32(params: PyTree, trainable) -> int:
+  """Bytes a client sends per round: its trainable leaves as float32."""
+  flat = train.flatten_params(params)
+  return sum(int(flat[p].size) * 4
+             for p in train.resolve_trainable(params, trainable))
+
+
 def train_federated(config, loss_fn: train.LossFn, train_ds: ArrayDataset,
                     params: PyTree, model_state: PyTree, key: jax.Array, *,
                     dp: bool, workdir: str, trainable=None) -> Trained:
@@ -56,6 +64,13 @@ def train_federated(config, loss_fn: train.LossFn, train_ds: ArrayDataset,
   algorithm = training.build_algorithm(cfg, loss_fn, pool.num_clients,
                                        trainable)
   step = federated_loop.make_round_step(algorithm, train_ds, pool, cfg, key)
+  # The federated run's logged columns: loss, accuracy, counters, bytes and
+  # the DP clip norm, noise std and epsilon spent.
+  epsilon = (privacy.epsilon_curve(cfg.dp.noise_multiplier, cfg.cohort_size,
+                                   pool.num_clients, cfg.dp.delta)
+             if dp else None)
+  step = fed_experiment.logged_round_step(
+      step, _bytes_float32(params, trainable), epsilon)
   schedule = loop.Schedule(num_steps=cfg.num_rounds, log_every=cfg.log_every,
                            checkpoint_every=cfg.checkpoint_every)
   result = loop.run_loop(algorithm.init(params, model_state), step, schedule,
@@ -74,16 +89,15 @@ def dp_info(config, num_clients: int) -> dict[str, Any]:
   """(epsilon, delta) and the mechanism's settings, for the results row.
 
   A cohort is `cohort_size` users drawn without replacement from
-  `num_clients`, so epsilon is accounted for that sampling.
+  `num_clients`, so epsilon is accounted for that sampling
+  (`privacy.epsilon_curve`).
   """
   dp = config.dp
-  return {
-      'dp_epsilon': privacy.compute_epsilon(
-          dp.noise_multiplier, config.cohort_size / num_clients,
-          config.num_rounds, dp.delta, sampling='without_replacement',
-          population_size=num_clients),
-      'dp_delta': dp.delta, 'dp_noise_multiplier': dp.noise_multiplier,
-      'dp_clip_norm': dp.clip_norm, 'dp_sampling': 'without_replacement'}
+  epsilon = privacy.epsilon_curve(dp.noise_multiplier, config.cohort_size,
+                                  num_clients, dp.delta)
+  return {'dp_epsilon': epsilon(config.num_rounds), 'dp_delta': dp.delta,
+          'dp_noise_multiplier': dp.noise_multiplier,
+          'dp_clip_norm': dp.clip_norm, 'dp_sampling': 'without_replacement'}
 
 
 def train_central(config, loss_fn: train.LossFn, train_ds: ArrayDataset,

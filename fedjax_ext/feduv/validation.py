@@ -13,7 +13,6 @@ import copy
 import ml_collections
 
 from fedjax_ext import codes
-from fedjax_ext import privacy
 from fedjax_ext import training
 from fedjax_ext import verification
 from fedjax_ext.feduv import variants as variants_lib
@@ -31,9 +30,17 @@ REQUIRED_KEYS = (
     'central.num_steps', 'central.batch_size', 'central.log_every',
     'central.checkpoint_every', 'dp.noise_multiplier', 'dp.clip_norm',
     'dp.delta', 'dp.adaptive', 'dp.target_quantile') + training.REQUIRED_KEYS
-# DPConfig fields -> their keys under config.dp (the rest are derived).
-_DP_FIELDS = ('noise_multiplier', 'clip_norm', 'adaptive', 'target_quantile',
-              'clip_learning_rate', 'clipped_count_stddev')
+# Keys read when present (`fedjax_ext.training` has defaults for them).
+OPTIONAL_KEYS = ('client_momentum', 'dropout_rate', 'execution', 'aggregator',
+                 'compression', 'weighted_sampling')
+# Sub-configs whose every key FedUV knows -> the keys it reads there.
+_KNOWN_SUBKEYS = {
+    'code': ('m', 't', 'min_random_bits'),
+    'split': ('warmup_fraction', 'test_fraction', 'seed'),
+    'central': ('optimizer', 'learning_rate', 'momentum', 'num_steps',
+                'batch_size', 'log_every', 'checkpoint_every', 'schedule',
+                'warmup_steps', 'weight_decay', 'grad_clip'),
+}
 
 
 def validate_config(config: ml_collections.ConfigDict) -> list[str]:
@@ -43,6 +50,7 @@ def validate_config(config: ml_collections.ConfigDict) -> list[str]:
     ValueError: naming the key, the bad value and the valid choices.
   """
   options.require(config, REQUIRED_KEYS)
+  _check_known_keys(config)
   names = _variant_names(config)
   _check_references(config)
   sizes = verification_data.check_config(config)
@@ -62,6 +70,20 @@ def integer(config, key: str, minimum: int) -> int:
     raise ValueError(f'config.{key} must be an integer >= {minimum}; got '
                      f'{value!r}.')
   return value
+
+
+def _check_known_keys(config) -> None:
+  """No key FedUV would ignore (a typo, or another experiment's key)."""
+  known = {k.split('.')[0] for k in REQUIRED_KEYS + OPTIONAL_KEYS}
+  unknown = [f'config.{k}' for k in sorted(set(config) - known)]
+  for parent, keys in _KNOWN_SUBKEYS.items():
+    unknown += [f'config.{parent}.{k}'
+                for k in sorted(set(config[parent]) - set(keys))]
+  if unknown:
+    raise ValueError(f'The config has keys FedUV does not read: {unknown}. '
+                     'Remove them or fix their spelling (the federated '
+                     'trainable is fixed by FedUV; algorithm arguments go in '
+                     'config.algorithm.<name>).')
 
 
 def _variant_names(config) -> list[str]:
@@ -159,7 +181,11 @@ def _check_central(config, sizes: verification_data.SplitSizes) -> None:
     raise ValueError(f'config.central.batch_size={batch} exceeds the '
                      f'{sizes.num_train} training utterances; lower it.')
   _check_cadence(config, 'central.', steps)
-  optim.build_optimizer(config.central)  # Any other optimiser field.
+  if 'schedule' in config.central:
+    options.one_of(config, 'central.schedule', optim.SCHEDULES)
+  for key in ('warmup_steps', 'weight_decay', 'grad_clip'):
+    if key in config.central:
+      options.non_negative(config, 'central.' + key)
 
 
 def _check_cadence(config, prefix: str, num_steps: int) -> None:
@@ -192,26 +218,13 @@ def with_dp(config, enabled: bool) -> ml_collections.ConfigDict:
   return out
 
 
-def dp_config(config) -> privacy.DPConfig:
-  """The DP-FedAvg settings of `config.dp`, or a ValueError naming the key.
-
-  The cohort is a fixed-size draw, so m is `config.cohort_size`.
-  """
-  kwargs = {k: config.dp[k] for k in _DP_FIELDS if k in config.dp}
-  kwargs = {k: v for k, v in kwargs.items() if v is not None}
-  try:
-    return privacy.DPConfig(expected_num_clients=config.cohort_size, **kwargs)
-  except ValueError as e:
-    message = str(e).replace('DPConfig.expected_num_clients',
-                             'config.cohort_size')
-    raise ValueError(message.replace('DPConfig.', 'config.dp.')) from None
-
-
 def _check_dp(config) -> None:
+  """The DP settings' values, whether or not a DP variant runs."""
   options.in_range(config, 'dp.delta', 0.0, 1.0, low_inclusive=False,
                    high_inclusive=False)
-  unknown = sorted(set(config.dp) - set(_DP_FIELDS) - {'delta', 'enabled'})
+  valid = set(training.dp_options())
+  unknown = sorted(set(config.dp) - valid)
   if unknown:
     raise ValueError(f'config.dp has unknown keys {unknown}; valid: '
-                     f'{sorted(_DP_FIELDS + ("delta", "enabled"))}.')
-  dp_config(config)
+                     f'{sorted(valid)}.')
+  training.dp_config(with_dp(config, True))
