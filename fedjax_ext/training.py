@@ -202,6 +202,11 @@ _ALGORITHM_RANGES = {
 }
 
 
+# Algorithms whose clients run few_shot's meta-learners, which refuse batch
+# statistics (`few_shot.learner.require_stateless`).
+_STATELESS_ALGORITHMS = ('per_fedavg', 'fed_reptile')
+
+
 def _check_algorithm(config) -> None:
   name, _, kwargs = selected(config, 'algorithm', algorithms.ALGORITHMS)
   for arg, value in kwargs.items():
@@ -212,6 +217,12 @@ def _check_algorithm(config) -> None:
         not ok(value)):
       raise ValueError(f'config.algorithm.{name}.{arg} must be {rule}; got '
                        f'{value!r}.')
+  if name in _STATELESS_ALGORITHMS and config.get('norm', None) == 'batch':
+    raise ValueError(
+        f"config.norm='batch' with config.algorithm.name={name!r}: its "
+        'clients meta-learn on small support sets, which needs a model '
+        "without batch statistics; set config.norm='group', 'layer' or "
+        "'none'.")
   if name == 'scaffold' and config.get('client_momentum', 0.0):
     raise ValueError(
         f'config.client_momentum={config.client_momentum} with '

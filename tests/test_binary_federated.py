@@ -107,6 +107,7 @@ BAD = [
     ('configs/fed_kws.py', {'execution': 'pmap'}, 'config.execution'),
     ('configs/fed_kws.py', {'algorithm.name': 'scaffold'},
      'config.client_momentum'),
+    ('configs/fed_kws.py', {'algorithm.name': 'per_fedavg'}, 'config.norm'),
     ('configs/fed_kws.py', {'dropout_rate': 1.0}, 'config.dropout_rate'),
     ('configs/fed_kws.py', {'local.num_steps': 0, 'local.num_epochs': 0},
      'config.local.num_steps'),
