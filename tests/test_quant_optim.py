@@ -3,11 +3,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
+from ondevice import options
+from ondevice import train
 from quantized_training import optim_state as i8s
+from quantized_training import optimizers
 from quantized_training import qas
 
 
@@ -166,3 +170,61 @@ def test_keep_float_leaves_selected_leaves_alone():
   adam_state = state.inner[0]
   assert isinstance(adam_state.mu['dense']['kernel'], i8s.QuantizedArray)
   assert adam_state.nu['dense']['kernel'].dtype == jnp.float32
+
+
+def test_config_selected_qas_domain_steps_like_float_sgd_on_the_grid():
+  # optimizers.build wires QAS as train.make_train_step sees it: a flat
+  # {path: leaf} dict of the trainable leaves, here the kernel only.
+  config = ml_collections.ConfigDict()
+  config.qas = options.named(optimizers.QAS_MODES, 'qas')
+  params = _params()
+  scales = qas.kernel_scales(params)
+  on_grid = qas.float_domain(qas.integer_domain(params, scales), scales)
+  sgd = optax.sgd(0.05)
+  paths = ('dense/kernel',)
+  domain = optimizers.build(config, on_grid, paths, sgd)
+  loss = lambda p, *args: _loss(p, X)
+  step = train.make_train_step(
+      lambda p, ms, b, r: (domain.wrap_loss(loss)(p), ({'count': jnp.ones(())}, ms)),
+      domain.optimizer, paths)
+  state = train.state_from_params(domain.to_train(on_grid), {},
+                                  domain.optimizer, paths)
+  new, _ = step(state, {}, None)
+  float_step = train.make_train_step(
+      lambda p, ms, b, r: (loss(p), ({'count': jnp.ones(())}, ms)), sgd, paths)
+  expected, _ = float_step(train.state_from_params(on_grid, {}, sgd, paths),
+                           {}, None)
+  for a, b in zip(jax.tree.leaves(domain.to_model(new.params)),
+                  jax.tree.leaves(expected.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  # The kernel trained in the integer domain: its values are codes / steps
+  # of size lr * s**-1 * G, far larger than the float weights.
+  assert (np.abs(new.params['dense']['kernel']).max() >
+          10 * np.abs(expected.params['dense']['kernel']).max())
+
+
+@pytest.mark.parametrize('name', ['float', 'int8'])
+def test_config_selected_optimizer_state(name):
+  config = ml_collections.ConfigDict()
+  config.optimizer_state = options.named(optimizers.STATE_FORMATS, name)
+  config.optimizer_state.int8.min_size = 4
+  params = {'w': jnp.ones((4, 3)), 'b': jnp.ones((3,))}
+  domain = optimizers.build(config, params, ('b', 'w'), optax.adam(0.1))
+  state = domain.optimizer.init(params)
+  dtypes = {str(x.dtype) for x in jax.tree.leaves(state)}
+  assert ('int8' in dtypes) == (name == 'int8')
+  updates, _ = domain.optimizer.update(params, state, params)
+  # Adam's first step moves every leaf by lr (times the sign of the grad).
+  for u in jax.tree.leaves(updates):
+    np.testing.assert_allclose(u, -0.1, rtol=1e-2)
+
+
+def test_bad_optimizer_state_bits_name_the_key():
+  config = ml_collections.ConfigDict()
+  config.optimizer_state = options.named(optimizers.STATE_FORMATS, 'int8')
+  config.optimizer_state.int8.bits = 1
+  with pytest.raises(ValueError, match='config.optimizer_state.int8'):
+    optimizers.validate(config)
+  config.optimizer_state.name = 'int4'
+  with pytest.raises(ValueError, match=r"config.optimizer_state.name.*\['float', 'int8'\]"):
+    optimizers.validate(config)

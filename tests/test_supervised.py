@@ -5,13 +5,14 @@ import subprocess
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
 from configs import kws_central
+from ondevice import loop
 from ondevice import supervised
 from ondevice.data.base import ArrayDataset
+from quantized_training import optim_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,21 +34,34 @@ def _config(**overrides):
   config.batch_size = 8
   config.log_every = 3
   config.eval_every = 6
-  config.checkpoint_every = 100
+  config.checkpoint_every = 12
   config.schedule = 'warmup_cosine'
   config.warmup_steps = 2
   config.update(overrides)
   return config
 
 
+def _without_wall_clock(record):
+  return {k: v for k, v in record.items() if k not in loop.WALL_CLOCK_KEYS}
+
+
+def _outputs(workdir):
+  with open(workdir / 'final_metrics.json') as f:
+    final = _without_wall_clock(json.load(f))
+  with open(workdir / 'metrics.jsonl') as f:
+    rows = [_without_wall_clock(json.loads(line)) for line in f]
+  return final, rows
+
+
 def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path):
   data = (_synthetic(64, 0), _synthetic(32, 1))
-  full = supervised.train_and_evaluate(_config(), str(tmp_path / 'a'),
+  config = _config(checkpoint_every=3)
+  full = supervised.train_and_evaluate(config, str(tmp_path / 'a'),
                                        datasets=data)
-  part = supervised.train_and_evaluate(_config(), str(tmp_path / 'b'),
-                                       datasets=data, stop_after_steps=5)
-  assert part['metrics'] == {'stopped_at': 5}
-  resumed = supervised.train_and_evaluate(_config(), str(tmp_path / 'b'),
+  part = supervised.train_and_evaluate(config, str(tmp_path / 'b'),
+                                       datasets=data, stop_after_steps=6)
+  assert part['metrics'] == {'stopped_at': 6}
+  resumed = supervised.train_and_evaluate(config, str(tmp_path / 'b'),
                                           datasets=data)
   for a, b in zip(jax.tree.leaves(full['state']),
                   jax.tree.leaves(resumed['state'])):
@@ -56,9 +70,75 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path):
   assert not all(np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(part['state'].params),
       jax.tree.leaves(full['state'].params)))
-  with open(tmp_path / 'b' / 'metrics.jsonl') as f:
-    steps = [json.loads(line)['step'] for line in f]
-  assert steps == [3, 6, 9, 12]  # No duplicate records after resuming.
+  full_final, full_rows = _outputs(tmp_path / 'a')
+  resumed_final, resumed_rows = _outputs(tmp_path / 'b')
+  assert resumed_final == full_final
+  assert resumed_rows == full_rows
+  # No duplicate records after resuming.
+  assert [r['step'] for r in resumed_rows] == [3, 6, 9, 12]
+  assert resumed['metrics']['test_accuracy'] == full_final['test_accuracy']
+
+
+def test_non_finite_training_stops_naming_the_step(tmp_path):
+  data = (_synthetic(64, 0), _synthetic(32, 1))
+  config = _config(optimizer='sgd', schedule='constant', learning_rate=1e30)
+  with pytest.raises(FloatingPointError, match=r'step (3|6|9|12)\b'):
+    supervised.train_and_evaluate(config, str(tmp_path), datasets=data)
+  assert not os.path.exists(tmp_path / 'final_metrics.json')
+
+
+def test_qas_run_moves_weights_as_much_as_float_sgd(tmp_path):
+  # With QAS, SGD on W_int = W / s changes W = s * W_int as float SGD changes
+  # W (Lin et al. 2022; exact on the grid: test_quant_optim). The QAS run
+  # starts from weights snapped to the int8 grid, so its path differs a
+  # little; without the s**-2 scaling W would move by lr * s**2 * G_W, some
+  # 1e-4 times less.
+  data = (_synthetic(64, 0), _synthetic(32, 1))
+  config = _config(optimizer='sgd', schedule='constant', learning_rate=0.1,
+                   num_steps=6)
+  start = supervised.prepare(config, data[0]).state.params
+  plain = supervised.train_and_evaluate(config, str(tmp_path / 'a'),
+                                        datasets=data)
+  config.qas.name = 'qas'
+  with_qas = supervised.train_and_evaluate(config, str(tmp_path / 'b'),
+                                           datasets=data)
+  for layer in ('hidden1', 'classifier'):
+    moved_plain = np.abs(plain['state'].params[layer]['kernel'] -
+                         start[layer]['kernel']).max()
+    moved_qas = np.abs(with_qas['state'].params[layer]['kernel'] -
+                       start[layer]['kernel']).max()
+    assert 0.5 < moved_qas / moved_plain < 2, layer
+  assert (abs(with_qas['metrics']['test_loss'] -
+              plain['metrics']['test_loss']) < 0.05)
+
+
+def test_int8_optimizer_state_is_int8_and_trains(tmp_path):
+  data = (_synthetic(512, 0), _synthetic(256, 1))
+  config = _config(num_steps=60, batch_size=32, learning_rate=1e-2,
+                   log_every=30, eval_every=60, checkpoint_every=60)
+  config.optimizer_state.name = 'int8'
+  config.optimizer_state.int8.min_size = 4
+  out = supervised.train_and_evaluate(config, str(tmp_path), datasets=data)
+  quantized = [leaf for leaf in jax.tree.leaves(
+      out['state'].opt_state,
+      is_leaf=lambda x: isinstance(x, optim_state.QuantizedArray))
+               if isinstance(leaf, optim_state.QuantizedArray)]
+  # Adam's first moment of the MLP's leaves of >= 4 elements (all but the
+  # 2-element classifier bias) is int8; the second moment stays float.
+  assert len(quantized) == 3
+  assert all(q.codes.dtype == np.int8 for q in quantized)
+  assert out['metrics']['test_accuracy'] > 0.8
+
+
+def test_trainable_preset_from_the_config(tmp_path):
+  data = (_synthetic(64, 0), _synthetic(32, 1))
+  config = _config(num_steps=3)
+  config.trainable.name = 'bias_only'
+  out = supervised.train_and_evaluate(config, str(tmp_path), datasets=data)
+  # mlp (hidden 128) on 6x4 inputs: biases 128 + 2; kernels stay frozen,
+  # except the classifier's (head=True), 128 * 2.
+  assert out['metrics']['num_trainable_params'] == 128 + 2 + 256
+  assert out['metrics']['num_params'] == 24 * 128 + 128 + 128 * 2 + 2
 
 
 def test_outputs_are_written(tmp_path):
@@ -79,6 +159,7 @@ def test_outputs_are_written(tmp_path):
     ('batch_size', 1000, 'batch_size'),
     ('optimizer', 'adamax', 'config.optimizer'),
     ('num_steps', 0, 'num_steps'),
+    ('checkpoint_every', 4, 'config.checkpoint_every'),
 ])
 def test_bad_values_fail_before_compilation(tmp_path, monkeypatch, key, value,
                                             match):
