@@ -6,6 +6,9 @@ calls); every bad value is rejected with a ValueError that names its key
 before any data loads.
 """
 import json
+import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -169,3 +172,17 @@ def test_fedprox_mu_and_multi_krum_reach_the_factories():
   deltas = {'w': jnp.array([[0.0], [1.0], [2.0], [100.0]])}
   out, _ = aggregate(deltas, jnp.ones(4), jax.random.key(0))
   np.testing.assert_allclose(out['w'], [0.5])
+
+
+def test_binary_names_a_bad_flag_before_data_loads(tmp_path):
+  """experiments/federated.py with configs/fed_kws.py:smoke and a bad flag."""
+  command = [sys.executable, '-m', 'experiments.federated',
+             '--config=configs/fed_kws.py:smoke',
+             '--config.algorithm.name=fedprox',
+             '--config.algorithm.fedprox.mu=-1.0',
+             f'--workdir={tmp_path / "run"}']
+  done = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                        cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert done.returncode != 0
+  assert 'config.algorithm.fedprox.mu must be >= 0' in done.stderr
+  assert not (tmp_path / 'run' / 'metrics.jsonl').exists()
