@@ -20,7 +20,14 @@ is a Gaussian mechanism with noise multiplier z (their Theorem 1), which is the
 value to account.
 
 Accounting uses Google's `dp-accounting` package (RDP or PLD accountant) for the
-sampled Gaussian mechanism composed over the rounds.
+sampled Gaussian mechanism composed over the rounds. A federated run draws
+fixed-size cohorts uniformly without replacement, so it accounts with
+`epsilon_curve` (the sampled-without-replacement event, replace-one
+neighbours).
+
+What is released: in a DP run (`training.rounds_config`) the model-state
+change of each client (batch-norm statistics) is clipped and noised together
+with its update, so the server holds no statistic averaged in the clear.
 """
 from __future__ import annotations
 

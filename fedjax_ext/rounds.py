@@ -35,6 +35,10 @@ Hook signatures (robust aggregation, compression and DP plug in here):
     agg_state, metrics)`, e.g. `privacy.dp_aggregator` (adaptive clipping).
     Its state lives in the server state's `aggregator_state` (arrays only,
     so it is checkpointed), advancing only in rounds that update the server.
+    With `RoundConfig.private_model_state`, `stacked_deltas` also holds each
+    client's model-state change (keys 'model_state::<i>', the i-th leaf of
+    the model state), so DP clips and noises batch-norm statistics with the
+    update and the server moves its statistics by their noised mean.
 
 Faults (McMahan et al. 2017 simulate partial participation; Bonawitz et al.
 2019, "Towards Federated Learning at Scale", report device dropout): a
