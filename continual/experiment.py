@@ -50,7 +50,8 @@ from ondevice import user_corpus
 import quantized_training
 import sparse_updates
 
-_EVAL_BATCH = 128
+# One padded batch shape for every evaluation and embedding: one compilation.
+_EVAL_BATCH = learner.INFERENCE_BATCH
 
 validate_config = validation.validate_config
 variant_config = validation.variant_config
@@ -230,7 +231,7 @@ def _setup(config, fisher_cfg: ml_collections.ConfigDict | None) -> _Setup:
             if fisher_cfg is not None else None)
   eval_fn = jax.jit(train.make_eval_step(model))
   score = lambda p, s, x, y: train.evaluate(
-      eval_fn, p, s, x, y, min(_EVAL_BATCH, len(x)))['accuracy']
+      eval_fn, p, s, x, y, _EVAL_BATCH)['accuracy']
   pick = streams.host_rng(jax.random.key(config.seed)).choice(
       len(pre.test_ds), min(config.global_eval_examples, len(pre.test_ds)),
       replace=False)

@@ -52,6 +52,9 @@ from ondevice import train
 
 PyTree = Any
 METHODS = ('pseudo_label', 'bn_adapt', 'tent')
+# Rows per inference call (labelling, embedding): one fixed, padded shape,
+# so each jitted function compiles once whatever the chunk size.
+INFERENCE_BATCH = 128
 
 
 class Functions(NamedTuple):
@@ -144,7 +147,8 @@ def enroll(step: Callable, state: train.TrainState, x: np.ndarray,
 
 def calibrate_verifier(embed: Callable, params: PyTree, model_state: PyTree,
                        x: np.ndarray, y: np.ndarray, num_classes: int,
-                       target_far: float, batch_size: int = 128) -> Verifier:
+                       target_far: float,
+                       batch_size: int = INFERENCE_BATCH) -> Verifier:
   """Templates of the enrollment clips and a threshold at `target_far`."""
   emb = batched(lambda b: embed(params, model_state, b), x, batch_size)
   templates = pl.build_templates(emb, y, num_classes)
@@ -246,7 +250,7 @@ def _recent(stream: streams.Stream, end: int, window: int
 
 
 def _teacher(fns, settings, state, enrolled_params, source_state, verifier,
-             stream, chunk, seen, stream_scores, chunk_size):
+             stream, chunk, seen, stream_scores):
   """Model state that labels a chunk, and the chunk's template scores.
 
   Without `teacher_bn` the current model labels with its own statistics and
@@ -263,7 +267,7 @@ def _teacher(fns, settings, state, enrolled_params, source_state, verifier,
   teacher_state = fns.adapt_bn(state.params, source_state, *window)
   verify_state = fns.adapt_bn(enrolled_params, source_state, *window)
   emb = batched(lambda b: fns.embed(enrolled_params, verify_state, b),
-                chunk.x, chunk_size)
+                chunk.x, INFERENCE_BATCH)
   return teacher_state, np.asarray(pl.template_scores(verifier.templates,
                                                       emb))
 
@@ -285,7 +289,6 @@ class _Run(NamedTuple):
   fns: Functions
   settings: Settings
   stream: streams.Stream
-  chunk_size: int
   verifier: Verifier
   stream_scores: np.ndarray
   enrolled_params: PyTree
@@ -297,10 +300,9 @@ def _pseudo_label_chunk(run: _Run, state, buffer, chunk, seen: int,
   """Labels chunk `index`, replays and trains; returns the new pieces."""
   teacher_state, scores = _teacher(
       run.fns, run.settings, state, run.enrolled_params, run.source_state,
-      run.verifier, run.stream, chunk, seen, run.stream_scores,
-      run.chunk_size)
+      run.verifier, run.stream, chunk, seen, run.stream_scores)
   logits = batched(lambda b: run.fns.classify(state.params, teacher_state, b),
-                   chunk.x, run.chunk_size)
+                   chunk.x, INFERENCE_BATCH)
   result = _label(logits, scores, run.settings.confidence,
                   run.verifier.threshold, verify=run.settings.verify)
   labels = np.asarray(result.labels, np.int32)
@@ -386,7 +388,7 @@ def run_stream(fns: Functions, settings: Settings, state: train.TrainState,
     method pseudo-labels); and the final train state.
   """
   _check_functions(fns, settings)
-  run = _Run(fns, settings, stream, chunk_size, verifier, stream_scores,
+  run = _Run(fns, settings, stream, verifier, stream_scores,
              state.params, state.model_state)
   buffer = _init_replay(settings, enroll_x, enroll_y,
                         jax.random.fold_in(key, 0))

@@ -233,7 +233,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   Needs no data and compiles nothing.
   """
   options.require(config, _TOP_KEYS)
-  supervised.validate_config(config.pretrain)
+  try:
+    supervised.validate_config(config.pretrain)
+  except ValueError as e:  # Its keys are relative to config.pretrain.
+    raise ValueError(str(e).replace('config.', 'config.pretrain.')) from None
   user_corpus.corpus_config(config.pretrain.data)  # speech_keywords only.
   if not config.variants:
     raise ValueError('config.variants is empty; give at least one variant '
@@ -244,6 +247,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   base = ml_collections.ConfigDict(config.to_dict())
   del base['variants']
   _check_variant(base)
+  fisher = set()
   for name in config.variants:
     merged = variant_config(config, name)
     try:
@@ -251,3 +255,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:
       raise ValueError(f'config.variants.{name} (merged into the base '
                        f'config): {e}') from None
+    if merged.regularizer.name == 'ewc':
+      fisher.add(merged.regularizer.ewc.fisher_examples)
+  if len(fisher) > 1:  # One Fisher estimate serves every EWC variant.
+    raise ValueError('config.regularizer.ewc.fisher_examples differs between '
+                     f'the EWC variants ({sorted(fisher)}); set it once.')

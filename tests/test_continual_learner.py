@@ -242,3 +242,40 @@ def test_teacher_bn_follows_a_shift_the_source_statistics_miss(setup):
   np.testing.assert_array_equal(
       final.model_state['batch_stats']['hidden1_norm']['mean'],
       state.model_state['batch_stats']['hidden1_norm']['mean'])
+
+
+def _nan_step(state, batch, key):
+  del batch, key
+  return state, {'loss': jnp.float32(jnp.nan)}
+
+
+def test_non_finite_loss_stops_naming_the_chunk_and_step(setup):
+  settings = learner.Settings(steps_per_chunk=2, batch_size=8,
+                              replay_capacity=16, confidence=0.0,
+                              verify=False)
+  nan_fns = setup['fns']._replace(train_step=_nan_step, tent_step=_nan_step)
+  with pytest.raises(FloatingPointError, match='stream chunk 1, step 0'):
+    _run(dict(setup, fns=nan_fns), settings)
+  tent = learner.Settings(method='tent', steps_per_chunk=1, batch_size=8)
+  with pytest.raises(FloatingPointError, match='chunk 1, TENT step 0'):
+    _run(dict(setup, fns=nan_fns), tent)
+  state = train.state_from_params(setup['params'], setup['state'],
+                                  setup['opt'])
+  with pytest.raises(FloatingPointError, match='enrollment step 0'):
+    learner.enroll(_nan_step, state, *setup['enroll'], 3, 4,
+                   jax.random.key(0))
+
+
+def test_enroll_sees_every_clip_once_per_epoch():
+  """6 clips, batches of 4, 3 steps: 12 rows, so every clip exactly twice."""
+  seen = []
+
+  def record(state, batch, key):
+    del key
+    seen.extend(int(v) for v in batch['y'])
+    return state, {'loss': jnp.float32(0.0)}
+  x = np.zeros((6, 2), np.float32)
+  learner.enroll(record, None, x, np.arange(6, dtype=np.int32), 3, 4,
+                 jax.random.key(5))
+  assert len(seen) == 12
+  assert sorted(seen[:6]) == list(range(6)) == sorted(seen[6:])
