@@ -180,3 +180,63 @@ def test_missing_tensorflow_is_explained(monkeypatch):
     tfds_loaders.load_tfds('speech_commands')
   with pytest.raises(ImportError, match="backend='data_source'"):
     tfds_loaders.load_tfds('fashion_mnist', backend='tf')
+
+
+def _data_config(**fields):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(fields)
+
+
+@pytest.mark.parametrize('name,num_classes', [
+    ('tfds_emnist', 47), ('tfds_fashion_mnist', 10)])
+def test_registry_selects_tfds_images_by_name(name, num_classes):
+  from ondevice.data import registry  # pylint: disable=g-import-not-at-top
+  with _mock(9):
+    train, test = registry.load_dataset(_data_config(
+        name=name, backend='data_source', max_train=6, max_test=0))
+  assert train.x.shape == (6, 28, 28, 1) and len(test) == 9
+  assert train.num_classes == num_classes
+  # Standardised with the train split's statistics (one scalar for images).
+  assert abs(float(train.x.mean())) < 1e-5
+  assert float(train.x.std()) == pytest.approx(1.0, rel=1e-3)
+  assert np.shape(train.info['feature_mean']) == ()
+
+
+@_needs_tf
+def test_registry_selects_tfds_speech_commands():
+  from ondevice.data import registry  # pylint: disable=g-import-not-at-top
+  with _mock(4):
+    train, test = registry.load_dataset(_data_config(
+        name='tfds_speech_commands', test_split='validation'))
+  assert train.x.shape == (4, 98, 40) and len(test) == 4
+  # Per mel band, as the offline speech corpus.
+  assert train.info['feature_mean'].shape == (40,)
+  np.testing.assert_allclose(train.x.mean(axis=(0, 1)), 0.0, atol=1e-4)
+
+
+@pytest.mark.parametrize('fields,match', [
+    (dict(name='tfds_cifar10'),
+     r"config.data.name='tfds_cifar10' is unknown; choose one of .*"
+     r"'speech_keywords', 'fashion_mnist', 'tfds_speech_commands', "
+     r"'tfds_emnist', 'tfds_fashion_mnist'"),
+    (dict(name='tfds_emnist', config='bogus'),
+     r'config.data.config: Unknown EMNIST config'),
+    (dict(name='tfds_fashion_mnist', backend='torch'),
+     r'config.data.backend: backend must be one of'),
+    (dict(name='tfds_speech_commands', backend='data_source'),
+     r"config.data.backend: .*use backend='tf'"),
+    (dict(name='tfds_emnist', num_speakers=3),
+     r"config.data has unknown fields \['num_speakers'\]"),
+    (dict(name='tfds_emnist', max_train=-1), r'config.data.max_train'),
+])
+def test_registry_rejects_bad_tfds_configs_before_loading(fields, match,
+                                                          monkeypatch):
+  from ondevice.data import registry  # pylint: disable=g-import-not-at-top
+
+  def no_loading(*args, **kwargs):
+    raise AssertionError('data loading started before validation')
+  monkeypatch.setattr(tfds_loaders, 'load_tfds', no_loading)
+  with pytest.raises(ValueError, match=match):
+    registry.validate_data_config(_data_config(**fields))
+  with pytest.raises(ValueError, match=match):
+    registry.load_dataset(_data_config(**fields))
