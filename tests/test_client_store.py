@@ -221,3 +221,27 @@ def test_shard_with_wrong_feature_shape_is_refused(tmp_path):
 
   with pytest.raises(ValueError, match=r'x \(2, 3, 5\).*x \[n, 3, 4\]'):
     _build(tmp_path, bad)
+
+
+def test_gather_of_a_part_with_positions_equals_the_whole(tmp_path):
+  store = _build(tmp_path)
+  ids, key = [0, 1, 3, 4], jax.random.key(7)
+  whole = store.gather(ids, 2, key)
+  part = store.gather(ids[2:], 2, key, positions=[2, 3])
+  for name in whole:
+    np.testing.assert_array_equal(part[name], whole[name][2:])
+  with pytest.raises(ValueError, match='positions has shape'):
+    store.gather(ids, 2, key, positions=[0])
+
+
+def test_synthetic_store_is_deterministic(tmp_path):
+  a = client_store.synthetic_store(str(tmp_path / 'a'), 7, feature_shape=(5, 4),
+                                   clients_per_shard=3)
+  b = client_store.synthetic_store(str(tmp_path / 'b'), 7, feature_shape=(5, 4),
+                                   clients_per_shard=2)
+  assert a.num_clients == b.num_clients == 7
+  np.testing.assert_array_equal(a.sizes, b.sizes)
+  assert set(a.sizes.tolist()) <= set(range(2, 7))
+  for name, want in a.gather(range(7), 3, jax.random.key(0)).items():
+    np.testing.assert_array_equal(b.gather(range(7), 3, jax.random.key(0))[name],
+                                  want)

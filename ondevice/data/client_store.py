@@ -443,8 +443,8 @@ class ClientStore:
     return {'x': self.quantizer.dequantize(arrays['x'][start:end]),
             'y': np.asarray(arrays['y'][start:end], np.int32)}
 
-  def gather(self, client_ids, max_examples: int, key: jax.Array
-             ) -> dict[str, np.ndarray]:
+  def gather(self, client_ids, max_examples: int, key: jax.Array,
+             positions=None) -> dict[str, np.ndarray]:
     """The padded cohort of the given pool clients, reading only their rows.
 
     Args:
@@ -453,6 +453,10 @@ class ClientStore:
       max_examples: M; clients with more examples keep M of them, drawn with
         `fold_in(key, j)` for the cohort's j-th client.
       key: PRNG key of that subsampling.
+      positions: the cohort position j of each given client (default 0, 1,
+        ...): a process that gathers only its part of a cohort passes the
+        positions of its clients in the whole cohort, so every client is
+        subsampled as a one-process gather of the whole cohort would.
 
     Returns:
       {'x': float32 [C, M, ...], 'y': int32 [C, M], 'mask': float32 [C, M]},
@@ -464,12 +468,17 @@ class ClientStore:
     if max_examples < 1:
       raise ValueError(f'max_examples must be >= 1; got {max_examples}.')
     c = len(ids)
+    positions = np.arange(c) if positions is None else np.asarray(positions)
+    if positions.shape != (c,):
+      raise ValueError(f'positions has shape {positions.shape}; expected '
+                       f'({c},), one per client.')
     xs = np.zeros((c, max_examples) + self.feature_shape, np.float32)
     ys = np.zeros((c, max_examples), np.int32)
     mask = np.zeros((c, max_examples), np.float32)
     for j, client in enumerate(ids):
       arrays, start, end = self._locate(int(client))
-      rows = start + _pick_rows(end - start, max_examples, key, j)
+      rows = start + _pick_rows(end - start, max_examples, key,
+                                int(positions[j]))
       k = len(rows)
       xs[j, :k] = self.quantizer.dequantize(arrays['x'][rows])
       ys[j, :k], mask[j, :k] = arrays['y'][rows], 1.0
@@ -489,3 +498,40 @@ class ClientStore:
       cids.append(np.full(len(one['y']), c, np.int32))
     return {'x': np.concatenate(xs), 'y': np.concatenate(ys),
             'client_id': np.concatenate(cids)}
+
+
+def synthetic_store(root: str, num_clients: int, *,
+                    feature_shape: Sequence[int] = (98, 40),
+                    num_classes: int = 12, examples: tuple[int, int] = (2, 6),
+                    clients_per_shard: int = 100, seed: int = 0
+                    ) -> ClientStore:
+  """A store of random log-mel-shaped clients (scale tests, benchmarks).
+
+  Client i has a number of examples uniform in `examples` (inclusive),
+  features uniform in [-10, 5] (log-mel range) stored as int16, and random
+  labels; everything is a function of (seed, i), so a resumed build writes
+  the same clients.
+  """
+  feature_shape = tuple(int(d) for d in feature_shape)
+  bins = feature_shape[-1]
+  quantizer = Quantizer.from_range(np.full(bins, -10.0), np.full(bins, 5.0))
+
+  def make_shard(index):
+    clients = []
+    for i in range(index * clients_per_shard,
+                   min(num_clients, (index + 1) * clients_per_shard)):
+      rng = np.random.default_rng([seed, i])
+      n = int(rng.integers(examples[0], examples[1] + 1))
+      clients.append({
+          'x': rng.uniform(-10.0, 5.0, (n,) + feature_shape).astype(
+              np.float32),
+          'y': rng.integers(0, num_classes, n), 'id': i})
+    return clients
+
+  return build_store(
+      root, -(-num_clients // clients_per_shard), make_shard,
+      feature_shape=feature_shape,
+      class_names=tuple(f'class_{k}' for k in range(num_classes)),
+      quantizer=quantizer,
+      info={'synthetic': True, 'num_clients': num_clients, 'seed': seed,
+            'examples': list(examples)})
