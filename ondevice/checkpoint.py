@@ -40,7 +40,7 @@ SIDECAR = 'integrity.json'
 _FORMAT = 1
 
 
-class CorruptCheckpointError(Exception):
+class CorruptCheckpointError(ValueError):
   """A checkpoint that cannot be read back as it was saved."""
 
 
@@ -96,7 +96,8 @@ class Checkpointer:
         self._manager.delete(old)
     self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
     self._manager.wait_until_finished()
-    workdir_lib.write_json_atomic(self._sidecar_path(step), sidecar)
+    if jax.process_index() == 0:  # One writer, as for orbax's own metadata.
+      workdir_lib.write_json_atomic(self._sidecar_path(step), sidecar)
     logging.info('Saved checkpoint %d to %s', step, self._dir)
 
   def restore(self, step: int, target: PyTree) -> PyTree:
@@ -147,7 +148,11 @@ class Checkpointer:
         'scratch.')
 
   def saved_config(self, step: int) -> Any:
-    """The config recorded with checkpoint `step` (None if not recorded)."""
+    """The config recorded with checkpoint `step` (None if none was given).
+
+    Raises:
+      CorruptCheckpointError: the sidecar is missing or garbled.
+    """
     return self._read_sidecar(step).get('config')
 
   def close(self) -> None:
