@@ -15,10 +15,6 @@ option is settable on the command line of a locked config:
 file; `validate_config` checks every federated key and combination before any
 data loads; `build_algorithm` turns a checked config into an `(init, apply)`
 pair. The run itself is `fedjax_ext.experiment.run`.
-
-A config that still gives `algorithm` (or `trainable`) as a plain name, with
-its arguments in `algorithm_kwargs` (`trainable_kwargs`), is read as that
-name's sub-config.
 """
 from __future__ import annotations
 
@@ -107,11 +103,13 @@ def dp_options(**overrides) -> ml_collections.ConfigDict:
 
 
 def _as_named(config, key: str) -> ml_collections.ConfigDict:
-  """config[key] in the named form (a plain name plus `<key>_kwargs`)."""
+  """config[key], which must be a name plus one sub-config per choice."""
   node = config[key]
-  if isinstance(node, str):
-    kwargs = dict(config.get(f'{key}_kwargs', None) or {})
-    return ml_collections.ConfigDict({'name': node, node: kwargs})
+  if not isinstance(node, (ml_collections.ConfigDict, dict)):
+    raise ValueError(
+        f'config.{key}={node!r} must be a name plus one sub-config of '
+        f'arguments per choice, e.g. training.{key}_options({node!r}) in the '
+        f'config file and --config.{key}.name=... on the command line.')
   return node
 
 
