@@ -159,6 +159,8 @@ def _check_numbers(config) -> None:
     value = config[key]
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
       raise ValueError(f'config.{key} must be an integer > 0; got {value!r}.')
+  if isinstance(config.seed, bool) or not isinstance(config.seed, int):
+    raise ValueError(f'config.seed must be an integer; got {config.seed!r}.')
   options.positive(config, 'client_learning_rate', 'server_learning_rate')
   if 'eval_batch_size' in config:
     options.positive(config, 'eval_batch_size')
