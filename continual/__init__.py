@@ -1,7 +1,9 @@
 """Continual learning after enrollment, without forgetting.
 
 Public API:
-  * ``run(config, workdir)``: the experiment of configs/continual_kws.py.
+  * ``run(config, workdir)``: the experiment of configs/continual_kws.py;
+    ``validate_config(config)`` checks a config (every variant) before any
+    data loads (``continual.validation``).
   * streams: ``make_stream``, ``split_user``, ``DriftConfig``: a user's
     unlabelled, time-ordered stream with optional acoustic drift.
   * pseudo_label: ``build_templates``, ``template_scores``,
@@ -20,3 +22,4 @@ from continual import replay
 from continual import streams
 from continual import tta
 from continual.experiment import run
+from continual.experiment import validate_config
