@@ -48,13 +48,15 @@ class CosineSoftmaxModel(nn.Module):
     embedder: an `EmbeddingModel` (unit-norm output).
     num_users: classes of the softmax.
     logit_scale: s in logits = s * cos(embedding, class embedding).
-    dot_general_cls: the quantisation hook of the cosine layer (a module
-      class such as `quantized_training.Int8DotGeneral`; None: float), the
-      one the backbone's layers take.
+    dot_general: replaces lax.dot_general in the cosine layer (None: lax's).
+    dot_general_cls: a module class that does so instead (e.g.
+      `quantized_training.Int8DotGeneral`); the hooks every model takes
+      (`models.QUANT_HOOKS`).
   """
   embedder: Any
   num_users: int
   logit_scale: float = 16.0
+  dot_general: Any = None
   dot_general_cls: Any = None
 
   @nn.compact
@@ -63,9 +65,12 @@ class CosineSoftmaxModel(nn.Module):
     kernel = self.param('classifier', nn.initializers.normal(1.0),
                         (emb.shape[-1], self.num_users))
     unit = models.l2_normalize(kernel, axis=0)
-    if self.dot_general_cls is None:
+    if self.dot_general_cls is not None:
+      dot_general = self.dot_general_cls()
+    elif self.dot_general is not None:
+      dot_general = self.dot_general
+    else:
       return self.logit_scale * emb @ unit
-    dot_general = self.dot_general_cls()
     return self.logit_scale * dot_general(
         emb, unit, (((emb.ndim - 1,), (0,)), ((), ())))
 
@@ -78,27 +83,28 @@ VARIANT_KINDS = ('feduv', 'softmax')
 
 def build_verifier(kind: str, backbone: str, *, embedding_dim: int,
                    num_users: int, logit_scale: float = 16.0,
-                   dot_general_cls: Any = None,
+                   dot_general: Any = None, dot_general_cls: Any = None,
                    **backbone_kwargs) -> nn.Module:
   """The FedUV model (an `EmbeddingModel` of dim n) or a softmax model.
 
-  `dot_general_cls` (and a `conv_general_dilated_cls` among
-  `backbone_kwargs`), e.g. from `quantized_training.get_quant(name)
-  .model_kwargs()`, reach the backbone, the embedding and the softmax layer.
+  The quantisation hooks (`models.QUANT_HOOKS`, e.g. from
+  `quantized_training.get_quant(name).model_kwargs()`) reach the backbone,
+  the embedding and the softmax layer; the convolution hooks travel in
+  `backbone_kwargs`.
   """
   if kind not in VARIANT_KINDS:
     raise ValueError(f'Unknown verifier kind {kind!r}; choose one of '
                      f'{VARIANT_KINDS}.')
   embedder = models.build_embedding_model(
-      backbone, embedding_dim, dot_general_cls=dot_general_cls,
-      **backbone_kwargs)
+      backbone, embedding_dim, dot_general=dot_general,
+      dot_general_cls=dot_general_cls, **backbone_kwargs)
   if kind == 'feduv':
     return embedder
   if num_users < 2:
     raise ValueError(f'A softmax over users needs num_users >= 2; got '
                      f'{num_users}.')
   return CosineSoftmaxModel(embedder=embedder, num_users=num_users,
-                            logit_scale=logit_scale,
+                            logit_scale=logit_scale, dot_general=dot_general,
                             dot_general_cls=dot_general_cls)
 
 

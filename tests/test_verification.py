@@ -1,6 +1,7 @@
 """Tests of FedUV (fedjax_ext.verification*) and the verification splits."""
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -16,6 +17,7 @@ from fedjax_ext.feduv import report
 from fedjax_ext.feduv import scoring
 from fedjax_ext.feduv import variants
 from ondevice import train
+import quantized_training
 from ondevice.data import verification as verification_data
 from ondevice.data.base import ArrayDataset
 
@@ -121,6 +123,59 @@ def test_feduv_loss_rejects_mismatched_codeword_length():
   with pytest.raises(ValueError, match='Unknown verifier'):
     verification.build_verifier('triplet', 'mlp', embedding_dim=4,
                                 num_users=3)
+
+
+class _CountingDot(nn.Module):
+  """lax.dot_general that counts its calls (a `dot_general_cls` hook)."""
+
+  @nn.compact
+  def __call__(self, lhs, rhs, dimension_numbers, precision=None,
+               preferred_element_type=None):
+    self.sow('intermediates', 'calls', 1)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
+                               preferred_element_type)
+
+
+def _hook_calls(model, variables, x):
+  out, state = model.apply(variables, x, mutable=['intermediates'])
+  return out, len(jax.tree.leaves(state['intermediates']))
+
+
+def test_quant_hook_reaches_every_matmul_of_both_models():
+  x = jax.random.normal(jax.random.key(0), (3, 4, 3))
+  counts = {}
+  for kind in ('feduv', 'softmax'):
+    kw = dict(embedding_dim=15, num_users=3, hidden=(8,), norm='none')
+    plain = verification.build_verifier(kind, 'mlp', **kw)
+    hooked = verification.build_verifier(kind, 'mlp', **kw,
+                                         dot_general_cls=_CountingDot)
+    variables = hooked.init(jax.random.key(1), x)
+    out, counts[kind] = _hook_calls(hooked, variables, x)
+    # The counting hook computes what lax does: the same outputs.
+    np.testing.assert_allclose(
+        out, plain.apply({'params': variables['params']}, x), rtol=1e-6)
+  # MLP hidden layer and projection; the softmax model adds its classifier.
+  assert counts == {'feduv': 2, 'softmax': 3}
+
+
+def test_stochastically_rounded_int8_feduv_loss_takes_a_step():
+  # Stochastic rounding draws from the 'quant' stream the loss must pass.
+  hooks = quantized_training.get_quant('int8_fwd_bwd_sr').model_kwargs()
+  model = verification.build_verifier('feduv', 'mlp', embedding_dim=15,
+                                      num_users=3, hidden=(8,), norm='none',
+                                      **hooks)
+  words = codes.to_signs(codes.user_codewords(
+      codes.bch_code(4, 2), [0, 1, 2], 3, jax.random.key(0)))
+  x = jax.random.normal(jax.random.key(1), (4, 4, 3))
+  state = train.init_state(model, optax.sgd(0.1), x, jax.random.key(2))
+  step = jax.jit(train.make_train_step(
+      verification.feduv_loss(model, words), optax.sgd(0.1)))
+  batch = {'x': x, 'y': jnp.array([0, 1, 2, 0]), 'mask': jnp.ones(4)}
+  new, metrics = step(state, batch, jax.random.key(3))
+  assert np.isfinite(float(metrics['loss']))
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
+                       new.params, state.params)
+  assert max(jax.tree.leaves(moved)) > 0
 
 
 # ---------------------------------------------------------------- splits
