@@ -10,10 +10,13 @@ SGD, for three kinds of step:
                convolutions are im2col matmuls
   dense_100k   784 -> 128 -> 10 MLP
 
-each with `LocalConfig.loop` 'scan' and 'unroll', at 4, 8 and 16 local steps.
-Scan and unroll alternate within every repeat, so load changes hit both;
-the median over repeats is reported with compile seconds. The rule of
-`client.resolve_loop` ('auto') is read off this table.
+each with `LocalConfig.loop` 'scan' and 'unroll' on the convolutions as
+written (`conv='native'`), and 'scan' with them rewritten into im2col
+matmuls (`conv='im2col'`, `client.with_cpu_convolutions`), at 4, 8 and 16
+local steps. The three alternate within every repeat, so load changes hit
+all; the median over repeats is reported with compile seconds. The rules of
+`client.resolve_loop` and `client.resolve_conv` ('auto') are read off this
+table.
 
     python -m benchmarks.client_loop \
         --out=benchmarks/results/fedjax_comparison/client_loop.json
@@ -79,12 +82,13 @@ def _client(num_examples: int):
           'mask': jnp.ones((num_examples,), jnp.float32)}
 
 
-def _compiled(model, steps: int, loop: str, data):
+def _compiled(model, steps: int, variant: str, data):
+  loop, conv = variant.split('_')
   params = model.init(jax.random.key(0), data['x'][:1])['params']
   update = client_lib.make_client_update(
       train.classification_loss(model), optax.sgd(0.05),
       client_lib.LocalConfig(batch_size=_BATCH.value, num_steps=steps,
-                             loop=loop))
+                             loop=loop, conv=conv))
   start = time.perf_counter()
   fn = jax.jit(update).lower(params, {}, data, jax.random.key(1)).compile()
   compile_s = time.perf_counter() - start
@@ -93,8 +97,8 @@ def _compiled(model, steps: int, loop: str, data):
 
 def _measure(name, model, steps: int):
   data = _client(steps * _BATCH.value)
-  runs = {loop: _compiled(model, steps, loop, data)
-          for loop in ('scan', 'unroll')}
+  runs = {variant: _compiled(model, steps, variant, data)
+          for variant in ('scan_native', 'unroll_native', 'scan_im2col')}
   times = {loop: [] for loop in runs}
   for _ in range(_REPEATS.value + 1):  # The first repeat warms caches.
     for loop, (fn, _) in runs.items():
@@ -105,7 +109,9 @@ def _measure(name, model, steps: int):
   for loop in runs:
     row[f'{loop}_sec'] = statistics.median(times[loop][1:])
     row[f'{loop}_compile_sec'] = runs[loop][1]
-  row['scan_over_unroll'] = row['scan_sec'] / row['unroll_sec']
+  row['scan_over_unroll'] = row['scan_native_sec'] / row['unroll_native_sec']
+  row['unroll_over_im2col'] = (row['unroll_native_sec'] /
+                               row['scan_im2col_sec'])
   print(row, flush=True)
   return row
 

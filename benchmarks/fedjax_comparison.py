@@ -45,6 +45,20 @@ entropy when `seed=None`, so its runs differ; ours are keyed).
 Goals (issue 3): ours >= 10x faster at the two small sizes, >= 1.5x at 200k;
 equal loss within noise.
 
+Stock layers (`--stock_models`, `benchmarks.fedjax_stock_layers`): models of
+stock `nn.Conv` / `nn.Dense` for us and `hk.Conv2D` / `hk.Linear` for FedJAX
+(no im2col on either side), on their own cohort (`--stock_cohort`, clients x
+examples, all clients every round), rounds of the two sides alternating.
+Results go to the `stock_layers` list of results.json (goals: stock convs
+>= 1.5x, dense models up to 100k params >= 3x, equal losses).
+
+Every row reports achieved GFLOP/s per side: XLA's cost analysis of one
+local SGD step (`benchmarks.hardware.compiled_flops`) x local steps x
+clients per round, over the median round time, next to the matmul peak
+measured in the same run (a jitted 1024 x 1024 float32 matmul, best of 20,
+at the start and at the end). The machine's load average at the start and
+end is recorded: on a shared machine only the ratios are robust.
+
     pip install -e '.[fedjax]'
     python -m benchmarks.fedjax_comparison \
         --out=benchmarks/results/fedjax_comparison/results.json
@@ -69,6 +83,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import fedjax_stock_layers as stock
+from benchmarks import hardware
 from fedjax_ext import algorithms
 from fedjax_ext import client as client_lib
 from fedjax_ext import cohort as cohort_lib
@@ -100,6 +116,17 @@ _EXECUTION = flags.DEFINE_enum('execution', 'auto', execution.STRATEGIES,
 _CHUNK = flags.DEFINE_integer('chunk_size', None, "Clients per chunk of "
                               "--execution=chunked (None: automatic).")
 _FLAX = flags.DEFINE_bool('flax', False, 'Also time the flax model.')
+_STOCK_MODELS = flags.DEFINE_list(
+    'stock_models', list(stock.STOCK_ARCHS), 'Stock-layer models (see '
+    'benchmarks/fedjax_stock_layers.py); empty to skip them.')
+_STOCK_COHORT = flags.DEFINE_string('stock_cohort', '50x32', 'Clients x '
+                                    'examples of the stock-layer rows.')
+_STOCK_BATCH = flags.DEFINE_integer('stock_batch_size', 8, 'Local batch size '
+                                    'of the stock-layer rows.')
+_STOCK_STEPS = flags.DEFINE_integer('stock_local_steps', 4, 'Local steps of '
+                                    'the stock-layer rows.')
+_STOCK_ROUNDS = flags.DEFINE_integer('stock_rounds', 6, 'Rounds per side of '
+                                     'each stock-layer row (alternating).')
 
 # name -> (conv channels, hidden sizes); conv stacks end in a global average.
 _ARCHS = {
@@ -162,16 +189,17 @@ def _flax_params(haiku_params, flax_model) -> Any:
   return converted
 
 
-def _federated_data(fedjax, seed: int = 0):
-  """100 x 20 Fashion-MNIST training images as an InMemoryFederatedData."""
+def _federated_data(fedjax, seed: int = 0, num_clients: int | None = None,
+                    per: int | None = None):
+  """Clients x examples Fashion-MNIST images as an InMemoryFederatedData."""
   ds = images.load_fashion_mnist('train')
-  n = _CLIENTS.value * _EXAMPLES.value
-  index = np.random.default_rng(seed).permutation(len(ds))[:n]
+  num_clients = num_clients or _CLIENTS.value
+  per = per or _EXAMPLES.value
+  index = np.random.default_rng(seed).permutation(len(ds))[:num_clients * per]
   x, y = ds.x[index], ds.y[index]
-  per = _EXAMPLES.value
   clients = {f'{i:04d}'.encode(): {'x': x[i * per:(i + 1) * per],
                                    'y': y[i * per:(i + 1) * per]}
-             for i in range(_CLIENTS.value)}
+             for i in range(num_clients)}
   return fedjax.InMemoryFederatedData(clients), {'x': x, 'y': y}
 
 
@@ -246,7 +274,22 @@ def _loss_summary(values: list[float]) -> dict[str, Any]:
           'std': float(np.std(values))}
 
 
-def _benchmark(fedjax, name: str, fd, all_data) -> dict[str, Any]:
+def _existing_settings() -> dict[str, Any]:
+  return {'client_lr': _CLIENT_LR.value, 'batch_size': _BATCH.value}
+
+
+def _gflops(loss_fn, params, speed, peak) -> dict[str, Any]:
+  """Round GFLOP (XLA, one step x steps x clients) and GFLOP/s per side."""
+  flops = stock.step_flops(loss_fn, params, _existing_settings())
+  if flops is None:
+    return {'round_gflop': None, 'achieved': {}}
+  round_flops = flops * _CLIENTS.value * _STEPS.value
+  return {'round_gflop': round_flops / 1e9,
+          'achieved': {k: hardware.achieved(round_flops, v['median'], peak)
+                       for k, v in speed.items()}}
+
+
+def _benchmark(fedjax, name: str, fd, all_data, peak) -> dict[str, Any]:
   model = _haiku_model(fedjax, name)
   init_params = model.init(jax.random.PRNGKey(0))
   bridge = fedjax_interop.bridge_fedjax_model(model, init_params)
@@ -307,6 +350,7 @@ def _benchmark(fedjax, name: str, fd, all_data) -> dict[str, Any]:
       'initial_train_loss': float(train_loss(init_params)),
       'final_train_loss': {k: _loss_summary(v) for k, v in losses.items()
                            if v},
+      **_gflops(bridge.loss_fn, bridge.params, speed, peak),
   }
 
 
@@ -337,6 +381,7 @@ def _markdown(results: dict[str, Any]) -> str:
         f"fedjax loss @{results['config']['rounds']}": fmt_loss('fedjax'),
         f"ours loss @{results['config']['rounds']}": fmt_loss('ours'),
         'ours flax loss': fmt_loss('ours_flax'),
+        **_gflops_columns(r),
     })
   c, env = results['config'], results['environment']
   head = (f"# FedJAX fed_avg vs fedjax_ext FedAvg ({env['date']}, "
@@ -354,39 +399,140 @@ def _markdown(results: dict[str, Any]) -> str:
           f"{c['num_clients'] * c['examples_per_client']} examples after "
           f"{c['rounds']} rounds, mean ± std over runs. Machine load "
           f"average {env['loadavg_start']} at the start, "
-          f"{env['loadavg_end']} at the end ({env['cpu_count']} CPUs).\n\n")
-  return head + metric_writer.markdown_table(rows) + '\n'
+          f"{env['loadavg_end']} at the end ({env['cpu_count']} CPUs); "
+          "timings share 2 cores with other jobs, so only the ratios of "
+          "interleaved runs are robust. Matmul peak "
+          f"{_peak_text(env)}.\n\n")
+  text = head + (metric_writer.markdown_table(rows) + '\n' if rows else '')
+  return text + _stock_markdown(results)
+
+
+def _peak_text(env) -> str:
+  peaks = [env.get(k) for k in ('matmul_peak_start', 'matmul_peak_end')]
+  text = ' / '.join(f"{p['gflops']:.1f}" for p in peaks if p)
+  return f'{text} GFLOP/s (1024 x 1024 float32; start / end of the run)'
+
+
+def _gflops_columns(row) -> dict[str, Any]:
+  """GFLOP/s of both sides and ours as a fraction of the matmul peak."""
+  achieved = row.get('achieved', {})
+  out = {}
+  for side in ('fedjax', 'ours'):
+    value = achieved.get(side, {}).get('gflops')
+    out[f'{side} GFLOP/s'] = '-' if value is None else round(value, 2)
+  fraction = achieved.get('ours', {}).get('fraction_of_peak')
+  out['ours % of peak'] = '-' if fraction is None else round(100 * fraction,
+                                                             1)
+  return out
+
+
+def _stock_markdown(results) -> str:
+  rows = []
+  for r in results['stock_layers']:
+    s = r['sec_per_round']
+    rows.append({
+        'model': r['model'], 'params (both)': r['params'],
+        'cohort': r['cohort'],
+        'fedjax s/round': s['fedjax']['median'],
+        'ours s/round': s['ours']['median'],
+        'speed-up': round(r['speedup'], 2),
+        'goal': '-' if r['speedup_goal'] is None else
+                f"≥{r['speedup_goal']}x",
+        'met': {None: '-', True: 'yes', False: 'NO'}[r['goal_met']],
+        'loss at start': round(r['loss_initial'], 4),
+        'fedjax loss': round(r['loss_fedjax'], 4),
+        'ours loss': round(r['loss_ours'], 4),
+        'ours ran as': (f"{r['ours_resolved'].get('execution')}, "
+                        f"{r['ours_resolved'].get('local_loop')}"),
+        **_gflops_columns(r),
+    })
+  if not rows:
+    return ''
+  c = results['config']
+  return ('\n## Stock layers (flax nn.Conv / nn.Dense vs haiku hk.Conv2D / '
+          f"hk.Linear)\n\n{c['stock_local_steps']} local SGD steps of batch "
+          f"{c['stock_batch_size']}, all clients every round; rounds of the "
+          'two sides alternate; median over rounds '
+          f"{c['warmup'] + 1}..{c['stock_rounds']}. Loss: training "
+          'cross-entropy of the server model over all the cohort\'s examples '
+          f"after {c['stock_rounds']} rounds (one run per side).\n\n"
+          + metric_writer.markdown_table(rows) + '\n')
+
+
+def _stock_settings() -> dict[str, Any]:
+  clients, examples = (int(v) for v in _STOCK_COHORT.value.split('x'))
+  return {'num_clients': clients, 'examples_per_client': examples,
+          'batch_size': _STOCK_BATCH.value,
+          'local_steps': _STOCK_STEPS.value, 'rounds': _STOCK_ROUNDS.value,
+          'warmup': _WARMUP.value, 'client_lr': _CLIENT_LR.value,
+          'server_lr': _SERVER_LR.value, 'execution': _EXECUTION.value}
+
+
+def _check_flags() -> None:
+  for name in _MODELS.value:
+    if name not in _ARCHS:
+      raise ValueError(f'Unknown --models entry {name!r}; choose from '
+                       f'{list(_ARCHS)}.')
+  for name in _STOCK_MODELS.value:
+    if name not in stock.STOCK_ARCHS:
+      raise ValueError(f'Unknown --stock_models entry {name!r}; choose from '
+                       f'{list(stock.STOCK_ARCHS)}.')
+  parts = _STOCK_COHORT.value.split('x')
+  if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise ValueError(f'--stock_cohort must be CLIENTSxEXAMPLES, e.g. 50x32; '
+                     f'got {_STOCK_COHORT.value!r}.')
+  if _STOCK_ROUNDS.value <= _WARMUP.value:
+    raise ValueError(f'--stock_rounds={_STOCK_ROUNDS.value} leaves no timed '
+                     f'round after --warmup={_WARMUP.value}.')
 
 
 def main(argv):
   del argv
+  _check_flags()
   fedjax = fedjax_interop.import_fedjax()
-  fd, all_data = _federated_data(fedjax)
-  all_data = jax.device_put(all_data)
-  loadavg_start = [round(v, 2) for v in os.getloadavg()]
-  results = []
-  for name in _MODELS.value:
-    if name not in _ARCHS:
-      raise ValueError(f'Unknown model {name!r}; choose from {list(_ARCHS)}.')
-  for name in _MODELS.value:
-    results.append(_benchmark(fedjax, name, fd, all_data))
-    _write(results, loadavg_start)  # After every model: partial results.
+  out = {'models': [], 'stock_layers': [],
+         'loadavg_start': [round(v, 2) for v in os.getloadavg()],
+         'matmul_peak_start': hardware.matmul_peak()}
+  peak = out['matmul_peak_start']['gflops']
+  if _MODELS.value:
+    fd, all_data = _federated_data(fedjax)
+    all_data = jax.device_put(all_data)
+    for name in _MODELS.value:
+      out['models'].append(_benchmark(fedjax, name, fd, all_data, peak))
+      _write(out)  # After every model: partial results.
+  settings = _stock_settings()
+  if _STOCK_MODELS.value:
+    fd, all_data = _federated_data(fedjax, 1, settings['num_clients'],
+                                   settings['examples_per_client'])
+    all_data = jax.device_put(all_data)
+    for name in _STOCK_MODELS.value:
+      out['stock_layers'].append(
+          stock.stock_row(fedjax, name, fd, all_data, settings, peak))
+      _write(out)
+  out['matmul_peak_end'] = hardware.matmul_peak()
+  _write(out)
 
 
-def _write(results: list[dict[str, Any]], loadavg_start) -> None:
+def _write(partial: dict[str, Any]) -> None:
   out = {
       'config': {k: flags.FLAGS[k].value for k in (
           'models', 'rounds', 'warmup', 'seeds', 'num_clients',
           'examples_per_client', 'batch_size', 'local_steps', 'client_lr',
-          'server_lr', 'execution', 'chunk_size')},
+          'server_lr', 'execution', 'chunk_size', 'stock_models',
+          'stock_cohort', 'stock_batch_size', 'stock_local_steps',
+          'stock_rounds')},
       'environment': {
           'date': datetime.datetime.now().isoformat(timespec='seconds'),
           'device': jax.devices()[0].platform,
+          'device_kind': jax.devices()[0].device_kind,
           'cpu_count': os.cpu_count(), 'platform': platform.platform(),
           'jax': jax.__version__, 'fedjax': _fedjax_version(),
-          'loadavg_start': loadavg_start,
-          'loadavg_end': [round(v, 2) for v in os.getloadavg()]},
-      'models': results,
+          'loadavg_start': partial['loadavg_start'],
+          'loadavg_end': [round(v, 2) for v in os.getloadavg()],
+          'matmul_peak_start': partial['matmul_peak_start'],
+          'matmul_peak_end': partial.get('matmul_peak_end')},
+      'models': partial['models'],
+      'stock_layers': partial['stock_layers'],
   }
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, 'w') as f:

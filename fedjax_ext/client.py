@@ -37,8 +37,11 @@ step, reused; all-padding steps are skipped by a `lax.cond`), 'unroll' is
 the same scan with `unroll=True` and no cond (every step inlined, so XLA
 compiles each one as top-level code; a padded step runs and changes
 nothing). XLA:CPU runs a convolution inside a loop or a conditional much
-more slowly than an inlined one, so 'auto' unrolls steps that hold a
-convolution on a CPU; see `resolve_loop`.
+more slowly than an inlined one. So on a CPU, `LocalConfig.conv='auto'`
+first rewrites a model's XLA convolutions into the library's im2col and
+shifted-sum forms (`with_cpu_convolutions`), which run as fast in a scan;
+with `conv='native'`, 'auto' unrolls steps that still hold a convolution
+(`resolve_loop`).
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ import optax
 from fedjax_ext import execution
 from fedjax_ext import fedjax_interop
 from ondevice import train
+from ondevice.models import layers
 
 PyTree = Any
 FlatParams = dict[str, jax.Array]
@@ -61,6 +65,7 @@ FlatParams = dict[str, jax.Array]
 # the per-client PyTree given to client_update (SCAFFOLD's correction).
 LossWrapper = Callable[[train.LossFn, FlatParams, PyTree], train.LossFn]
 LOOPS = ('auto', 'scan', 'unroll')
+CONVS = ('auto', 'native', 'im2col')
 LAST_BATCHES = ('mask', 'fill')
 # 'auto' unrolls at most this many local steps: compile time and program size
 # grow linearly with the unrolled length.
@@ -84,6 +89,12 @@ class LocalConfig:
     last_batch: 'mask' pads the short last batch of an epoch with masked
       examples; 'fill' fills it from the next epoch's permutation, as
       FedJAX's `shuffle_repeat_batch` does (module docstring).
+    conv: how the XLA convolutions of a model the library did not write
+      (stock `nn.Conv`, `hk.Conv2D`) run: 'native' as written, 'im2col'
+      rewritten into the library's matmul forms
+      (`ondevice.models.layers.cpu_friendly_conv_general_dilated`, same
+      results up to float rounding), 'auto' im2col on a CPU backend, native
+      elsewhere (see `with_cpu_convolutions`).
   """
   batch_size: int
   num_steps: int | None = None
@@ -91,6 +102,7 @@ class LocalConfig:
   trainable: Sequence[str] | Callable[[str], bool] | None = None
   loop: str = 'auto'
   last_batch: str = 'mask'
+  conv: str = 'auto'
 
   def __post_init__(self):
     if self.batch_size < 1:
@@ -107,6 +119,9 @@ class LocalConfig:
     if self.loop not in LOOPS:
       raise ValueError(f'LocalConfig.loop must be one of {LOOPS}; got '
                        f'{self.loop!r}.')
+    if self.conv not in CONVS:
+      raise ValueError(f'LocalConfig.conv must be one of {CONVS}; got '
+                       f'{self.conv!r}.')
     if self.last_batch not in LAST_BATCHES:
       raise ValueError(f'LocalConfig.last_batch must be one of '
                        f'{LAST_BATCHES}; got {self.last_batch!r}.')
@@ -195,6 +210,67 @@ def local_batch(client_data: Mapping[str, jax.Array], key: jax.Array,
   if num_epochs is not None:
     real &= epoch < num_epochs
   return _gather(client_data, index, real)
+
+
+def _eval_rewriting_convs(jaxpr, consts, *args):
+  """Evaluates a jaxpr with each convolution in its CPU-friendly form."""
+  env = {}
+  read = lambda v: v.val if hasattr(v, 'val') else env[v]
+  env.update(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    p = eqn.params
+    if eqn.primitive.name == 'conv_general_dilated' and (
+        p['batch_group_count'] == 1):
+      outs = [layers.cpu_friendly_conv_general_dilated(
+          invals[0], invals[1], p['window_strides'], p['padding'],
+          lhs_dilation=p['lhs_dilation'], rhs_dilation=p['rhs_dilation'],
+          dimension_numbers=p['dimension_numbers'],
+          feature_group_count=p['feature_group_count'],
+          precision=p['precision'],
+          preferred_element_type=p['preferred_element_type'])]
+    elif eqn.primitive.name in ('pjit', 'jit'):
+      outs = _eval_rewriting_convs(p['jaxpr'].jaxpr, p['jaxpr'].consts,
+                                   *invals)
+    else:
+      bind_params = eqn.primitive.get_bind_params(p)
+      subfuns = ()
+      if isinstance(bind_params, tuple):  # Older JAX: (subfuns, params).
+        subfuns, bind_params = bind_params
+      with eqn.ctx.manager:
+        outs = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+      outs = outs if eqn.primitive.multiple_results else [outs]
+    env.update(zip(eqn.outvars, outs))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def with_cpu_convolutions(loss_fn: train.LossFn) -> train.LossFn:
+  """`loss_fn` with its XLA convolutions in the library's CPU forms.
+
+  Traces `loss_fn` to a jaxpr and evaluates it with every
+  `conv_general_dilated` (also inside a `jit`) replaced by
+  `ondevice.models.layers.cpu_friendly_conv_general_dilated`: im2col
+  matmuls for dense NHWC/HWIO convolutions, shifted sums for depthwise
+  ones, lax for the rest. So stock `nn.Conv` / `hk.Conv2D` models get the
+  CPU speed of the library's own, in a scan and under a vmap, where XLA:CPU
+  runs its native convolution (and above all its gradients) slowly.
+  """
+  def rewritten(*args):
+    closed, out_shape = jax.make_jaxpr(loss_fn, return_shape=True)(*args)
+    outs = _eval_rewriting_convs(closed.jaxpr, closed.consts,
+                                 *jax.tree.leaves(args))
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+  return rewritten
+
+
+def resolve_conv(conv: str, backend: str | None = None) -> str:
+  """'native' or 'im2col' for LocalConfig.conv ('auto': im2col on a CPU)."""
+  if conv != 'auto':
+    return conv
+  return 'im2col' if (backend or jax.default_backend()) == 'cpu' else (
+      'native')
 
 
 def resolve_loop(loop: str, scan_length: int, primitives: set[str],
@@ -300,6 +376,12 @@ def make_client_update(loss_fn: train.LossFn | Any,
     {'x': [M, ...], 'y': [M], 'mask': [M]}. Pure, jittable and vmappable.
   """
   loss_fn = fedjax_interop.as_loss_fn(loss_fn)
+  conv = resolve_conv(local.conv)
+  logging.info('Client update: convolutions %s (LocalConfig.conv=%r).', conv,
+               local.conv)
+  execution.record_choice('conv', conv)
+  if conv == 'im2col':
+    loss_fn = with_cpu_convolutions(loss_fn)
 
   def client_update(server_params: PyTree, model_state: PyTree,
                     client_data: Mapping[str, jax.Array], key: jax.Array,

@@ -147,6 +147,8 @@ def test_bad_local_configs_are_errors():
     client.LocalConfig(batch_size=2, num_epochs=0)
   with pytest.raises(ValueError, match="loop must be one of"):
     client.LocalConfig(batch_size=2, num_steps=1, loop='python')
+  with pytest.raises(ValueError, match="conv must be one of"):
+    client.LocalConfig(batch_size=2, num_steps=1, conv='winograd')
   with pytest.raises(ValueError, match="last_batch must be one of"):
     client.LocalConfig(batch_size=2, num_steps=1, last_batch='pad')
   with pytest.raises(ValueError, match='mu must be >= 0'):
@@ -183,22 +185,26 @@ def test_unrolled_loop_equals_scan_on_a_stock_flax_conv():
   params = model.init(jax.random.key(0), jnp.zeros((1, 5, 5, 1)))['params']
   data = _image_client(3, 6)
   outs = {}
-  for loop in ('scan', 'unroll'):
-    local = client.LocalConfig(batch_size=2, num_epochs=1, loop=loop)
+  # The convolutions rewritten as im2col matmuls give the same outputs too.
+  for loop, conv in (('scan', 'native'), ('unroll', 'native'),
+                     ('scan', 'im2col')):
+    local = client.LocalConfig(batch_size=2, num_epochs=1, loop=loop,
+                               conv=conv)
     update = client.make_client_update(train.classification_loss(model),
                                        optax.sgd(0.3), local)
-    outs[loop] = jax.jit(update)(params, {}, data, jax.random.key(4))
-  scan, unroll = outs['scan'], outs['unroll']
+    outs[loop, conv] = jax.jit(update)(params, {}, data, jax.random.key(4))
+  scan = outs['scan', 'native']
   assert float(scan.metrics['num_steps']) == 2.0
   assert float(scan.metrics['count']) == 3.0
-  for k in ('num_steps', 'count', 'correct'):
-    assert float(unroll.metrics[k]) == float(scan.metrics[k])
-  np.testing.assert_allclose(unroll.metrics['loss_sum'],
-                             scan.metrics['loss_sum'], rtol=1e-5)
   assert float(jnp.abs(scan.delta['Conv_0/kernel']).sum()) > 0
-  for k in scan.delta:
-    np.testing.assert_allclose(unroll.delta[k], scan.delta[k], rtol=1e-5,
-                               atol=1e-6)
+  for other in (outs['unroll', 'native'], outs['scan', 'im2col']):
+    for k in ('num_steps', 'count', 'correct'):
+      assert float(other.metrics[k]) == float(scan.metrics[k])
+    np.testing.assert_allclose(other.metrics['loss_sum'],
+                               scan.metrics['loss_sum'], rtol=1e-5)
+    for k in scan.delta:
+      np.testing.assert_allclose(other.delta[k], scan.delta[k], rtol=1e-5,
+                                 atol=1e-6)
 
 
 def test_auto_loop_unrolls_convolutions_on_cpu_only():
@@ -219,6 +225,12 @@ def test_auto_loop_unrolls_convolutions_on_cpu_only():
   too_long = client.AUTO_UNROLL_MAX_STEPS + 1
   assert client.resolve_loop('auto', too_long, conv, 'cpu') == 'scan'
   assert client.resolve_loop('unroll', 8, dense, 'cpu') == 'unroll'
+  assert client.resolve_conv('auto', 'cpu') == 'im2col'
+  assert client.resolve_conv('auto', 'gpu') == 'native'
+  # Rewritten, the step holds no convolution any more.
+  rewritten = client.with_cpu_convolutions(conv_loss)
+  assert 'conv_general_dilated' not in execution.traced_primitives(
+      lambda p: rewritten(p, {}, batch, None)[0], conv_params)
   # The choice made while tracing is kept for the run's metrics.
   _update(client.LocalConfig(batch_size=2, num_steps=1, loop='auto'))(
       _params(), {}, _client(2, 2), jax.random.key(0))
