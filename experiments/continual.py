@@ -19,8 +19,7 @@ _CONFIG, _WORKDIR = common.define_flags('configs/continual_kws.py:smoke')
 
 def main(argv):
   del argv
-  common.setup()
-  experiment.run(_CONFIG.value, _WORKDIR.value)
+  common.run_binary(experiment.run, _CONFIG, _WORKDIR)
 
 
 if __name__ == '__main__':

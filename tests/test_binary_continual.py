@@ -6,6 +6,9 @@ calls); every bad value is rejected with a ValueError that names its key
 before any data loads.
 """
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -180,3 +183,22 @@ def test_ewc_variants_must_share_one_fisher_estimate(no_data, tmp_path):
   with pytest.raises(ValueError,
                      match=r'config.regularizer.ewc.fisher_examples differs'):
     experiment.run(config, str(tmp_path))
+
+
+def test_the_binary_rejects_a_command_line_override_before_data(tmp_path):
+  """experiments/continual.py on configs/continual_kws.py:smoke, a bad flag.
+
+  Every option is a flag of the locked config; the error names the key.
+  """
+  command = [sys.executable, '-m', 'experiments.continual',
+             '--config=configs/continual_kws.py:smoke',
+             f'--workdir={tmp_path}',
+             '--config.learner.method.name=tent',
+             '--config.learner.method.tent.learning_rate=-0.1']
+  done = subprocess.run(command, capture_output=True, text=True,
+                        cwd=os.path.dirname(os.path.dirname(__file__)),
+                        check=False, timeout=120)
+  assert done.returncode != 0
+  assert 'config.learner.method.tent.learning_rate must be > 0' in done.stderr
+  # Validation comes first: no pre-training was started or reused.
+  assert 'Pre-training' not in done.stderr and 'Reusing' not in done.stderr
