@@ -1,0 +1,210 @@
+"""Federated rounds over several processes with `jax.distributed`.
+
+Each process (one per host, or several on one host) runs the same program.
+After `initialize`, `jax.devices()` lists every process's devices; a `Mesh`
+over them with a 'clients' axis (`global_mesh`) lets the library's 'sharded'
+execution strategy (`execution.py`) split a cohort's clients over all
+processes, and the weighted mean over clients becomes one all-reduce.
+
+Every process draws the same cohort (sampling is a function of the round
+key only), but reads from its `ClientStore` only the clients that its own
+devices hold (`global_cohort`, through
+`jax.make_array_from_process_local_data`), so no process ever loads the
+whole cohort, let alone the population.
+
+On CPUs the cross-process collectives are Gloo's
+(`jax_cpu_collectives_implementation`). Process 0 hosts the coordinator;
+the others first wait (bounded) for its port to accept connections, because
+JAX aborts the whole process, rather than raising, when registration with an
+unreachable coordinator times out.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from absl import logging
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
+
+from fedjax_ext import cohort as cohort_lib
+from fedjax_ext import execution
+from ondevice import train
+from ondevice.data import client_store
+
+PyTree = Any
+
+
+def parse_address(address: str) -> tuple[str, int]:
+  """'host:port' -> (host, port); ValueError for anything else."""
+  host, sep, port = address.rpartition(':')
+  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ValueError(f'coordinator address {address!r} must be host:port '
+                     'with a port in [1, 65535], e.g. 127.0.0.1:12355.')
+  return host, int(port)
+
+
+def wait_for_coordinator(address: str, timeout_s: float) -> None:
+  """Returns once `address` accepts TCP connections; TimeoutError if not."""
+  host, port = parse_address(address)
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, port), timeout=1.0):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise TimeoutError(
+            f'The coordinator {address} could not be reached within '
+            f'{timeout_s:g} s ({e}). Start process 0 (it hosts the '
+            'coordinator) with the same --coordinator, check the host and '
+            'port, or raise the timeout.') from e
+      time.sleep(0.2)
+
+
+def check_processes(num_processes: int, process_id: int,
+                    cohort_size: int) -> None:
+  """Config checks that need no JAX: process count, id, cohort split."""
+  if num_processes < 1:
+    raise ValueError(f'num_processes must be >= 1; got {num_processes}.')
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f'process_id must lie in [0, {num_processes}); got '
+                     f'{process_id}.')
+  if cohort_size % num_processes:
+    raise ValueError(
+        f'The cohort of {cohort_size} clients does not divide over '
+        f'{num_processes} processes; choose a cohort size that is a '
+        f'multiple of {num_processes} (e.g. '
+        f'{-(-cohort_size // num_processes) * num_processes}).')
+
+
+def initialize(coordinator: str, num_processes: int, process_id: int,
+               timeout_s: float = 60.0) -> None:
+  """Joins (process 0: hosts) the coordinator; one process needs nothing.
+
+  Args:
+    coordinator: 'host:port' of process 0.
+    num_processes: how many processes take part.
+    process_id: this process's index in [0, num_processes).
+    timeout_s: how long to wait for the coordinator and the other
+      processes.
+
+  Raises:
+    ValueError: a malformed address or process id.
+    TimeoutError: the coordinator was not reachable within `timeout_s`.
+  """
+  parse_address(coordinator)
+  check_processes(num_processes, process_id, num_processes)
+  if num_processes == 1:
+    return
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if process_id != 0:
+    wait_for_coordinator(coordinator, timeout_s)
+  jax.distributed.initialize(coordinator, num_processes=num_processes,
+                             process_id=process_id,
+                             initialization_timeout=max(1, int(timeout_s)))
+  logging.info('Process %d of %d: %d local of %d global devices.',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+
+
+def global_mesh() -> Mesh:
+  """Every process's devices on one 'clients' axis."""
+  return Mesh(np.array(jax.devices()), (execution.CLIENT_AXIS,))
+
+
+def local_positions(mesh: Mesh, cohort_size: int) -> np.ndarray:
+  """Cohort positions held by this process's devices, in cohort order."""
+  sharding = NamedSharding(mesh, PartitionSpec(execution.CLIENT_AXIS))
+  index_map = sharding.addressable_devices_indices_map((cohort_size,))
+  positions = set()
+  for (block,) in index_map.values():
+    positions.update(range(*block.indices(cohort_size)))
+  return np.array(sorted(positions), np.int64)
+
+
+def global_cohort(store: client_store.ClientStore, client_ids,
+                  max_examples: int, key: jax.Array, mesh: Mesh
+                  ) -> tuple[dict[str, jax.Array], jax.Array]:
+  """The cohort as global arrays split over the mesh's 'clients' axis.
+
+  Args:
+    store: the population (each process opens it; only its rows are read).
+    client_ids: [C] pool indices of the whole cohort, the same on every
+      process.
+    max_examples: M of the cohort.
+    key: subsampling key (as in `ClientStore.gather`).
+    mesh: mesh with a 'clients' axis over every process's devices.
+
+  Returns:
+    ({'x', 'y', 'mask'} with leading axis C, int32 [C] client ids), each
+    sharded on its client axis; this process filled only its own clients.
+  """
+  client_ids = np.asarray(client_ids).reshape(-1)
+  size = len(client_ids)
+  num_devices = mesh.shape[execution.CLIENT_AXIS]
+  if size % num_devices:
+    raise ValueError(
+        f'The cohort of {size} clients does not divide over the '
+        f'{num_devices} devices of the mesh; choose a cohort size that is '
+        f'a multiple of {num_devices}.')
+  mine = local_positions(mesh, size)
+  if len(mine) and np.any(np.diff(mine) != 1):
+    raise ValueError(f'This process holds cohort positions {mine.tolist()}, '
+                     'not one contiguous block; order the mesh devices by '
+                     'process (as jax.devices() does).')
+  local = store.gather(client_ids[mine], max_examples, key, positions=mine)
+  sharding = NamedSharding(mesh, PartitionSpec(execution.CLIENT_AXIS))
+
+  def to_global(part: np.ndarray) -> jax.Array:
+    return jax.make_array_from_process_local_data(
+        sharding, part, (size,) + part.shape[1:])
+
+  ids = client_ids[mine].astype(np.int32)
+  return {k: to_global(v) for k, v in local.items()}, to_global(ids)
+
+
+def host_tree(tree: PyTree) -> PyTree:
+  """NumPy copy of a PyTree of fully replicated (global) arrays."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if not x.is_fully_replicated:
+        raise ValueError(f'Array of shape {x.shape} is split over processes '
+                         '(not replicated); gather it before copying.')
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+
+  return jax.tree.map(one, tree)
+
+
+def run_rounds(algorithm, params: PyTree, store: client_store.ClientStore,
+               *, num_rounds: int, cohort_size: int, max_examples: int,
+               key: jax.Array, mesh: Mesh) -> tuple[PyTree, list[dict]]:
+  """`num_rounds` rounds of `algorithm` on cohorts drawn from `store`.
+
+  Round r uses `fold_in(key, r)`: its first fold (0) samples the cohort
+  uniformly without replacement, its second (1) subsamples large clients,
+  and the round key itself is the algorithm's. Every process computes the
+  same cohort; each gathers only its clients.
+
+  Returns:
+    (the server state, one dict of host metrics per round).
+  """
+  state = algorithm.init(params)
+  history = []
+  for r in range(num_rounds):
+    round_key = jax.random.fold_in(key, r)
+    ids = np.asarray(cohort_lib.sample_clients(
+        jax.random.fold_in(round_key, 0), store.sizes, cohort_size))
+    cohort, global_ids = global_cohort(
+        store, ids, max_examples, jax.random.fold_in(round_key, 1), mesh)
+    state, metrics = algorithm.apply(state, cohort, global_ids, round_key)
+    history.append({k: float(v) for k, v in host_tree(metrics).items()})
+  return state, history
+
+
+def flat_params(state) -> dict[str, np.ndarray]:
+  """The server params as a flat {path: host array} dict (for comparison)."""
+  return host_tree(train.flatten_params(state.params))

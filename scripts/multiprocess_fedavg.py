@@ -1,0 +1,98 @@
+r"""FedAvg rounds on a client store, in one of several cooperating processes.
+
+Start one copy per process (scripts/launch_local.sh does it on one host):
+
+    python scripts/multiprocess_fedavg.py --coordinator=127.0.0.1:12355 \
+        --num_processes=2 --process_id=0 --store=/tmp/store --cohort_size=10
+
+Every process joins `jax.distributed` (process 0 hosts the coordinator),
+builds one mesh with a 'clients' axis over all processes' devices, and runs
+the 'sharded' execution strategy on it; each process reads only its own
+clients of each cohort from the store. Process 0 writes the final server
+params (`--out`, .npz, one array per param path) and the round metrics
+(same path, .json).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_ext import algorithms
+from fedjax_ext import client as client_lib
+from fedjax_ext import distributed
+from fedjax_ext import execution
+from fedjax_ext import rounds as rounds_lib
+from ondevice import models
+from ondevice import train
+from ondevice.data import client_store
+
+_COORDINATOR = flags.DEFINE_string('coordinator', '127.0.0.1:12355',
+                                   'host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 1, 'Processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', 0, 'This process.')
+_TIMEOUT = flags.DEFINE_float('timeout_s', 60.0, 'Seconds to wait for the '
+                              'coordinator and the other processes.')
+_STORE = flags.DEFINE_string('store', None, 'ClientStore directory.')
+_COHORT = flags.DEFINE_integer('cohort_size', 10, 'Clients per round.')
+_MAX_EXAMPLES = flags.DEFINE_integer('max_examples', 4, 'Examples per client.')
+_ROUNDS = flags.DEFINE_integer('rounds', 2, 'Rounds.')
+_MODEL = flags.DEFINE_string('model', 'mlp_2k', 'ondevice.models preset.')
+_STEPS = flags.DEFINE_integer('local_steps', 2, 'Local SGD steps.')
+_BATCH = flags.DEFINE_integer('batch_size', 2, 'Local batch size.')
+_LR = flags.DEFINE_float('learning_rate', 0.05, 'Client learning rate.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of init, sampling, rounds.')
+_OUT = flags.DEFINE_string('out', '', 'Process 0 writes params here (.npz).')
+
+
+def _check_flags(store: client_store.ClientStore) -> None:
+  """Bad flags fail here, before JAX joins other processes or compiles."""
+  distributed.check_processes(_NUM_PROCESSES.value, _PROCESS_ID.value,
+                              _COHORT.value)
+  if _COHORT.value > store.num_clients:
+    raise ValueError(
+        f'--cohort_size={_COHORT.value} is larger than the population of '
+        f'{store.num_clients} clients in {_STORE.value}; lower it.')
+
+
+def main(argv):
+  del argv
+  if not _STORE.value:
+    raise ValueError('--store is required: a ClientStore directory.')
+  store = client_store.open_store(_STORE.value)
+  _check_flags(store)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value, _TIMEOUT.value)
+  mesh = distributed.global_mesh()
+  model = models.build_model(_MODEL.value, len(store.class_names))
+  params = model.init(jax.random.key(_SEED.value),
+                      jnp.zeros((1,) + store.feature_shape))['params']
+  algorithm = algorithms.fedavg(
+      train.classification_loss(model), optax.sgd(_LR.value),
+      client_lib.LocalConfig(batch_size=_BATCH.value, num_steps=_STEPS.value),
+      rounds=rounds_lib.RoundConfig(execution=execution.ExecutionConfig(
+          'sharded', mesh=mesh)))
+  state, history = distributed.run_rounds(
+      algorithm, params, store, num_rounds=_ROUNDS.value,
+      cohort_size=_COHORT.value, max_examples=_MAX_EXAMPLES.value,
+      key=jax.random.key(_SEED.value + 1), mesh=mesh)
+  flat = distributed.flat_params(state)
+  logging.info('Process %d done: %d rounds, last metrics %s.',
+               jax.process_index(), len(history), history[-1])
+  if _OUT.value and jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    np.savez(_OUT.value, **flat)
+    with open(os.path.splitext(_OUT.value)[0] + '.json', 'w') as f:
+      json.dump({'rounds': history, 'process_count': jax.process_count(),
+                 'device_count': jax.device_count()}, f, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)

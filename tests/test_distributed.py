@@ -1,0 +1,139 @@
+"""Tests of fedjax_ext.distributed and scripts/launch_local.sh (loopback only)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from fedjax_ext import distributed
+from ondevice.data import client_store
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, 'scripts', 'launch_local.sh')
+WORKER = os.path.join(ROOT, 'scripts', 'multiprocess_fedavg.py')
+# The two runs differ only in how the weighted sum of client deltas is
+# ordered: one process sums 4 clients at once, two processes sum 2 each and
+# add the partial sums (Gloo all-reduce). float32 addition is not
+# associative, so parameters of magnitude <= ~1 may differ by a few ulps.
+TOLERANCE = 1e-6
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _store(root) -> client_store.ClientStore:
+  return client_store.synthetic_store(str(root), 12, feature_shape=(6, 5),
+                                      clients_per_shard=5, examples=(1, 6))
+
+
+def _worker_args(store_dir, out) -> list[str]:
+  return [sys.executable, WORKER, f'--store={store_dir}', '--cohort_size=4',
+          '--max_examples=4', '--rounds=1', '--timeout_s=60', f'--out={out}']
+
+
+def test_two_processes_match_one_process(tmp_path):
+  _store(tmp_path / 'store')
+  one, two = tmp_path / 'one.npz', tmp_path / 'two.npz'
+  # The one-process reference runs while the two processes do.
+  single = subprocess.Popen(
+      _worker_args(tmp_path / 'store', one) + ['--num_processes=1'],
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  launched = subprocess.run(
+      [LAUNCH, '2', f'--port={_free_port()}', '--timeout=150', '--'] +
+      _worker_args(tmp_path / 'store', two), capture_output=True, text=True,
+      timeout=170)
+  _, single_err = single.communicate(timeout=170)
+  assert single.returncode == 0, single_err[-3000:]
+  assert launched.returncode == 0, launched.stderr[-3000:]
+  assert 'all 2 processes finished' in launched.stderr
+  a, b = np.load(one), np.load(two)
+  assert sorted(a) == sorted(b) and len(a) == 4
+  info = json.loads((tmp_path / 'two.json').read_text())
+  assert info['process_count'] == 2 and info['device_count'] == 2
+  assert info['rounds'][0]['num_aggregated'] == 4.0
+  for name in a:
+    assert a[name].shape == b[name].shape
+    np.testing.assert_allclose(b[name], a[name], rtol=0, atol=TOLERANCE)
+  # The round did move the params (else agreement would prove nothing).
+  assert json.loads((tmp_path / 'one.json').read_text())['rounds'][0][
+      'update_norm'] > 1e-3
+
+
+def test_unreachable_coordinator_times_out():
+  address = f'127.0.0.1:{_free_port()}'  # Nobody listens there.
+  start = time.monotonic()
+  with pytest.raises(TimeoutError, match=f'{address} could not be reached '
+                     'within 0.5 s.*Start process 0'):
+    distributed.initialize(address, num_processes=2, process_id=1,
+                           timeout_s=0.5)
+  assert time.monotonic() - start < 5
+
+
+def test_reachable_coordinator_returns():
+  with socket.socket() as server:
+    server.bind(('127.0.0.1', 0))
+    server.listen()
+    port = server.getsockname()[1]
+    distributed.wait_for_coordinator(f'127.0.0.1:{port}', 2.0)
+
+
+@pytest.mark.parametrize('args, message', [
+    ((2, 0, 5), 'cohort of 5 clients does not divide over 2 processes.*'
+                'multiple of 2 \\(e.g. 6\\)'),
+    ((3, 1, 4), 'does not divide over 3 processes'),
+    ((0, 0, 4), 'num_processes must be >= 1'),
+    ((2, 2, 4), r'process_id must lie in \[0, 2\); got 2'),
+    ((2, -1, 4), r'process_id must lie in \[0, 2\)'),
+])
+def test_bad_process_counts(args, message):
+  with pytest.raises(ValueError, match=message):
+    distributed.check_processes(*args)
+
+
+@pytest.mark.parametrize('address', ['127.0.0.1', ':123', 'host:0',
+                                     'host:70000', 'host:port'])
+def test_bad_coordinator_address(address):
+  with pytest.raises(ValueError, match='must be host:port'):
+    distributed.parse_address(address)
+
+
+def test_global_cohort_in_one_process_is_the_gather(tmp_path):
+  store = _store(tmp_path)
+  mesh = distributed.global_mesh()
+  ids = np.array([9, 2, 5])
+  cohort, global_ids = distributed.global_cohort(store, ids, 3,
+                                                 jax.random.key(4), mesh)
+  want = store.gather(ids, 3, jax.random.key(4))
+  for name in want:
+    np.testing.assert_array_equal(np.asarray(cohort[name]), want[name])
+  assert np.asarray(global_ids).tolist() == [9, 2, 5]
+  assert distributed.local_positions(mesh, 3).tolist() == [0, 1, 2]
+
+
+def test_launch_script_names_the_failed_process():
+  program = ['bash', '-c', 'case "$3" in --process_id=1) exit 3;; esac', 'x']
+  out = subprocess.run([LAUNCH, '2', '--timeout=20', '--'] + program,
+                       capture_output=True, text=True, timeout=40)
+  assert out.returncode == 1
+  assert 'process 1 (exit 3) failed' in out.stderr
+  assert 'process 0' not in out.stderr.split('launch_local.sh:')[-1]
+
+
+@pytest.mark.parametrize('argv', [['0', '--', 'true', 'x'],
+                                  ['two', '--', 'true', 'x'],
+                                  ['2', '--bogus=1', '--', 'true', 'x'],
+                                  ['2']])
+def test_launch_script_rejects_bad_usage(argv):
+  out = subprocess.run([LAUNCH] + argv, capture_output=True, text=True,
+                       timeout=20)
+  assert out.returncode == 2, out.stderr
