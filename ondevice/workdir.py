@@ -149,19 +149,19 @@ def _check_config(workdir: str, config: Any, allow_change: bool) -> None:
 def config_to_json(config: Any) -> Any:
   """`config` (ConfigDict, mapping or None) as plain JSON values.
 
-  Tuples become lists and non-finite floats the strings 'nan', 'inf',
-  '-inf' (JSON has no token for them); values JSON cannot hold (dtypes,
-  functions) become their repr. The result equals its own JSON round trip,
+  Tuples and sets become lists and non-finite floats the strings 'nan',
+  'inf', '-inf' (JSON has no token for them); functions become their
+  qualified name and other values JSON cannot hold (dtypes) their repr. The result equals its own JSON round trip,
   so a config compares equal to the one read back from config.json.
   """
   if config is None:
     return None
-  if hasattr(config, 'to_dict'):
-    config = config.to_dict()
   return _json_safe(config)
 
 
 def _json_safe(value: Any) -> Any:
+  if hasattr(value, 'to_dict'):  # A ConfigDict nested in a plain mapping.
+    value = value.to_dict()
   if isinstance(value, Mapping):
     return {str(k): _json_safe(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
@@ -172,8 +172,13 @@ def _json_safe(value: Any) -> Any:
     return int(value)
   if isinstance(value, float):
     return float(value) if math.isfinite(value) else str(value)
+  if isinstance(value, (set, frozenset)):
+    return sorted((_json_safe(v) for v in value), key=repr)
   if hasattr(value, 'tolist'):  # NumPy scalars and arrays.
     return _json_safe(value.tolist())
+  if callable(value) and hasattr(value, '__qualname__'):
+    # A function's repr holds its address, which differs between runs.
+    return f'{getattr(value, "__module__", "")}.{value.__qualname__}'
   return repr(value)
 
 

@@ -141,3 +141,15 @@ def test_unreadable_config_json_is_an_error(tmp_path):
   (tmp_path / 'config.json').write_text('{"learning_rate": 0.')
   with pytest.raises(ValueError, match='config.json'):
     workdir.claim(str(tmp_path), _config())
+
+
+def test_config_to_json_is_stable_and_json_only():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  value = workdir.config_to_json({
+      'fn': json.dumps, 'dtype': np.dtype('float32'), 'n': np.int64(3),
+      'x': np.float32(0.5), 'tags': {'b', 'a'}, 'nan': float('nan'),
+      'nested': ml_collections.ConfigDict({'t': (1, (2, 3))})})
+  assert value == {'fn': 'json.dumps', 'dtype': "dtype('float32')", 'n': 3,
+                   'x': 0.5, 'tags': ['a', 'b'], 'nan': 'nan',
+                   'nested': {'t': [1, [2, 3]]}}
+  assert json.loads(json.dumps(value, allow_nan=False)) == value
