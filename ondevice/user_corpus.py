@@ -33,6 +33,10 @@ API:
 * One cache file per user (`cache_path`), named by a hash of everything that
   generates it and holding a sha256 of its arrays. A cache file that cannot
   be read or fails its checksum is logged as a warning and rebuilt.
+* Speakers and clips come from `speech_keywords`' public functions only
+  (`make_speaker`, `speaker_seed`, `synthesize_speaker`, `place_in_clip`),
+  through `_speaker` and `_synthesize`, so a speaker-population option can
+  later be passed through `corpus_config` and those two functions.
 * Features are raw log-mel (`speech_keywords.log_mel_int16`);
   `normalise_like` standardises every set with a training split's
   statistics, the one normalisation callers use.
