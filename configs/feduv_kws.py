@@ -50,7 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # runs' 3.1M), enough to be the not-private upper bound.
   config.central = ml_collections.ConfigDict(dict(
       optimizer='momentum', learning_rate=0.05, momentum=0.9, num_steps=15000,
-      batch_size=32, log_every=1, checkpoint_every=5000))
+      batch_size=32, schedule='constant', warmup_steps=0, weight_decay=0.0,
+      grad_clip=0.0, log_every=1, checkpoint_every=5000))
   config.seed = 0
   if args.smoke:
     _shrink(config, args.backbone)
@@ -111,8 +112,9 @@ def _set_federated(config) -> None:
   config.server_learning_rate = 1.0
   config.client_learning_rate = 0.2
   config.client_momentum = 0.0
+  # loop: 'scan', 'unroll' or 'auto' (fedjax_ext.client.LOOPS).
   config.local = ml_collections.ConfigDict(dict(
-      batch_size=16, num_steps=4, num_epochs=0))
+      batch_size=16, num_steps=4, num_epochs=0, loop='auto'))
   config.cohort_size = 16
   config.max_examples_per_client = 72
   config.num_rounds = 3000

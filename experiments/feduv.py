@@ -13,6 +13,8 @@ Variants can run in separate processes and be merged with
         --config.variants=feduv,fed_softmax --workdir=/tmp/feduv_a
     python -m experiments.feduv --config=configs/feduv_kws.py \
         --config.variants=feduv_dp,fed_softmax_dp --workdir=/tmp/feduv_b
+    python -m experiments.feduv_combine --runs=/tmp/feduv_a,/tmp/feduv_b \
+        --out=/tmp/feduv
 """
 from absl import app
 

@@ -16,6 +16,7 @@ from fedjax_ext import privacy
 from fedjax_ext.feduv import experiment
 from ondevice import loop
 from ondevice.data import registry
+from ondevice.data import verification as verification_data
 
 CONFIG_FILE = 'configs/feduv_kws.py'
 # The variants get_config accepts, each run as shipped.
@@ -60,6 +61,12 @@ def test_every_shipped_config_variant_runs(runs, variant):
   with open(workdir / 'results.json') as f:
     assert list(json.load(f)['variants']) == ROWS[variant]
   assert (workdir / 'results.md').exists() and (workdir / 'roc.png').exists()
+  # The sizes validation derives from the config are those of the splits.
+  sizes = verification_data.check_config(config)
+  assert out['num_users'] == sizes.num_users
+  assert out['num_unseen_speakers'] == sizes.num_unseen
+  assert out['utterances']['train'] == sizes.num_train
+  assert out['utterances']['test'] == sizes.num_users * sizes.test_per_user
   # Each variant went through the shared loop in its own work directory.
   for name in config.variants.split(','):
     records = _jsonl(workdir / 'variants' / name / 'metrics.jsonl')
@@ -67,6 +74,17 @@ def test_every_shipped_config_variant_runs(runs, variant):
                    if name == 'central_softmax'
                    else ('round', config.num_rounds))
     assert [r[unit] for r in records] == list(range(1, steps + 1))
+
+
+FULL = ('', 'backbone=ds_cnn_s')
+
+
+@pytest.mark.parametrize('variant', FULL,
+                         ids=[f'{CONFIG_FILE}:{v}' for v in FULL])
+def test_full_config_variants_validate(variant):
+  names = experiment.validate_config(feduv_kws.get_config(variant))
+  assert names == ['central_softmax', 'fed_softmax', 'feduv',
+                   'fed_softmax_dp', 'feduv_dp']
 
 
 def test_dp_rows_report_the_epsilon_of_fixed_size_cohorts(runs):
