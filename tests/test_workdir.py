@@ -124,12 +124,14 @@ def test_lock_held_by_a_live_process_is_refused(tmp_path):
   finally:
     proc.kill()
     proc.wait()
+    proc.stdout.close()
 
 
 def test_lock_of_a_killed_process_does_not_stick(tmp_path):
   proc = _holder(str(tmp_path))
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
+  proc.stdout.close()
   assert proc.returncode == -signal.SIGKILL
   with workdir.claim(str(tmp_path), _config()) as held:
     with open(tmp_path / workdir.LOCK_FILE) as f:
