@@ -1,0 +1,320 @@
+r"""Round cost against population size with a population stored on disk.
+
+A synthetic population (`client_store.synthetic_store`: random log-mel-shaped
+98x40 features stored as int16, 2-6 utterances per client, random labels) is
+built once per size under `--store_root` (about 31 KB per client: ~310 MB for
+10,000 clients). For each population size, one round is
+
+  sample (uniform, without replacement) -> gather the cohort from the store
+  (reads only its rows) -> one jitted FedAvg round of a small MLP on it,
+
+for a fixed cohort. The FedAvg program depends only on the cohort's shape,
+so it is compiled once and shared by every population size. The machine is
+shared: population sizes are interleaved (in a fresh random order in every
+repeat), every round is timed, the median is reported, and
+`os.getloadavg()` is recorded around every repeat.
+
+The peak host memory (`resource.getrusage(...).ru_maxrss`) of a run of the
+largest population is measured in a fresh subprocess that opens its store
+and runs `--memory_rounds` rounds.
+
+`multiprocess_max_abs_diff`: `scripts/launch_local.sh` runs
+`scripts/multiprocess_fedavg.py` with 2 processes (Gloo collectives, one CPU
+device each, every process gathering only its half of each cohort) and with 1
+process on the smallest store; the largest absolute difference of the final
+server params is reported.
+
+    python -m benchmarks.scale --out_dir=benchmarks/results/scale
+
+writes results.json and results.md there.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_ext import algorithms
+from fedjax_ext import client as client_lib
+from fedjax_ext import cohort as cohort_lib
+from fedjax_ext import execution
+from fedjax_ext import rounds as rounds_lib
+from ondevice import models
+from ondevice import train
+from ondevice.data import client_store
+
+_OUT_DIR = flags.DEFINE_string('out_dir', 'benchmarks/results/scale',
+                               'Where results.json and results.md go.')
+_STORE_ROOT = flags.DEFINE_string('store_root', '/tmp/ondevice_scale_stores',
+                                  'Where the synthetic stores are built.')
+_POPULATIONS = flags.DEFINE_list('populations', ['160', '1000', '10000'],
+                                 'Population sizes.')
+_COHORT = flags.DEFINE_integer('cohort_size', 10, 'Clients per round.')
+_MAX_EXAMPLES = flags.DEFINE_integer('max_examples', 4, 'Examples per '
+                                     'client in a cohort.')
+_MODEL = flags.DEFINE_string('model', 'mlp_20k', 'ondevice.models preset.')
+_STEPS = flags.DEFINE_integer('local_steps', 2, 'Local SGD steps.')
+_BATCH = flags.DEFINE_integer('batch_size', 2, 'Local batch size.')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Interleaved sweeps.')
+_ROUNDS = flags.DEFINE_integer('rounds', 4, 'Timed rounds per population '
+                               'and sweep.')
+_MEMORY_ROUNDS = flags.DEFINE_integer('memory_rounds', 10, 'Rounds of the '
+                                      'peak-memory subprocess.')
+_MULTIPROCESS = flags.DEFINE_bool('multiprocess', True, 'Also compare 2 '
+                                  'processes with 1.')
+_MEMORY_WORKER = flags.DEFINE_integer('memory_worker', 0, 'Internal: run '
+                                      'this population and print peak RSS.')
+
+
+def _store(population: int) -> client_store.ClientStore:
+  root = os.path.join(_STORE_ROOT.value, f'pop_{population}')
+  start = time.perf_counter()
+  store = client_store.synthetic_store(root, population)
+  logging.info('Store of %d clients ready in %.1f s.', population,
+               time.perf_counter() - start)
+  return store
+
+
+def _disk_bytes(root: str) -> int:
+  return sum(os.path.getsize(os.path.join(d, f))
+             for d, _, files in os.walk(root) for f in files)
+
+
+def _round_parts(num_classes: int, feature_shape):
+  model = models.build_model(_MODEL.value, num_classes)
+  params = model.init(jax.random.key(0),
+                      jnp.zeros((1,) + tuple(feature_shape)))['params']
+  algorithm = algorithms.fedavg(
+      train.classification_loss(model), optax.sgd(0.05),
+      client_lib.LocalConfig(batch_size=_BATCH.value, num_steps=_STEPS.value),
+      rounds=rounds_lib.RoundConfig(
+          execution=execution.ExecutionConfig('vmap')))
+  return algorithm, algorithm.init(params), models.count_params(params)
+
+
+def _one_round(algorithm, state, store, r: int) -> tuple[Any, float, float]:
+  """Sample + gather + FedAvg; returns (state, gather s, total s)."""
+  key = jax.random.fold_in(jax.random.key(1), r)
+  start = time.perf_counter()
+  ids = np.asarray(cohort_lib.sample_clients(
+      jax.random.fold_in(key, 0), store.sizes, _COHORT.value))
+  cohort = store.gather(ids, _MAX_EXAMPLES.value, jax.random.fold_in(key, 1))
+  gathered = time.perf_counter()
+  state, _ = algorithm.apply(state, cohort, ids, key)
+  jax.block_until_ready(state.params)
+  end = time.perf_counter()
+  return state, gathered - start, end - start
+
+
+def _memory_worker(population: int) -> None:
+  """Opens the store, runs rounds, prints {'peak_host_mb': ...} as JSON."""
+  store = client_store.open_store(
+      os.path.join(_STORE_ROOT.value, f'pop_{population}'))
+  algorithm, state, _ = _round_parts(len(store.class_names),
+                                     store.feature_shape)
+  for r in range(_MEMORY_ROUNDS.value):
+    state, _, _ = _one_round(algorithm, state, store, r)
+  peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
+  print(json.dumps({'peak_host_mb': peak_kb / 1024,
+                    'rounds': _MEMORY_ROUNDS.value,
+                    'population': population}))
+
+
+def _timings(stores: dict[int, client_store.ClientStore]) -> dict[str, Any]:
+  """Interleaved sweeps; per population the per-round seconds."""
+  any_store = next(iter(stores.values()))
+  algorithm, state, param_count = _round_parts(len(any_store.class_names),
+                                               any_store.feature_shape)
+  for store in stores.values():  # Compile, warm the page cache and sampling.
+    state, _, _ = _one_round(algorithm, state, store, 0)
+  total = {p: [] for p in stores}
+  gather = {p: [] for p in stores}
+  loads = []
+  rng = np.random.default_rng(0)
+  for repeat in range(_REPEATS.value):
+    before = os.getloadavg()
+    for p in rng.permutation(sorted(stores)).tolist():
+      for r in range(_ROUNDS.value):
+        state, g, t = _one_round(algorithm, state, stores[p],
+                                 1000 * (repeat + 1) + r)
+        gather[p].append(g)
+        total[p].append(t)
+    loads.append({'repeat': repeat, 'before': before,
+                  'after': os.getloadavg()})
+    logging.info('repeat %d: %s', repeat, {
+        p: round(statistics.median(v), 4) for p, v in total.items()})
+  return {'param_count': param_count, 'total': total, 'gather': gather,
+          'loadavg': loads}
+
+
+def _peak_memory(population: int) -> dict[str, Any]:
+  argv = [sys.executable, '-m', 'benchmarks.scale',
+          f'--memory_worker={population}',
+          f'--store_root={_STORE_ROOT.value}',
+          f'--memory_rounds={_MEMORY_ROUNDS.value}'] + [
+              f'--{k}={flags.FLAGS[k].value}'
+              for k in ('cohort_size', 'max_examples', 'model', 'local_steps',
+                        'batch_size')]
+  out = subprocess.run(argv, check=True, capture_output=True, text=True,
+                       timeout=900)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _multiprocess_diff(store_dir: str) -> dict[str, Any]:
+  """Max |params(2 processes) - params(1 process)| after 2 rounds."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  worker = [sys.executable, os.path.join(root, 'scripts',
+                                         'multiprocess_fedavg.py'),
+            f'--store={store_dir}', f'--cohort_size={_COHORT.value}',
+            f'--max_examples={_MAX_EXAMPLES.value}', '--rounds=2',
+            f'--model={_MODEL.value}', '--timeout_s=120']
+  with tempfile.TemporaryDirectory() as tmp:
+    one, two = os.path.join(tmp, 'one.npz'), os.path.join(tmp, 'two.npz')
+    subprocess.run(worker + ['--num_processes=1', f'--out={one}'],
+                   check=True, capture_output=True, timeout=600)
+    subprocess.run([os.path.join(root, 'scripts', 'launch_local.sh'), '2',
+                    '--port=12391', '--timeout=500', '--'] + worker +
+                   [f'--out={two}'], check=True, capture_output=True,
+                   timeout=600)
+    a, b = np.load(one), np.load(two)
+    diff = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+    scale = max(float(np.max(np.abs(a[k]))) for k in a)
+    with open(os.path.splitext(two)[0] + '.json') as f:
+      info = json.load(f)
+  return {'max_abs_diff': diff, 'max_abs_param': scale,
+          'bit_identical': diff == 0.0, 'rounds': 2,
+          'process_count': info['process_count']}
+
+
+def _summary(timings, populations) -> dict[str, Any]:
+  out = {}
+  for p in populations:
+    t, g = timings['total'][p], timings['gather'][p]
+    out[str(p)] = {'median': statistics.median(t), 'min': min(t),
+                   'max': max(t), 'count': len(t),
+                   'gather_median': statistics.median(g)}
+  return out
+
+
+def _markdown(results: dict[str, Any]) -> str:
+  pops = results['populations']
+  rows = results['round_detail']
+  lines = [
+      '# Round cost against population size (client store on disk)', '',
+      f"Generated {results['generated']} on {results['platform']}, "
+      f"{results['cpu_count']} CPUs, JAX {results['jax']}.", '',
+      f"Cohort {results['cohort_size']} clients x {results['max_examples']} "
+      f"examples of synthetic 98x40 int16 log-mel features (2-6 utterances "
+      f"per client); model {results['model']} ({results['param_count']} "
+      f"params), FedAvg with {results['local_steps']} local steps. A round "
+      'is sample + gather from the store + one jitted FedAvg round. '
+      f"{results['repeats']} interleaved sweeps x {results['rounds']} "
+      'rounds per population; median (min-max).', '',
+      '| population | store on disk (MB) | s / round | gather s | '
+      'ratio to smallest |', '|---|---|---|---|---|']
+  base = rows[str(pops[0])]['median']
+  for p in pops:
+    r = rows[str(p)]
+    lines.append(
+        f"| {p:,} | {results['store_mb'][str(p)]:.0f} | {r['median']:.4f} "
+        f"({r['min']:.4f}-{r['max']:.4f}) | {r['gather_median']:.4f} | "
+        f"{r['median'] / base:.3f} |")
+  mp = results.get('multiprocess', {})
+  lines += [
+      '', f"Peak host memory of a {pops[-1]:,}-client run "
+      f"({results['memory_rounds']} rounds, fresh process, ru_maxrss): "
+      f"**{results['peak_host_mb_10k']:.0f} MB**.", '',
+      f"Load average (1/5/15 min) during the sweeps: "
+      f"{results['loadavg_range']}.", '']
+  if mp:
+    lines += [
+        f"2 processes vs 1 (jax.distributed on localhost, Gloo, 2 rounds): "
+        f"max |difference| of the server params "
+        f"**{results['multiprocess_max_abs_diff']:.3g}** (largest param "
+        f"{mp['max_abs_param']:.3g}); the difference is float32 rounding "
+        'of the client sum split into two partial sums then all-reduced.', '']
+  lines += ['Goals: round time at 10,000 clients within 10% of 160; peak '
+            'host memory <= 2 GB; 2-process run matches 1-process.', '',
+            results['goals_text'], '']
+  return '\n'.join(lines)
+
+
+def _goals(results: dict[str, Any]) -> str:
+  pops = results['populations']
+  ratio = (results['round_detail'][str(pops[-1])]['median'] /
+           results['round_detail'][str(pops[0])]['median'])
+  lines = [
+      f"- Round time at {pops[-1]:,} / at {pops[0]:,}: {ratio:.3f} "
+      f"({'met' if ratio <= 1.10 else 'NOT met'}: <= 1.10).",
+      f"- Peak host memory {results['peak_host_mb_10k']:.0f} MB "
+      f"({'met' if results['peak_host_mb_10k'] <= 2048 else 'NOT met'}: "
+      '<= 2048 MB).']
+  if results.get('multiprocess_max_abs_diff') is not None:
+    d = results['multiprocess_max_abs_diff']
+    lines.append(f"- 2 vs 1 processes: max abs diff {d:.3g} "
+                 f"({'met' if d <= 1e-6 else 'NOT met'}: <= 1e-6).")
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  if _MEMORY_WORKER.value:
+    _memory_worker(_MEMORY_WORKER.value)
+    return
+  populations = sorted(int(p) for p in _POPULATIONS.value)
+  stores = {p: _store(p) for p in populations}
+  timings = _timings(stores)
+  rows = _summary(timings, populations)
+  memory = _peak_memory(populations[-1])
+  mp = (_multiprocess_diff(stores[populations[0]].root)
+        if _MULTIPROCESS.value else {})
+  loads = [v for l in timings['loadavg'] for v in (l['before'], l['after'])]
+  results = {
+      'round_seconds_by_population': {str(p): rows[str(p)]['median']
+                                      for p in populations},
+      'peak_host_mb_10k': memory['peak_host_mb'],
+      'multiprocess_max_abs_diff': mp.get('max_abs_diff'),
+      'round_detail': rows, 'populations': populations,
+      'store_mb': {str(p): _disk_bytes(s.root) / 2 ** 20
+                   for p, s in stores.items()},
+      'store_examples': {str(p): s.num_examples for p, s in stores.items()},
+      'multiprocess': mp, 'memory': memory,
+      'loadavg': timings['loadavg'],
+      'loadavg_range': (f'{min(l[0] for l in loads):.1f}-'
+                        f'{max(l[0] for l in loads):.1f} (1 min)'),
+      'cohort_size': _COHORT.value, 'max_examples': _MAX_EXAMPLES.value,
+      'model': _MODEL.value, 'param_count': timings['param_count'],
+      'local_steps': _STEPS.value, 'repeats': _REPEATS.value,
+      'rounds': _ROUNDS.value, 'memory_rounds': _MEMORY_ROUNDS.value,
+      'generated': datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec='seconds'),
+      'platform': platform.platform(), 'cpu_count': os.cpu_count(),
+      'jax': jax.__version__,
+  }
+  results['goals_text'] = _goals(results)
+  os.makedirs(_OUT_DIR.value, exist_ok=True)
+  with open(os.path.join(_OUT_DIR.value, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=1)
+  with open(os.path.join(_OUT_DIR.value, 'results.md'), 'w') as f:
+    f.write(_markdown(results))
+  print(_markdown(results))
+
+
+if __name__ == '__main__':
+  app.run(main)
