@@ -53,6 +53,25 @@ def _never(path, leaf) -> bool:
   return False
 
 
+def _quantize_leaf(path, leaf, key, bits: int, min_size: int,
+                   keep_float: Callable[[Any, jax.Array], bool]):
+  """Codes and scales of a float state leaf; other leaves pass through."""
+  if (not isinstance(leaf, jax.Array) or
+      not jnp.issubdtype(leaf.dtype, jnp.floating) or
+      leaf.size < min_size or keep_float(path, leaf)):
+    return leaf
+  channel_axes = (-1,) if leaf.ndim >= 2 else ()
+  quantizer = quantizers.Quantizer(
+      bits=bits, channel_axes=channel_axes, stochastic=key is not None)
+  leaf_key = None
+  if key is not None:
+    # crc32, not hash(): str hashes change between Python processes.
+    path_id = zlib.crc32(jax.tree_util.keystr(path).encode()) % 2**31
+    leaf_key = jax.random.fold_in(key, path_id)
+  codes, scale = quantizer.quantize(leaf, leaf_key)
+  return QuantizedArray(codes, scale)
+
+
 def int8_state(inner: optax.GradientTransformation, *, bits: int = 8,
                min_size: int = 16, stochastic_rounding: bool = False,
                seed: int = 0,
@@ -75,25 +94,10 @@ def int8_state(inner: optax.GradientTransformation, *, bits: int = 8,
   """
   quantizers.check_bits(bits)
 
-  def quantize_leaf(path, leaf, key):
-    if (not isinstance(leaf, jax.Array) or
-        not jnp.issubdtype(leaf.dtype, jnp.floating) or
-        leaf.size < min_size or keep_float(path, leaf)):
-      return leaf
-    channel_axes = (-1,) if leaf.ndim >= 2 else ()
-    quantizer = quantizers.Quantizer(
-        bits=bits, channel_axes=channel_axes, stochastic=key is not None)
-    leaf_key = None
-    if key is not None:
-      # crc32, not hash(): str hashes change between Python processes.
-      path_id = zlib.crc32(jax.tree_util.keystr(path).encode()) % 2**31
-      leaf_key = jax.random.fold_in(key, path_id)
-    codes, scale = quantizer.quantize(leaf, leaf_key)
-    return QuantizedArray(codes, scale)
-
   def quantize_state(state, key):
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: quantize_leaf(p, x, key), state)
+        lambda p, x: _quantize_leaf(p, x, key, bits, min_size, keep_float),
+        state)
 
   def dequantize_state(state):
     return jax.tree.map(

@@ -187,6 +187,27 @@ def check_arguments(name: str, config: str | None, backend: str) -> None:
                      "(or 'auto').")
 
 
+def _convert_split(builder, full_name: str, split: str, backend: str,
+                   chunk_size: int
+                   ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+  """(x, y, meta) of a split, converted chunk by chunk."""
+  base_name = full_name.split('/')[0]
+  convert = _CONVERTERS[base_name]
+  xs, ys, metas = [], [], []
+  for batch in _batches(builder, split, backend,
+                        fixed_shape=base_name not in _NEEDS_TENSORFLOW,
+                        chunk_size=chunk_size):
+    x, meta = convert(batch)
+    xs.append(x)
+    ys.append(np.asarray(batch['label'], np.int32))
+    metas.append(meta)
+  if not xs:
+    raise ValueError(f'TFDS split {full_name}:{split} has no examples; check '
+                     'the split string.')
+  meta = {k: np.concatenate([m[k] for m in metas]) for k in metas[0]}
+  return np.concatenate(xs), np.concatenate(ys), meta
+
+
 def load_tfds(name: str, split: str = 'train', data_dir: str | None = None,
               *, config: str | None = None, download: bool = True,
               alphabet_clients: bool = True, backend: str = 'auto',
@@ -227,21 +248,7 @@ def load_tfds(name: str, split: str = 'train', data_dir: str | None = None,
     # The data-source backend reads ArrayRecord files; tf.data reads TFRecord.
     file_format = 'array_record' if backend == 'data_source' else None
     builder.download_and_prepare(file_format=file_format)
-  convert = _CONVERTERS[base_name]
-  xs, ys, metas = [], [], []
-  for batch in _batches(builder, split, backend,
-                        fixed_shape=base_name not in _NEEDS_TENSORFLOW,
-                        chunk_size=chunk_size):
-    x, meta = convert(batch)
-    xs.append(x)
-    ys.append(np.asarray(batch['label'], np.int32))
-    metas.append(meta)
-  if not xs:
-    raise ValueError(f'TFDS split {full_name}:{split} has no examples; check '
-                     'the split string.')
-
-  meta = {k: np.concatenate([m[k] for m in metas]) for k in metas[0]}
-  y = np.concatenate(ys)
+  x, y, meta = _convert_split(builder, full_name, split, backend, chunk_size)
   if base_name == 'omniglot' and alphabet_clients:
     client_id = meta['alphabet'].copy()
   else:
@@ -252,5 +259,5 @@ def load_tfds(name: str, split: str = 'train', data_dir: str | None = None,
   if base_name == 'omniglot':
     info['alphabet_names'] = tuple(features['alphabet'].names)
   return ArrayDataset(
-      x=np.concatenate(xs), y=y, client_id=client_id,
+      x=x, y=y, client_id=client_id,
       class_names=tuple(features['label'].names), meta=meta, info=info)
