@@ -54,24 +54,36 @@ _SETTINGS = flags.DEFINE_list('lr_steps', ['0.01x5', '0.03x10'],
 _KS = flags.DEFINE_list('k', ['1', '5'], 'Enrollment utterances per keyword.')
 
 
-def main(argv):
-  del argv
-  start = time.time()
-  config = _CONFIG.value
+def _prepare(config):
+  """The global model, its fine-tuning loss and the users' enrollment table."""
   experiment.validate_config(config)
   quant = quantized_training.get_quant(config.quant)
   train_ds, test_ds = registry.load_dataset(config.data)
   setup = experiment.build_setup(config, train_ds, quant)
-  pre_ds, model, loss_fn = setup.pre_ds, setup.model, setup.loss_fn
-  keywords = setup.keywords
   glob = experiment.train_global_model(
-      config, os.path.join(_WORKDIR.value, 'global'), (pre_ds, test_ds))
-  params = glob.params
+      config, os.path.join(_WORKDIR.value, 'global'),
+      (setup.pre_ds, test_ds))
   users = experiment.load_users(config, train_ds)
   table = enrollment.enrollment_table(users.x, users.y, users.client_id,
-                                      keywords, pool_size=5)
-  is_outlier = experiment.outlier_mask(users, table.speakers)
-  state = personalize.as_state(params, glob.model_state)
+                                      setup.keywords, pool_size=5)
+  return setup, glob, table, experiment.outlier_mask(users, table.speakers)
+
+
+def _row(summary, base_row, **fields):
+  row = dict(fields)
+  for group, stats in summary.items():
+    row[group] = stats['detection_rate']
+    row[f'{group}_far'] = stats['false_accept_rate']
+    row[f'{group}_kw_acc'] = stats['keyword_accuracy']
+    row[f'{group}_gain'] = personalize.relative_gain(
+        stats['detection_rate'], base_row[group]['detection_rate'])
+  logging.info('%s', row)
+  return row
+
+
+def _rows(config, setup, glob, table, is_outlier):
+  """The global model's row, then one per preset x setting x replay x K."""
+  state = personalize.as_state(glob.params, glob.model_state)
   key = jax.random.key(config.seed)
 
   def run(evaluate, replay, k):
@@ -81,43 +93,32 @@ def main(argv):
         evaluate, state, tasks, jax.random.fold_in(key, k), 16)
     return personalize.group_summary(per_user, is_outlier)
 
-  rows = []
   base_row = run(personalize.make_user_evaluator(
-      model, personalize.no_adaptation(), config.far), None, 1)
-  rows.append({'method': 'global', 'k': 0, 'per_word': 0, **{
-      g: base_row[g]['detection_rate'] for g in base_row}})
+      setup.model, personalize.no_adaptation(), config.far), None, 1)
+  rows = [{'method': 'global', 'k': 0, 'per_word': 0, **{
+      g: base_row[g]['detection_rate'] for g in base_row}}]
   for preset in _PRESETS.value:
-    paths = sparse_updates.resolve(preset, params).paths
+    paths = sparse_updates.resolve(preset, glob.params).paths
     for setting in _SETTINGS.value:
       lr, steps = setting.split('x')
       evaluate = personalize.make_user_evaluator(
-          model, personalize.finetune_adapter(
-              loss_fn, optax.sgd(float(lr)), int(steps), paths), config.far)
+          setup.model, personalize.finetune_adapter(
+              setup.loss_fn, optax.sgd(float(lr)), int(steps), paths),
+          config.far)
       for per_word in map(int, _PER_WORD.value):
         replay = (enrollment.replay_buffer(
-            pre_ds.x, pre_ds.y, keywords, per_word, seed=config.seed)
-                  if per_word else None)
+            setup.pre_ds.x, setup.pre_ds.y, setup.keywords, per_word,
+            seed=config.seed) if per_word else None)
         for k in map(int, _KS.value):
-          summary = run(evaluate, replay, k)
-          row = {'method': f'finetune_{preset}', 'lr': float(lr),
-                 'steps': int(steps), 'k': k, 'per_word': per_word}
-          for group, stats in summary.items():
-            row[group] = stats['detection_rate']
-            row[f'{group}_far'] = stats['false_accept_rate']
-            row[f'{group}_kw_acc'] = stats['keyword_accuracy']
-            row[f'{group}_gain'] = personalize.relative_gain(
-                stats['detection_rate'], base_row[group]['detection_rate'])
-          logging.info('%s', row)
-          rows.append(row)
-  out = {'global_test_accuracy': glob.metrics['test_accuracy'],
-         'num_users': {'outlier': int(is_outlier.sum()),
-                       'typical': int((~is_outlier).sum())},
-         'far': config.far, 'rows': rows, 'seconds': time.time() - start}
-  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
-  with open(_OUT.value, 'w') as f:
-    json.dump(out, f, indent=1)
+          rows.append(_row(run(evaluate, replay, k), base_row,
+                           method=f'finetune_{preset}', lr=float(lr),
+                           steps=int(steps), k=k, per_word=per_word))
+  return rows
+
+
+def _markdown(out) -> str:
   lines = ['# Enrollment with replayed non-keyword clips', '',
-           f'Detection rate at {config.far:.0%} FAR, {out["num_users"]} '
+           f'Detection rate at {out["far"]:.0%} FAR, {out["num_users"]} '
            'users of configs/few_shot_kws.py; global model test accuracy '
            f'{out["global_test_accuracy"]:.3f}. Gain: relative to the '
            'global model without adaptation. per_word 0 = keyword clips '
@@ -125,7 +126,7 @@ def main(argv):
            '| method | lr x steps | K | replay/word | outlier DR | outlier '
            'gain | outlier FAR | typical DR | typical gain |',
            '|---|---|---|---|---|---|---|---|---|']
-  for r in rows:
+  for r in out['rows']:
     if r['method'] == 'global':
       lines.append(f'| global | - | - | - | {r["outlier"]:.3f} | - | - | '
                    f'{r["typical"]:.3f} | - |')
@@ -136,8 +137,24 @@ def main(argv):
         f'{r["outlier_far"]:.3f} | {r["typical"]:.3f} | '
         f'{r["typical_gain"]:+.1%} |')
   lines += ['', f'Wall time {out["seconds"]:.0f} s.', '']
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  start = time.time()
+  config = _CONFIG.value
+  setup, glob, table, is_outlier = _prepare(config)
+  rows = _rows(config, setup, glob, table, is_outlier)
+  out = {'global_test_accuracy': glob.metrics['test_accuracy'],
+         'num_users': {'outlier': int(is_outlier.sum()),
+                       'typical': int((~is_outlier).sum())},
+         'far': config.far, 'rows': rows, 'seconds': time.time() - start}
+  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
+  with open(_OUT.value, 'w') as f:
+    json.dump(out, f, indent=1)
   with open(os.path.splitext(_OUT.value)[0] + '.md', 'w') as f:
-    f.write('\n'.join(lines))
+    f.write(_markdown(out))
 
 
 if __name__ == '__main__':

@@ -15,6 +15,15 @@ keywords for every meta-learner (see few_shot/experiment.py).
     python -m experiments.few_shot \
         --config=configs/few_shot_kws.py:backbone=ds_cnn_s --workdir=/tmp/fs_cnn
 
+Meta-learners are named in `meta.names` (and `keyword_split.names`); each
+learner of `few_shot.meta_learners.META_LEARNERS` has its own block of
+hyperparameters, and each fine-tuning preset its own arguments:
+
+    "--config.meta.names=('reptile','meta_sgd')" \
+        --config.meta.reptile.step_size=0.3 --config.meta.meta_sgd.inner_lr=0.03
+    "--config.personalize.trainable=('last_k',)" \
+        --config.personalize.trainable_kwargs.last_k.k=3
+
 The model is the DNN keyword spotter of Zhang et al. 2017 ("Hello Edge",
 fully connected layers over the flattened features) with layer norm, so
 that meta-training fits a shared 2-core CPU; any model of

@@ -2,11 +2,11 @@
 
 1. Split the training speakers into a pre-training pool and a meta-training
    pool, and train the global keyword spotter on the former
-   (`ondevice.pretrain`: resumed from its checkpoint, reused when done). Meta-training on
-   the speakers the global model was fitted to gives no adaptation signal
-   (their query loss is already near zero), so the pools are disjoint; a
-   second global model trained on all training speakers ('global_all') is
-   the same-data baseline.
+   (`ondevice.pretrain`: resumed from its checkpoint, reused when done).
+   Meta-training on the speakers the global model was fitted to gives no
+   adaptation signal (their query loss is already near zero), so the pools
+   are disjoint; a second global model trained on all training speakers
+   ('global_all') is the same-data baseline.
 2. Meta-train personalisation initialisations from the global model (the
    learners of `few_shot.meta_learners`, by name) on enrollment tasks of the
    meta-training speakers: K utterances per keyword as support, all of the

@@ -38,7 +38,11 @@ def test_every_smoke_variant_of_the_config_file_runs_end_to_end(arg,
   results = experiment.run(config, str(tmp_path))
   personal = results['personalisation']
   assert set(personal) == {'global', 'global+finetune_full', 'maml'}
-  assert results['users']['is_outlier'] == [False, True]  # 1 typical, 1 not
+  # config.users: one typical and one outlier-accent user, both new.
+  assert sorted(results['users']['is_outlier']) == [False, True]
+  assert min(results['users']['users']) >= config.users.first_index
+  # 8 speakers: 2 held out for test, a third of the other 6 meta-train.
+  assert results['speakers'] == {'pretrain': 4, 'meta_train': 2, 'test': 2}
   for by_k in personal.values():
     assert 0.0 <= by_k[1]['all']['false_accept_rate'] <= config.far
   assert set(results['keyword_split']) == {'protonet'}

@@ -16,13 +16,17 @@ With one step and a learned rate r (Meta-SGD), dQ(w1)/dr = -S'(w) Q'(w1).
 """
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
+import pytest
 
 from few_shot import learner
 from few_shot import maml
+from few_shot import meta_learners
 from few_shot import protonets
 from few_shot import reptile
+from ondevice import models
 
 
 def regression_loss(params, model_state, batch, rng):
@@ -191,11 +195,6 @@ def test_protonet_logits_are_negative_squared_distances_to_class_means():
 
 
 # Every learner of the table, built from its config block, takes an outer step.
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
-import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from few_shot import meta_learners  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ondevice import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _class_tasks(num_tasks=2, per_class=2, num_classes=3):
