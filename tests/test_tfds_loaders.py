@@ -225,8 +225,8 @@ def test_registry_selects_tfds_speech_commands():
      r'config.data.backend: backend must be one of'),
     (dict(name='tfds_speech_commands', backend='data_source'),
      r"config.data.backend: .*use backend='tf'"),
-    (dict(name='tfds_emnist', num_speakers=3),
-     r"config.data has unknown fields \['num_speakers'\]"),
+    (dict(name='tfds_emnist', num_speakerz=3),
+     r"config.data has unknown fields \['num_speakerz'\]"),
     (dict(name='tfds_emnist', max_train=-1), r'config.data.max_train'),
 ])
 def test_registry_rejects_bad_tfds_configs_before_loading(fields, match,

@@ -27,6 +27,12 @@ DATASETS = ('speech_keywords', 'fashion_mnist') + tuple(TFDS_DATASETS)
 _TFDS_FIELDS = dict(data_dir='', config='', backend='auto',
                     train_split='train', test_split='test', max_train=0,
                     max_test=0, download=True)
+# Every field some dataset reads. A config may hold another dataset's fields
+# (a locked config cannot drop them when --config.data.name switches), but a
+# field no dataset reads is a typo.
+_KNOWN_FIELDS = {'name', 'num_speakers', 'utterances_per_word', 'corpus_seed',
+                 'test_fraction', 'split_seed', 'cache_dir', 'words',
+                 'population', *_TFDS_FIELDS}
 
 
 def _normalise(train: ArrayDataset, test: ArrayDataset,
@@ -52,6 +58,10 @@ def validate_data_config(data_config) -> None:
   if name not in DATASETS:
     raise ValueError(f'config.data.name={name!r} is unknown; choose one of '
                      f'{DATASETS}.')
+  unknown = sorted(set(data_config) - _KNOWN_FIELDS)
+  if unknown:
+    raise ValueError(f'config.data has unknown fields {unknown}; valid: '
+                     f'{sorted(_KNOWN_FIELDS)}.')
   for key in ('max_train', 'max_test'):
     value = data_config.get(key, 0) or 0
     if not isinstance(value, int) or value < 0:
@@ -83,10 +93,6 @@ def _check_speech_keywords(cfg) -> None:
 def _tfds_arguments(cfg) -> dict:
   """`load_tfds` keyword arguments of a tfds_* config, checked."""
   from ondevice.data import tfds_loaders  # pylint: disable=g-import-not-at-top
-  unknown = sorted(set(cfg) - set(_TFDS_FIELDS) - {'name'})
-  if unknown:
-    raise ValueError(f'config.data has unknown fields {unknown} for '
-                     f'{cfg.name}; valid: {sorted(_TFDS_FIELDS)}.')
   args = {k: cfg.get(k, v) for k, v in _TFDS_FIELDS.items()}
   dataset = TFDS_DATASETS[cfg.name]
   try:
