@@ -7,6 +7,13 @@ offline espeak-ng corpus; the test split holds speakers never seen in training.
         --workdir=/tmp/kws_central
     python -m experiments.train --config=configs/kws_central.py:smoke \
         --config.num_steps=200 --workdir=/tmp/run
+
+Every part is chosen by name and settable from the command line, e.g.
+    --config.quant=int8_fwd_bwd_sr            (quantized_training.QUANT_NAMES)
+    --config.trainable.name=last_k --config.trainable.last_k.k=3
+    --config.optimizer_state.name=int8        (int8 Adam moments)
+    --config.qas.name=qas                     (train int8 weights with QAS)
+    --config.data.name=tfds_speech_commands   (needs network and TensorFlow)
 """
 import ml_collections
 

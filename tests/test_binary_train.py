@@ -123,3 +123,16 @@ def test_bad_config_names_the_key_before_loading_data(path, key, apply,
     supervised.run(config, str(tmp_path))
   assert time.time() - start < 5
   assert not os.listdir(tmp_path)  # Nothing written either.
+
+
+def test_tfds_dataset_selected_from_a_shipped_config(tmp_path):
+  # configs/fmnist_central.py with --config.data.name=tfds_fashion_mnist,
+  # offline through TFDS's mock data.
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = fmnist_central.get_config('smoke')
+  config.data.name = 'tfds_fashion_mnist'
+  config.num_steps = 5
+  with tfds.testing.mock_data(num_examples=40):
+    metrics = supervised.run(config, str(tmp_path))
+  assert metrics['num_train_examples'] == 40
+  assert metrics['num_test_examples'] == 40
