@@ -80,8 +80,7 @@ def _validate_trainable(config) -> None:
   if 'trainable' not in config:
     return
   table = sparse_updates.presets.PRESET_BUILDERS
-  _, kwargs = options.selected(config.trainable, table, 'config.trainable')
-  del kwargs
+  options.selected(config.trainable, table, 'config.trainable')
   if config.trainable.name == 'lite_residual':
     # Central models are plain `models.build_model` models: no lite residual
     # branches, so the preset would silently train biases only.
