@@ -185,3 +185,25 @@ def test_unknown_override_key_is_rejected_by_the_binary(tmp_path):
 def test_unknown_config_variant_is_rejected():
   with pytest.raises(ValueError, match='smok'):
     kws_central.get_config('smok')
+
+
+def test_lite_residual_preset_on_a_plain_model_is_an_error():
+  # Without lite residual branches the preset would train biases only.
+  import sparse_updates  # pylint: disable=g-import-not-at-top
+  from ondevice import models  # pylint: disable=g-import-not-at-top
+  model = models.build_model('mlp', 2, hidden=(4,))
+  params = jax.eval_shape(model.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, 6, 4), np.float32))
+  with pytest.raises(ValueError, match='lite residual branches'):
+    sparse_updates.resolve('lite_residual', params['params'])
+  # A DS-CNN wrapped with branches resolves, and its branches train.
+  backbone = models.build_model('ds_cnn_s', 2, channels=8, norm='none',
+                                first_kernel=(4, 3), first_stride=(2, 2),
+                                block_strides=((1, 1), (2, 2)))
+  wrapped = sparse_updates.LiteResidualModel(
+      backbone, sparse_updates.dscnn_blocks(2))
+  wrapped_params = jax.eval_shape(
+      wrapped.init, jax.random.key(0),
+      jax.ShapeDtypeStruct((1, 12, 8), np.float32))['params']
+  scheme = sparse_updates.resolve('lite_residual', wrapped_params)
+  assert any(p.startswith('lite_residual1/') for p in scheme.paths)
