@@ -144,6 +144,19 @@ def _pretrain(config) -> None:
                    high_inclusive=False)
   options.in_range(config, 'pretrain.label_smoothing', 0.0, 1.0,
                    high_inclusive=False)
+  _checkpoints_at_logs(config, 'pretrain')
+
+
+def _checkpoints_at_logs(config, block: str) -> None:
+  """A resumed run logs the windows an uninterrupted one logs only if every
+  checkpoint falls on a log step."""
+  every, log_every = (options.get(config, f'{block}.{k}')
+                      for k in ('checkpoint_every', 'log_every'))
+  if every % log_every:
+    raise ValueError(
+        f'config.{block}.checkpoint_every={every} must be a multiple of '
+        f'config.{block}.log_every={log_every}, so that a resumed run logs '
+        'the same windows as an uninterrupted one.')
 
 
 def _users(config) -> None:
@@ -221,6 +234,7 @@ def _meta(config) -> None:
   for key in ('num_steps', 'tasks_per_step', 'log_every'):
     _int_at_least(config, f'meta.{key}', 1)
   _int_at_least(config, 'meta.checkpoint_every', 0)
+  _checkpoints_at_logs(config, 'meta')
 
 
 def _keyword_split(config) -> None:

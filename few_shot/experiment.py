@@ -53,8 +53,14 @@ Inits = dict[str, tuple[Any, personalize.AdaptFn]]
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks every field that needs no data (`few_shot.config_checks`)."""
+  """Checks every field that needs no data (`few_shot.config_checks`), then
+  the global model's config as `ondevice.supervised` will."""
   config_checks.validate(config)
+  try:
+    supervised.validate_config(pretrain_config(config))
+  except ValueError as e:
+    raise ValueError(f'config.pretrain (with the data, model, norm, quant '
+                     f'and seed it trains): {e}') from e
 
 
 class Setup(NamedTuple):

@@ -58,9 +58,14 @@ def meta_train(learner: learner_lib.MetaLearner,
     'final_loss', ...}).
 
   Raises:
-    ValueError: a checkpoint in workdir is past num_steps.
+    ValueError: a checkpoint in workdir is past num_steps, or
+      checkpoint_every is no multiple of log_every.
     FloatingPointError: a logged metric became non-finite.
   """
+  if checkpoint_every % log_every:
+    raise ValueError(f'{name}: checkpoint_every={checkpoint_every} must be a '
+                     f'multiple of log_every={log_every} (a resumed run then '
+                     'logs the windows an uninterrupted one logs).')
   _check_not_past(workdir, num_steps, name)
   task_key, step_key = jax.random.split(key)
   ran = []  # Steps this process took (the rest were restored).

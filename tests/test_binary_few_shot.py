@@ -103,6 +103,7 @@ BAD_CONFIGS = [
     (_set('meta.train_k', 2), 'config.meta.train_k'),
     (_set('meta.speaker_fraction', 1.0), 'config.meta.speaker_fraction'),
     (_set('meta.checkpoint_every', -1), 'config.meta.checkpoint_every'),
+    (_set('pretrain.checkpoint_every', 7), 'config.pretrain.checkpoint_every'),
     (_set('keyword_split.names', ('protonets',)),
      'config.keyword_split.names'),
     (_set('keyword_split.protonet.outer_lr', -1e-3),
