@@ -98,20 +98,29 @@ def _optimizer(learning_rate: float, masks) -> optax.GradientTransformation:
   return opt
 
 
+def _committed(state: train.TrainState) -> train.TrainState:
+  """`state` placed on the device its steps return it on.
+
+  A fresh state's step counter is an uncommitted array while a jitted step
+  returns committed ones, and jit compiles once per placement: committing
+  up front keeps every step function at one compilation.
+  """
+  return jax.device_put(state, jax.devices()[0])
+
+
 def _initial_state(cfg, params, model_state, paths, masks
                    ) -> train.TrainState:
   """A fresh optimiser around `params` for the variant's method."""
   method = cfg.learner.method
   if method.name == 'tent':
-    return train.state_from_params(
-        params, model_state, optax.adam(method.tent.learning_rate),
-        tta.norm_paths(params))
-  if method.name == 'bn_adapt':  # Never steps: no optimiser state needed.
-    return train.state_from_params(params, model_state, optax.identity(),
-                                   paths)
-  return train.state_from_params(
-      params, model_state,
-      _optimizer(method.pseudo_label.learning_rate, masks), paths)
+    optimizer, paths = (optax.adam(method.tent.learning_rate),
+                        tta.norm_paths(params))
+  elif method.name == 'bn_adapt':  # Never steps: no optimiser state needed.
+    optimizer = optax.identity()
+  else:
+    optimizer = _optimizer(method.pseudo_label.learning_rate, masks)
+  return _committed(train.state_from_params(params, model_state, optimizer,
+                                            paths))
 
 
 def _shared_functions(config, model, masks, paths) -> learner.Functions:
@@ -142,23 +151,47 @@ def _regularized_loss(cfg, model, pre, fisher) -> train.LossFn:
       min_confidence=params.get('min_teacher_confidence', 0.0))
 
 
-def _variant_functions(cfg, model, pre, fisher, paths, masks,
-                       shared: learner.Functions) -> learner.Functions:
-  """`shared` plus the step of the variant's method."""
+@dataclasses.dataclass
+class _Setup:
+  """What every variant shares: the pre-trained model, users, evaluation."""
+  pre: Any
+  model: Any
+  paths: tuple[str, ...]
+  masks: Any
+  fisher: Any
+  score: Callable[..., float]
+  global_x: np.ndarray
+  global_y: np.ndarray
+  users: list[dict[str, Any]]
+  fns: learner.Functions
+  adapt_bn: dict[float, Callable] = dataclasses.field(default_factory=dict)
+
+
+def _adapt_bn(setup: _Setup, prior: float) -> Callable:
+  """The jitted batch-norm adaptation with prior N, one per N per run."""
+  if prior not in setup.adapt_bn:
+    model = setup.model
+    setup.adapt_bn[prior] = jax.jit(lambda p, s, x, m: tta.adapt_batch_norm(
+        model, p, s, x, prior, m))
+  return setup.adapt_bn[prior]
+
+
+def _variant_functions(cfg, setup: _Setup) -> learner.Functions:
+  """The setup's shared functions plus the step of the variant's method."""
   name, params = cfg.learner.method.name, method_params(cfg)
+  model, pre, shared = setup.model, setup.pre, setup.fns
   if name == 'tent':
     return shared._replace(tent_step=jax.jit(tta.make_tent_step(
         model, optax.adam(params.learning_rate), pre.params)))
-  adapt_bn = jax.jit(lambda p, s, x, m: tta.adapt_batch_norm(
-      model, p, s, x, params.bn_prior, m))
+  adapt_bn = _adapt_bn(setup, params.bn_prior)
   if name == 'bn_adapt':
     return shared._replace(adapt_bn=adapt_bn)
-  loss = _regularized_loss(cfg, model, pre, fisher)
+  loss = _regularized_loss(cfg, model, pre, setup.fisher)
   if params.augment:
     loss = objectives.with_augmentation(loss)
   return shared._replace(
       train_step=jax.jit(train.make_train_step(
-          loss, _optimizer(params.learning_rate, masks), paths)),
+          loss, _optimizer(params.learning_rate, setup.masks), setup.paths)),
       adapt_bn=adapt_bn if params.teacher_bn else None)
 
 
@@ -200,21 +233,6 @@ def _users(config, pre) -> list[dict[str, Any]]:
   return users
 
 
-@dataclasses.dataclass
-class _Setup:
-  """What every variant shares: the pre-trained model, users, evaluation."""
-  pre: Any
-  model: Any
-  paths: tuple[str, ...]
-  masks: Any
-  fisher: Any
-  score: Callable[..., float]
-  global_x: np.ndarray
-  global_y: np.ndarray
-  users: list[dict[str, Any]]
-  fns: learner.Functions
-
-
 def _setup(config, fisher_cfg: ml_collections.ConfigDict | None) -> _Setup:
   """Pre-trained model, jitted shared functions and the users' streams.
 
@@ -244,9 +262,9 @@ def _enroll_user(config, setup: _Setup, user: dict[str, Any], n: int) -> None:
   """Enrolls one user and builds their verifier (added to `user`)."""
   pre, fns, score = setup.pre, setup.fns, setup.score
   split = user['split']
-  state = train.state_from_params(
+  state = _committed(train.state_from_params(
       pre.params, pre.model_state,
-      _optimizer(config.enroll.learning_rate, setup.masks), setup.paths)
+      _optimizer(config.enroll.learning_rate, setup.masks), setup.paths))
   end_test = _user_test(user, pre, float(user['stream'].drift[-1]))
   user['pretrained_user_accuracy'] = score(pre.params, pre.model_state,
                                            end_test, split.test_y)
@@ -318,8 +336,7 @@ def _run_user(cfg, setup: _Setup, fns: learner.Functions, user, n: int,
 def _run_variant(name: str, cfg, setup: _Setup, seed: int, t0: float
                  ) -> list[dict[str, Any]]:
   """Every user's stream under one variant; per-user records."""
-  fns = _variant_functions(cfg, setup.model, setup.pre, setup.fisher,
-                           setup.paths, setup.masks, setup.fns)
+  fns = _variant_functions(cfg, setup)
   per_user = []
   for n, user in enumerate(setup.users):
     try:
