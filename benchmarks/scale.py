@@ -71,9 +71,11 @@ _MAX_EXAMPLES = flags.DEFINE_integer('max_examples', 4, 'Examples per '
 _MODEL = flags.DEFINE_string('model', 'mlp_20k', 'ondevice.models preset.')
 _STEPS = flags.DEFINE_integer('local_steps', 2, 'Local SGD steps.')
 _BATCH = flags.DEFINE_integer('batch_size', 2, 'Local batch size.')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Interleaved sweeps.')
-_ROUNDS = flags.DEFINE_integer('rounds', 4, 'Timed rounds per population '
-                               'and sweep.')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Sweeps.')
+_ROUNDS = flags.DEFINE_integer('rounds', 10, 'Timed rounds per population '
+                               'and sweep (round-robin over populations).')
+_WARMUP = flags.DEFINE_integer('warmup', 20, 'Untimed-in-the-median rounds '
+                               'per population before the sweeps.')
 _MEMORY_ROUNDS = flags.DEFINE_integer('memory_rounds', 10, 'Rounds of the '
                                       'peak-memory subprocess.')
 _MULTIPROCESS = flags.DEFINE_bool('multiprocess', True, 'Also compare 2 '
@@ -137,20 +139,27 @@ def _memory_worker(population: int) -> None:
 
 
 def _timings(stores: dict[int, client_store.ClientStore]) -> dict[str, Any]:
-  """Interleaved sweeps; per population the per-round seconds."""
+  """Per population the seconds of every round, round-robin interleaved.
+
+  The first `--warmup` rounds of each population (compilation, first
+  mapping of its shards, first page faults) are timed but kept apart.
+  """
   any_store = next(iter(stores.values()))
   algorithm, state, param_count = _round_parts(len(any_store.class_names),
                                                any_store.feature_shape)
-  for store in stores.values():  # Compile, warm the page cache and sampling.
-    state, _, _ = _one_round(algorithm, state, store, 0)
+  warm = {p: [] for p in stores}
+  for r in range(_WARMUP.value):
+    for p, store in stores.items():
+      state, _, t = _one_round(algorithm, state, store, r)
+      warm[p].append(t)
   total = {p: [] for p in stores}
   gather = {p: [] for p in stores}
   loads = []
   rng = np.random.default_rng(0)
   for repeat in range(_REPEATS.value):
     before = os.getloadavg()
-    for p in rng.permutation(sorted(stores)).tolist():
-      for r in range(_ROUNDS.value):
+    for r in range(_ROUNDS.value):
+      for p in rng.permutation(sorted(stores)).tolist():
         state, g, t = _one_round(algorithm, state, stores[p],
                                  1000 * (repeat + 1) + r)
         gather[p].append(g)
@@ -160,7 +169,7 @@ def _timings(stores: dict[int, client_store.ClientStore]) -> dict[str, Any]:
     logging.info('repeat %d: %s', repeat, {
         p: round(statistics.median(v), 4) for p, v in total.items()})
   return {'param_count': param_count, 'total': total, 'gather': gather,
-          'loadavg': loads}
+          'warmup': warm, 'loadavg': loads}
 
 
 def _peak_memory(population: int) -> dict[str, Any]:
@@ -206,9 +215,12 @@ def _summary(timings, populations) -> dict[str, Any]:
   out = {}
   for p in populations:
     t, g = timings['total'][p], timings['gather'][p]
+    w = timings['warmup'][p]
     out[str(p)] = {'median': statistics.median(t), 'min': min(t),
                    'max': max(t), 'count': len(t),
-                   'gather_median': statistics.median(g)}
+                   'gather_median': statistics.median(g),
+                   'warmup_median': statistics.median(w[1:]) if len(w) > 1
+                                    else None}
   return out
 
 
@@ -224,16 +236,20 @@ def _markdown(results: dict[str, Any]) -> str:
       f"per client); model {results['model']} ({results['param_count']} "
       f"params), FedAvg with {results['local_steps']} local steps. A round "
       'is sample + gather from the store + one jitted FedAvg round. '
-      f"{results['repeats']} interleaved sweeps x {results['rounds']} "
-      'rounds per population; median (min-max).', '',
-      '| population | store on disk (MB) | s / round | gather s | '
-      'ratio to smallest |', '|---|---|---|---|---|']
+      f"{results['repeats']} sweeps x {results['rounds']} rounds per "
+      'population, populations interleaved round by round in a random '
+      f"order; median (min-max). The first {results['warmup']} rounds of "
+      'each population (compilation, first mapping of its shards) are '
+      "reported apart ('warm-up s', median without the first round).", '',
+      '| population | store on disk (MB) | s / round | sample + gather s | '
+      'warm-up s | ratio to smallest |', '|---|---|---|---|---|---|']
   base = rows[str(pops[0])]['median']
   for p in pops:
     r = rows[str(p)]
     lines.append(
         f"| {p:,} | {results['store_mb'][str(p)]:.0f} | {r['median']:.4f} "
         f"({r['min']:.4f}-{r['max']:.4f}) | {r['gather_median']:.4f} | "
+        f"{r['warmup_median'] or float('nan'):.4f} | "
         f"{r['median'] / base:.3f} |")
   mp = results.get('multiprocess', {})
   lines += [
@@ -301,6 +317,7 @@ def main(argv):
       'cohort_size': _COHORT.value, 'max_examples': _MAX_EXAMPLES.value,
       'model': _MODEL.value, 'param_count': timings['param_count'],
       'local_steps': _STEPS.value, 'repeats': _REPEATS.value,
+      'warmup': _WARMUP.value,
       'rounds': _ROUNDS.value, 'memory_rounds': _MEMORY_ROUNDS.value,
       'generated': datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec='seconds'),

@@ -338,18 +338,31 @@ def open_store(root: str, verify: bool = False) -> 'ClientStore':
   return ClientStore(root, manifest)
 
 
-def _pick_rows(n: int, max_examples: int, key: jax.Array, j: int
+def _subsample_seeds(key: jax.Array, positions: np.ndarray) -> np.ndarray:
+  """[len(positions), k] key data of `fold_in(key, j)` for each position j.
+
+  One vectorised call instead of one `fold_in` per client: per-call dispatch
+  would otherwise dominate the gather of a small cohort.
+  """
+  if not len(positions):
+    return np.zeros((0, 0), np.uint32)
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(
+      key, np.asarray(positions, np.uint32))
+  data = np.asarray(jax.random.key_data(keys))
+  return data.reshape(len(positions), -1)
+
+
+def _pick_rows(n: int, max_examples: int, seed: np.ndarray | None
                ) -> np.ndarray:
-  """Rows kept of a cohort's client j with n examples.
+  """Rows kept of a client with n examples.
 
   The same draw as `fedjax_ext.cohort.stack_clients`: all rows if n <= M,
-  else M rows without replacement from a NumPy generator seeded by
-  `fold_in(key, j)`, sorted.
+  else M rows without replacement from a NumPy generator seeded by the key
+  data of `fold_in(key, j)` (j: the client's cohort position), sorted.
   """
   if n <= max_examples:
     return np.arange(n)
-  data = np.asarray(jax.random.key_data(jax.random.fold_in(key, j))).ravel()
-  rng = np.random.default_rng([int(v) for v in data])
+  rng = np.random.default_rng([int(v) for v in seed])
   return np.sort(rng.choice(n, max_examples, replace=False))
 
 
@@ -363,6 +376,7 @@ class ClientStore:
     class_names: name of each label.
     num_clients: P, clients with at least one example.
     num_empty: clients given without examples (skipped).
+    sizes: int32 [P] examples of each pool client (for client sampling).
   """
 
   def __init__(self, root: str, manifest: Mapping[str, Any]):
@@ -380,36 +394,30 @@ class ClientStore:
     self.num_clients = int(self._starts[-1])
     self.num_examples = int(sum(s['num_examples'] for s in shards))
     self.num_empty = int(sum(s['num_empty'] for s in shards))
+    # Row offsets of every shard, read once (a few bytes per client), so
+    # finding a client's rows touches no shard file.
+    self._offsets = [
+        np.load(os.path.join(_shard_dir(root, i), 'offsets.npy'))
+        for i in range(manifest['num_shards'])]
+    self.sizes = np.concatenate(
+        [np.diff(o) for o in self._offsets]).astype(np.int32)
     self._open: dict[int, dict[str, np.ndarray]] = {}
-    self._sizes: np.ndarray | None = None
 
   def _shard(self, index: int) -> dict[str, np.ndarray]:
-    """Shard `index`'s arrays, memory-mapped (x) or loaded (small ones)."""
+    """Shard `index`'s features and labels, memory-mapped on first use."""
     if index not in self._open:
       folder = _shard_dir(self.root, index)
       self._open[index] = {
-          'x': np.load(os.path.join(folder, 'x.npy'), mmap_mode='r'),
-          'y': np.load(os.path.join(folder, 'y.npy'), mmap_mode='r'),
-          'offsets': np.load(os.path.join(folder, 'offsets.npy')),
-      }
+          name: np.load(os.path.join(folder, f'{name}.npy'), mmap_mode='r')
+          for name in ('x', 'y')}
     return self._open[index]
 
   def _locate(self, client: int) -> tuple[dict[str, np.ndarray], int, int]:
     """(shard arrays, first row, end row) of pool client `client`."""
     shard = int(np.searchsorted(self._starts, client, side='right')) - 1
-    arrays = self._shard(shard)
+    offsets = self._offsets[shard]
     j = client - int(self._starts[shard])
-    return arrays, int(arrays['offsets'][j]), int(arrays['offsets'][j + 1])
-
-  @property
-  def sizes(self) -> np.ndarray:
-    """int32 [P] examples of each pool client (for client sampling)."""
-    if self._sizes is None:
-      self._sizes = np.concatenate([
-          np.diff(np.load(os.path.join(_shard_dir(self.root, i),
-                                       'offsets.npy')))
-          for i in range(len(self._starts) - 1)]).astype(np.int32)
-    return self._sizes
+    return self._shard(shard), int(offsets[j]), int(offsets[j + 1])
 
   def dataset_ids(self, client_ids) -> np.ndarray:
     """The caller's ids (given at build time) of the given pool clients."""
@@ -475,10 +483,11 @@ class ClientStore:
     xs = np.zeros((c, max_examples) + self.feature_shape, np.float32)
     ys = np.zeros((c, max_examples), np.int32)
     mask = np.zeros((c, max_examples), np.float32)
-    for j, client in enumerate(ids):
-      arrays, start, end = self._locate(int(client))
-      rows = start + _pick_rows(end - start, max_examples, key,
-                                int(positions[j]))
+    located = [self._locate(int(client)) for client in ids]
+    # Keys for every position (one shape per cohort size: compiled once).
+    seeds = _subsample_seeds(key, positions)
+    for j, (arrays, start, end) in enumerate(located):
+      rows = start + _pick_rows(end - start, max_examples, seeds[j])
       k = len(rows)
       xs[j, :k] = self.quantizer.dequantize(arrays['x'][rows])
       ys[j, :k], mask[j, :k] = arrays['y'][rows], 1.0
