@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from few_shot import episodes
 from few_shot.episodes import Task
 
 
@@ -140,12 +141,8 @@ def all_enrollment_tasks(table: EnrollmentTable, key: jax.Array, *,
 def sample_enrollment_tasks(table: EnrollmentTable, key: jax.Array, *,
                             num_tasks: int, k_shot: int) -> Task:
   """Enrollment tasks of `num_tasks` distinct random users (meta-training)."""
-  num_users = table.enroll_index.shape[0]
-  if num_tasks > num_users:
-    raise ValueError(f'num_tasks={num_tasks} exceeds the {num_users} users '
-                     'of the table; lower the meta-batch size.')
-  user_key, task_key = jax.random.split(key)
-  users = jnp.argsort(jax.random.uniform(user_key, (num_users,)))[:num_tasks]
+  users, task_key = episodes.draw_distinct(key, table.enroll_index.shape[0],
+                                           num_tasks, 'users')
   sample = functools.partial(enrollment_task, k_shot=k_shot)
   return jax.vmap(sample, in_axes=(None, 0, 0))(
       table, users, jax.random.split(task_key, num_tasks))

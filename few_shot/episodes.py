@@ -241,17 +241,28 @@ def sample_keyword_tasks(table: KeywordTable, key: jax.Array, *,
       table, jax.random.split(key, num_tasks))
 
 
+def draw_distinct(key: jax.Array, population: int, count: int,
+                  what: str) -> tuple[jax.Array, jax.Array]:
+  """`count` distinct indices of range(population) in random order, and the
+  key left for sampling their tasks.
+
+  Raises:
+    ValueError: count > population (`what` names the population).
+  """
+  if count > population:
+    raise ValueError(f'num_tasks={count} exceeds the {population} {what} of '
+                     'the table; lower the meta-batch size.')
+  pick_key, task_key = jax.random.split(key)
+  order = jnp.argsort(jax.random.uniform(pick_key, (population,)))
+  return order[:count], task_key
+
+
 @functools.partial(jax.jit, static_argnames=('num_tasks', 'k_shot'))
 def sample_speaker_tasks(table: SpeakerTable, key: jax.Array, *,
                          num_tasks: int, k_shot: int) -> Task:
   """Tasks of `num_tasks` distinct speakers drawn at random."""
-  num_speakers = table.index.shape[0]
-  if num_tasks > num_speakers:
-    raise ValueError(f'num_tasks={num_tasks} exceeds the {num_speakers} '
-                     'speakers of the table; lower the meta-batch size.')
-  speaker_key, task_key = jax.random.split(key)
-  speakers = jnp.argsort(jax.random.uniform(speaker_key, (num_speakers,))
-                         )[:num_tasks]
+  speakers, task_key = draw_distinct(key, table.index.shape[0], num_tasks,
+                                     'speakers')
   sample = functools.partial(speaker_task, k_shot=k_shot)
   return jax.vmap(sample, in_axes=(None, 0, 0))(
       table, speakers, jax.random.split(task_key, num_tasks))
