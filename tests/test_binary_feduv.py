@@ -6,6 +6,9 @@ calls); every bad value is rejected with a ValueError that names its key
 before any data loads.
 """
 import json
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -19,6 +22,7 @@ from ondevice.data import registry
 from ondevice.data import verification as verification_data
 
 CONFIG_FILE = 'configs/feduv_kws.py'
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The variants get_config accepts, each run as shipped.
 VARIANTS = ('smoke', 'smoke,backbone=ds_cnn_s')
 # Rows of each variant: a FedUV variant gives one row per reference.
@@ -195,3 +199,40 @@ def test_bad_config_is_rejected_before_data_loads(tmp_path, monkeypatch,
     experiment.run(config, str(tmp_path))
   assert match in str(error.value)
   assert time.time() - start < 5.0
+
+
+def _binary(module, *args):
+  done = subprocess.run([sys.executable, '-m', module, *args],
+                        capture_output=True, text=True, cwd=_ROOT,
+                        check=False, timeout=300)
+  return done.returncode, done.stderr
+
+
+def test_the_binary_rejects_a_command_line_override_before_data(tmp_path):
+  """experiments/feduv.py on configs/feduv_kws.py:smoke with a bad flag.
+
+  A named part's option is a flag of the locked config; the error names it.
+  """
+  code, stderr = _binary('experiments.feduv',
+                         f'--config={CONFIG_FILE}:smoke',
+                         f'--workdir={tmp_path}',
+                         '--config.algorithm.fedavgm.momentum=1.5')
+  assert code != 0
+  assert 'config.algorithm.fedavgm.momentum must be in [0, 1)' in stderr
+  assert not (tmp_path / 'variants').exists()  # Nothing trained.
+
+
+def test_the_combine_binary_merges_finished_runs(runs, tmp_path):
+  workdir, out = runs('smoke')
+  code, stderr = _binary('experiments.feduv_combine', f'--runs={workdir}',
+                         f'--out={tmp_path}')
+  assert code == 0, stderr
+  with open(tmp_path / 'results.json') as f:
+    merged = json.load(f)
+  # The same rows (the resume test may have rerun the directory since).
+  assert list(merged['variants']) == list(out['variants'])
+  for name, row in out['variants'].items():
+    for key in set(row) - set(loop.WALL_CLOCK_KEYS):
+      assert merged['variants'][name][key] == row[key], (name, key)
+  for name in out['variants']:
+    assert (tmp_path / f'trials_{name}.npz').exists()
