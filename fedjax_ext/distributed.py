@@ -31,6 +31,7 @@ import numpy as np
 
 from fedjax_ext import cohort as cohort_lib
 from fedjax_ext import execution
+from fedjax_ext import federated_loop
 from ondevice import train
 from ondevice.data import client_store
 
@@ -179,28 +180,74 @@ def host_tree(tree: PyTree) -> PyTree:
   return jax.tree.map(one, tree)
 
 
-def run_rounds(algorithm, params: PyTree, store: client_store.ClientStore,
-               *, num_rounds: int, cohort_size: int, max_examples: int,
-               key: jax.Array, mesh: Mesh) -> tuple[PyTree, list[dict]]:
-  """`num_rounds` rounds of `algorithm` on cohorts drawn from `store`.
+def make_store_round_step(algorithm, store: client_store.ClientStore,
+                          config, round_key: jax.Array,
+                          mesh: Mesh | None = None):
+  """`federated_loop.make_round_step` with clients read from a store.
 
-  Round r uses `fold_in(key, r)`: its first fold (0) samples the cohort
-  uniformly without replacement, its second (1) subsamples large clients,
-  and the round key itself is the algorithm's. Every process computes the
-  same cohort; each gathers only its clients.
+  Round r samples exactly as the in-memory step does (`store.sizes` plays
+  `pool.sizes`, keys from `federated_loop.round_keys`), then reads only the
+  cohort's clients from `store`: all of them with `mesh=None`, or, with a
+  mesh over several processes' devices, only this process's share
+  (`global_cohort`); every process draws the same cohort.
+
+  Args:
+    algorithm: an `(init, apply)` pair (with the 'sharded' execution on
+      `mesh` when one is given).
+    store: the training population.
+    config: reads `cohort_size`, `max_examples_per_client` and
+      `weighted_sampling` (False when absent).
+    round_key: the run's round key.
+    mesh: None (one process) or a mesh with a 'clients' axis.
+
+  Raises:
+    ValueError: a cohort larger than the population, or one that does not
+      divide over the mesh's devices (naming `config.cohort_size`).
+  """
+  cohort_size = int(config.cohort_size)
+  max_examples = int(config.max_examples_per_client)
+  weighted = bool(config.get('weighted_sampling', False))
+  if cohort_size > store.num_clients:
+    raise ValueError(f'config.cohort_size={cohort_size} exceeds the '
+                     f'{store.num_clients} clients of the store at '
+                     f'{store.root!r}; lower it or build a larger store.')
+  if mesh is not None and cohort_size % mesh.shape[execution.CLIENT_AXIS]:
+    raise ValueError(
+        f'config.cohort_size={cohort_size} does not divide over the '
+        f'{mesh.shape[execution.CLIENT_AXIS]} devices of all processes; '
+        'choose a multiple of the device count.')
+
+  def step(state, r: int):
+    sample_key, gather_key, apply_key = federated_loop.round_keys(
+        round_key, r)
+    ids = np.asarray(cohort_lib.sample_clients(
+        sample_key, store.sizes, cohort_size, weighted=weighted))
+    if mesh is None:
+      return algorithm.apply(state, store.gather(ids, max_examples,
+                                                 gather_key), ids, apply_key)
+    cohort, global_ids = global_cohort(store, ids, max_examples, gather_key,
+                                       mesh)
+    return algorithm.apply(state, cohort, global_ids, apply_key)
+
+  return step
+
+
+def run_rounds(algorithm, params: PyTree, store: client_store.ClientStore,
+               config, *, key: jax.Array, mesh: Mesh | None = None
+               ) -> tuple[PyTree, list[dict]]:
+  """`config.num_rounds` rounds from `store` (no checkpoints, for tests).
+
+  A checkpointed run passes `make_store_round_step` to `ondevice.loop`
+  instead.
 
   Returns:
     (the server state, one dict of host metrics per round).
   """
+  step = make_store_round_step(algorithm, store, config, key, mesh)
   state = algorithm.init(params)
   history = []
-  for r in range(num_rounds):
-    round_key = jax.random.fold_in(key, r)
-    ids = np.asarray(cohort_lib.sample_clients(
-        jax.random.fold_in(round_key, 0), store.sizes, cohort_size))
-    cohort, global_ids = global_cohort(
-        store, ids, max_examples, jax.random.fold_in(round_key, 1), mesh)
-    state, metrics = algorithm.apply(state, cohort, global_ids, round_key)
+  for r in range(int(config.num_rounds)):
+    state, metrics = step(state, r)
     history.append({k: float(v) for k, v in host_tree(metrics).items()})
   return state, history
 

@@ -22,6 +22,7 @@ from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -79,10 +80,12 @@ def main(argv):
       client_lib.LocalConfig(batch_size=_BATCH.value, num_steps=_STEPS.value),
       rounds=rounds_lib.RoundConfig(execution=execution.ExecutionConfig(
           'sharded', mesh=mesh)))
+  config = ml_collections.ConfigDict({
+      'cohort_size': _COHORT.value, 'num_rounds': _ROUNDS.value,
+      'max_examples_per_client': _MAX_EXAMPLES.value})
   state, history = distributed.run_rounds(
-      algorithm, params, store, num_rounds=_ROUNDS.value,
-      cohort_size=_COHORT.value, max_examples=_MAX_EXAMPLES.value,
-      key=jax.random.key(_SEED.value + 1), mesh=mesh)
+      algorithm, params, store, config, key=jax.random.key(_SEED.value + 1),
+      mesh=mesh)
   flat = distributed.flat_params(state)
   logging.info('Process %d done: %d rounds, last metrics %s.',
                jax.process_index(), len(history), history[-1])

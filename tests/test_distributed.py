@@ -9,11 +9,21 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 import pytest
 
+from fedjax_ext import algorithms
+from fedjax_ext import client as client_lib
+from fedjax_ext import cohort as cohort_lib
 from fedjax_ext import distributed
+from fedjax_ext import federated_loop
+from ondevice import models
+from ondevice import train
 from ondevice.data import client_store
+from ondevice.data.base import ArrayDataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, 'scripts', 'launch_local.sh')
@@ -137,3 +147,40 @@ def test_launch_script_rejects_bad_usage(argv):
   out = subprocess.run([LAUNCH] + argv, capture_output=True, text=True,
                        timeout=20)
   assert out.returncode == 2, out.stderr
+
+
+def _round_config(cohort_size=4):
+  return ml_collections.ConfigDict({'cohort_size': cohort_size,
+                                    'max_examples_per_client': 3,
+                                    'num_rounds': 1})
+
+
+def test_store_round_step_equals_in_memory_round_step(tmp_path):
+  store = _store(tmp_path)
+  arrays = store.to_arrays()
+  ds = ArrayDataset(x=arrays['x'], y=arrays['y'],
+                    client_id=arrays['client_id'],
+                    class_names=store.class_names)
+  pool = cohort_lib.ClientPool.from_dataset(ds)
+  model = models.build_model('mlp_2k', len(store.class_names))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 6, 5)))['params']
+  algorithm = algorithms.fedavg(
+      train.classification_loss(model), optax.sgd(0.1),
+      client_lib.LocalConfig(batch_size=2, num_steps=2))
+  key = jax.random.key(3)
+  want, _ = federated_loop.make_round_step(algorithm, ds, pool,
+                                           _round_config(), key)(
+                                               algorithm.init(params), 0)
+  got, history = distributed.run_rounds(algorithm, params, store,
+                                        _round_config(), key=key)
+  assert len(history) == 1 and history[0]['num_clients'] == 4
+  for name, value in train.flatten_params(want.params).items():
+    np.testing.assert_array_equal(
+        np.asarray(train.flatten_params(got.params)[name]), np.asarray(value))
+
+
+def test_store_round_step_rejects_bad_cohorts(tmp_path):
+  store = _store(tmp_path)
+  with pytest.raises(ValueError, match='config.cohort_size=13 exceeds the 12'):
+    distributed.make_store_round_step(None, store, _round_config(13),
+                                      jax.random.key(0))
