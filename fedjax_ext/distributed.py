@@ -28,10 +28,15 @@ from absl import logging
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
+import optax
 
+from fedjax_ext import algorithms
+from fedjax_ext import client as client_lib
 from fedjax_ext import cohort as cohort_lib
 from fedjax_ext import execution
 from fedjax_ext import federated_loop
+from fedjax_ext import rounds as rounds_lib
+from ondevice import models
 from ondevice import train
 from ondevice.data import client_store
 
@@ -255,3 +260,35 @@ def run_rounds(algorithm, params: PyTree, store: client_store.ClientStore,
 def flat_params(state) -> dict[str, np.ndarray]:
   """The server params as a flat {path: host array} dict (for comparison)."""
   return host_tree(train.flatten_params(state.params))
+
+
+def fedavg_on_store(store: client_store.ClientStore, config,
+                    mesh: Mesh | None = None
+                    ) -> tuple[dict[str, np.ndarray], list[dict]]:
+  """FedAvg of an `ondevice.models` classifier on `store`, on `mesh`.
+
+  Args:
+    store: the population.
+    config: `model` (preset name), `cohort_size`, `max_examples_per_client`,
+      `num_rounds`, `local_steps`, `batch_size`, `learning_rate` (client
+      SGD), `seed` (init; the rounds use seed + 1).
+    mesh: the 'clients' mesh of the 'sharded' execution (None: one vmap in
+      this process).
+
+  Returns:
+    (the final server params as flat host arrays, per-round metrics).
+  """
+  model = models.build_model(config.model, len(store.class_names))
+  params = model.init(jax.random.key(config.seed),
+                      np.zeros((1,) + store.feature_shape,
+                               np.float32))['params']
+  execution_config = (execution.ExecutionConfig('vmap') if mesh is None else
+                      execution.ExecutionConfig('sharded', mesh=mesh))
+  algorithm = algorithms.fedavg(
+      train.classification_loss(model), optax.sgd(config.learning_rate),
+      client_lib.LocalConfig(batch_size=config.batch_size,
+                             num_steps=config.local_steps),
+      rounds=rounds_lib.RoundConfig(execution=execution_config))
+  state, history = run_rounds(algorithm, params, store, config,
+                              key=jax.random.key(config.seed + 1), mesh=mesh)
+  return flat_params(state), history

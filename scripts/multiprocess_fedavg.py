@@ -21,18 +21,10 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from fedjax_ext import algorithms
-from fedjax_ext import client as client_lib
 from fedjax_ext import distributed
-from fedjax_ext import execution
-from fedjax_ext import rounds as rounds_lib
-from ondevice import models
-from ondevice import train
 from ondevice.data import client_store
 
 _COORDINATOR = flags.DEFINE_string('coordinator', '127.0.0.1:12355',
@@ -71,22 +63,14 @@ def main(argv):
   _check_flags(store)
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value, _TIMEOUT.value)
-  mesh = distributed.global_mesh()
-  model = models.build_model(_MODEL.value, len(store.class_names))
-  params = model.init(jax.random.key(_SEED.value),
-                      jnp.zeros((1,) + store.feature_shape))['params']
-  algorithm = algorithms.fedavg(
-      train.classification_loss(model), optax.sgd(_LR.value),
-      client_lib.LocalConfig(batch_size=_BATCH.value, num_steps=_STEPS.value),
-      rounds=rounds_lib.RoundConfig(execution=execution.ExecutionConfig(
-          'sharded', mesh=mesh)))
   config = ml_collections.ConfigDict({
-      'cohort_size': _COHORT.value, 'num_rounds': _ROUNDS.value,
-      'max_examples_per_client': _MAX_EXAMPLES.value})
-  state, history = distributed.run_rounds(
-      algorithm, params, store, config, key=jax.random.key(_SEED.value + 1),
-      mesh=mesh)
-  flat = distributed.flat_params(state)
+      'model': _MODEL.value, 'cohort_size': _COHORT.value,
+      'max_examples_per_client': _MAX_EXAMPLES.value,
+      'num_rounds': _ROUNDS.value, 'local_steps': _STEPS.value,
+      'batch_size': _BATCH.value, 'learning_rate': _LR.value,
+      'seed': _SEED.value})
+  flat, history = distributed.fedavg_on_store(store, config,
+                                              distributed.global_mesh())
   logging.info('Process %d done: %d rounds, last metrics %s.',
                jax.process_index(), len(history), history[-1])
   if _OUT.value and jax.process_index() == 0:
