@@ -170,6 +170,7 @@ BAD = [
     ({'model': 'resnet'}, 'config.model'),
     ({'model_kwargs.hidden_units': (8,)}, 'config.model_kwargs'),
     ({'features': 'mfcc'}, 'config.features'),
+    ({'model': 'ds_cnn_s', 'norm': 'group'}, "config.features='log_mel_stats'"),
     ({'data.name': 'fashion_mnist'}, 'config.data.name'),
     ({'data.utterances_per_word': 0}, 'config.data.utterances_per_word'),
     ({'split.test_fraction': 0.9}, 'config.split'),

@@ -10,7 +10,7 @@ derives from the `key` argument and the step number.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 
@@ -37,7 +37,11 @@ class Trained(NamedTuple):
 
 
 def _loss_info(records, loss_key: str) -> dict[str, Any]:
-  """The final logged training loss and the curve of every logged one."""
+  """The final logged training loss and the curve of every logged one.
+
+  Each logged value is the mean over its log window (one step or round
+  when `log_every` is 1).
+  """
   curve = [r[loss_key] for r in records if loss_key in r]
   return {'final_train_loss': curve[-1], 'train_loss_curve': curve}
 
@@ -66,9 +70,7 @@ def train_federated(config, loss_fn: train.LossFn, train_ds: ArrayDataset,
   step = federated_loop.make_round_step(algorithm, train_ds, pool, cfg, key)
   # The federated run's logged columns: loss, accuracy, counters, bytes and
   # the DP clip norm, noise std and epsilon spent.
-  epsilon = (privacy.epsilon_curve(cfg.dp.noise_multiplier, cfg.cohort_size,
-                                   pool.num_clients, cfg.dp.delta)
-             if dp else None)
+  epsilon = epsilon_of_rounds(cfg, pool.num_clients) if dp else None
   step = fed_experiment.logged_round_step(
       step, _bytes_float32(params, trainable), epsilon)
   schedule = loop.Schedule(num_steps=cfg.num_rounds, log_every=cfg.log_every,
@@ -81,20 +83,24 @@ def train_federated(config, loss_fn: train.LossFn, train_ds: ArrayDataset,
           'nonfinite_clients_skipped': result.totals['num_nonfinite_clients'],
           'clients_dropped': result.totals['num_dropped']}
   if dp:
-    info.update(dp_info(cfg, pool.num_clients))
+    info.update(dp_info(cfg, epsilon))
   return Trained(result.state.params, result.state.model_state, info)
 
 
-def dp_info(config, num_clients: int) -> dict[str, Any]:
-  """(epsilon, delta) and the mechanism's settings, for the results row.
+def epsilon_of_rounds(config, num_clients: int) -> Callable[[int], float]:
+  """rounds -> epsilon spent under `config.dp`.
 
   A cohort is `cohort_size` users drawn without replacement from
   `num_clients`, so epsilon is accounted for that sampling
   (`privacy.epsilon_curve`).
   """
+  return privacy.epsilon_curve(config.dp.noise_multiplier, config.cohort_size,
+                               num_clients, config.dp.delta)
+
+
+def dp_info(config, epsilon: Callable[[int], float]) -> dict[str, Any]:
+  """(epsilon, delta) after the run and the mechanism's settings."""
   dp = config.dp
-  epsilon = privacy.epsilon_curve(dp.noise_multiplier, config.cohort_size,
-                                  num_clients, dp.delta)
   return {'dp_epsilon': epsilon(config.num_rounds), 'dp_delta': dp.delta,
           'dp_noise_multiplier': dp.noise_multiplier,
           'dp_clip_norm': dp.clip_norm, 'dp_sampling': 'without_replacement'}

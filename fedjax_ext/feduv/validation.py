@@ -147,6 +147,11 @@ def _check_scoring(config) -> None:
 def _check_model(config, num_users: int) -> None:
   """Both model kinds build (no init, nothing compiles) from the config."""
   options.one_of(config, 'quant', quantized_training.QUANT_NAMES)
+  if config.features == 'log_mel_stats' and not config.model.startswith('mlp'):
+    raise ValueError(
+        f"config.features='log_mel_stats' gives each utterance as one vector "
+        f'of band statistics, which config.model={config.model!r} cannot '
+        "take; use an mlp* model or config.features='log_mel' (frames).")
   hooks = quantized_training.get_quant(config.quant).model_kwargs()
   for kind, dim in (('feduv', 2 ** config.code.m - 1),
                     ('softmax', config.embedding_dim)):
