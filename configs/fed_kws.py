@@ -32,6 +32,7 @@ noise; epsilon is accounted for cohorts drawn without replacement.
 import ml_collections
 
 from configs import common
+from fedjax_ext import personalization
 from fedjax_ext import training
 
 
@@ -69,6 +70,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.aggregator = training.aggregator_options('mean')
   config.compression = training.compression_options('none')
   config.dp = training.dp_options()
+  config.secure_aggregation = training.secure_aggregation_options()
+  # Held-out users adapt on K examples per class at each evaluation.
+  config.personalize = personalization.default_options()
+  config.init = ''  # Another run's workdir to start from (ondevice.init_from).
   config.eval_every = 10
   config.eval_batch_size = 512
   config.checkpoint_every = 50

@@ -34,9 +34,11 @@ from fedjax_ext import algorithms
 from fedjax_ext import cohort as cohort_lib
 from fedjax_ext import execution
 from fedjax_ext import federated_loop
+from fedjax_ext import personalization
 from fedjax_ext import privacy
 from fedjax_ext import report
 from fedjax_ext import training
+from ondevice import init_from
 from ondevice import loop
 from ondevice import models
 from ondevice import options
@@ -48,6 +50,7 @@ import quantized_training
 OPTIONAL_KEYS = ('partition', 'norm', 'model_kwargs', 'quant', 'trainable',
                  'client_momentum', 'weighted_sampling', 'dropout_rate',
                  'execution', 'aggregator', 'compression', 'dp',
+                 'secure_aggregation', 'personalize', 'init',
                  'eval_batch_size')
 # Round metric -> its column in metrics.jsonl.
 _LOGGED = {'train_loss': 'train_loss', 'train_accuracy': 'train_accuracy',
@@ -74,6 +77,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if 'quant' in config:
     options.one_of(config, 'quant', quantized_training.QUANT_NAMES)
   registry.validate_data_config(config.data)
+  personalization.validate(config)
+  init_from.validate(config)
 
 
 class Parts(NamedTuple):
@@ -84,6 +89,7 @@ class Parts(NamedTuple):
   round_key: jax.Array
   num_params: int
   bytes_float32: int    # One client's trainable leaves as float32.
+  trainable: Any = None  # What clients (and personalising users) train.
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,
@@ -162,9 +168,11 @@ def build_parts(config, train_ds: ArrayDataset, pool: cohort_lib.ClientPool,
       config, train.classification_loss(model), pool.num_clients, trainable)
   flat = train.flatten_params(state0.params)
   paths = train.resolve_trainable(state0.params, trainable)
+  params, model_state = init_from.maybe_load(config, state0.params,
+                                             state0.model_state)
   parts = Parts(
-      model=model, algorithm=algorithm,
-      state=algorithm.init(state0.params, state0.model_state),
+      model=model, algorithm=algorithm, trainable=trainable,
+      state=algorithm.init(params, model_state),
       round_key=round_key,
       num_params=sum(int(np.size(v)) for v in flat.values()),
       bytes_float32=sum(int(np.size(flat[p])) * 4 for p in paths))
@@ -211,10 +219,21 @@ def run_rounds(config, workdir: str, parts: Parts, train_ds, test_ds, pool,
   eval_step = jax.jit(train.make_eval_step(parts.model))
   batch = min(config.get('eval_batch_size', 512), len(test_ds))
 
+  personal = None
+  if config.get('personalize', None) is not None and config.personalize.enabled:
+    personal = personalization.PersonalizedEval(
+        parts.model, train.classification_loss(parts.model), test_ds,
+        config.personalize, parts.trainable)
+    logging.info('Personalised evaluation on %d held-out users, K=%d.',
+                 personal.num_users, config.personalize.k_shot)
+
   def evaluate(state):
     test = train.evaluate(eval_step, state.params, state.model_state,
                           test_ds.x, test_ds.y, batch)
-    return {'test_loss': test['loss'], 'test_accuracy': test['accuracy']}
+    out = {'test_loss': test['loss'], 'test_accuracy': test['accuracy']}
+    if personal is not None:
+      out.update(personal(state.params, state.model_state))
+    return out
 
   schedule = loop.Schedule(
       num_steps=config.num_rounds, log_every=1, eval_every=config.eval_every,
@@ -254,6 +273,8 @@ def final_metrics(config, parts: Parts, pool, result: loop.LoopResult
       'train_seconds': result.seconds,
   }
   results.update(_dp_results(config, pool))
+  results.update({k: v for k, v in last.items()
+                  if k.startswith(('personalized_', 'global_'))})
   choices = execution.resolved_choices()
   for name in ('execution', 'local_loop'):
     if name in choices:

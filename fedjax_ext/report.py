@@ -49,10 +49,15 @@ def write(workdir: str, results: Mapping[str, Any],
   """
   with open(os.path.join(workdir, FINAL_METRICS), 'w') as f:
     json.dump(json_safe(dict(results)), f, indent=2, allow_nan=False)
-  metric_writer.plot_curves(
-      records, os.path.join(workdir, PLOT),
-      [('loss', ['train_loss', 'test_loss']),
-       ('accuracy', ['train_accuracy', 'test_accuracy'])],
-      title=title, x_key='round')
+  panels = [('loss', ['train_loss', 'test_loss']),
+            ('accuracy', ['train_accuracy', 'test_accuracy',
+                          'personalized_accuracy', 'global_accuracy']),
+            ('detection rate', ['personalized_detection_rate',
+                                'global_detection_rate'])]
+  # A panel whose metrics no record has (no personalisation) is left out.
+  panels = [(name, keys) for name, keys in panels
+            if any(k in r for r in records for k in keys)]
+  metric_writer.plot_curves(records, os.path.join(workdir, PLOT), panels,
+                            title=title, x_key='round')
   return metric_writer.markdown_table(
       [{'metric': k, 'value': v} for k, v in results.items()])

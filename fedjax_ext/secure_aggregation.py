@@ -205,7 +205,8 @@ def secure_sum(stacked: PyTree, key: jax.Array, scale: float,
   return decode(unmask_sum(masked, key, active_mask, submitted_mask), scale)
 
 
-def secure_weighted_mean(scale: float):
+def secure_weighted_mean(scale: float, clamp: float | None = None,
+                         late_dropout_rate: float = 0.0):
   """Aggregator hook `(stacked, weights, key) -> (mean, metrics)` via SecAgg.
 
   Included clients (weight > 0, finite update) send w_i * delta_i through the
@@ -214,23 +215,42 @@ def secure_weighted_mean(scale: float):
   weighted update. `metrics['secagg_range_used']` is the largest
   sum_i |w_i delta_i| * scale / 2^31 over coordinates; at or above 1 the
   fixed-point sum may wrap, so lower `scale`.
+
+  Args:
+    scale: the fixed-point scale (`fixed_point_scale`).
+    clamp: if set, each coordinate of delta_i is clamped to [-clamp, clamp]
+      before weighting, so a range chosen for `clamp` can never wrap.
+    late_dropout_rate: the chance that a client drops after masking; the
+      server removes its masks (`unmask_sum`) and averages the rest.
   """
   if not scale > 0:
     raise ValueError(f'secure_weighted_mean(scale={scale}): scale must be > 0;'
                      ' see fixed_point_scale.')
+  if clamp is not None and not clamp > 0:
+    raise ValueError(f'secure_weighted_mean(clamp={clamp}): must be > 0.')
+  if not 0.0 <= late_dropout_rate < 1.0:
+    raise ValueError('late_dropout_rate must lie in [0, 1); got '
+                     f'{late_dropout_rate}.')
 
   def aggregate(stacked, weights, key):
     inc = aggregators.included_mask(stacked, weights)
+    mask_key, drop_key = jax.random.split(key)
+    submitted = inc & (jax.random.uniform(drop_key, inc.shape)
+                       >= late_dropout_rate)
     w = jnp.where(inc, jnp.asarray(weights, jnp.float32), 0.0)
 
     def weigh(x):
-      wx = w.reshape(w.shape + (1,) * (x.ndim - 1)) * x.astype(jnp.float32)
+      x = x.astype(jnp.float32)
+      if clamp is not None:
+        x = jnp.clip(x, -clamp, clamp)
+      wx = w.reshape(w.shape + (1,) * (x.ndim - 1)) * x
       return jnp.where(jnp.isfinite(wx), wx, 0.0)
 
     weighted = jax.tree.map(weigh, stacked)
     total = decode(
-        unmask_sum(mask_updates(encode(weighted, scale), key, inc), key, inc),
-        scale)
+        unmask_sum(mask_updates(encode(weighted, scale), mask_key, inc),
+                   mask_key, inc, submitted), scale)
+    w = jnp.where(submitted, w, 0.0)
     denom = jnp.sum(w)
     safe = jnp.where(denom > 0, denom, 1.0)
     mean = jax.tree.map(lambda t, x: (t / safe).astype(x.dtype), total,
@@ -238,7 +258,9 @@ def secure_weighted_mean(scale: float):
     used = jnp.max(jnp.stack([
         jnp.max(jnp.sum(jnp.abs(x), axis=0))
         for x in jax.tree_util.tree_leaves(weighted)])) * scale / 2.0 ** 31
-    return mean, {'num_included': jnp.sum(inc).astype(jnp.float32),
+    return mean, {'num_included': jnp.sum(submitted).astype(jnp.float32),
+                  'secagg_late_dropouts': jnp.sum(inc & ~submitted).astype(
+                      jnp.float32),
                   'secagg_range_used': used}
 
   return aggregate

@@ -31,8 +31,11 @@ from fedjax_ext import algorithms
 from fedjax_ext import client as client_lib
 from fedjax_ext import compression
 from fedjax_ext import execution
+from fedjax_ext import meta_client
 from fedjax_ext import privacy
 from fedjax_ext import rounds as rounds_lib
+from fedjax_ext import secure_aggregation
+from fedjax_ext import secure_dp
 from ondevice import models
 from ondevice import options
 from ondevice.data import partition
@@ -102,6 +105,69 @@ def dp_options(**overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(values)
 
 
+def secure_aggregation_options(**overrides) -> ml_collections.ConfigDict:
+  """Secure aggregation (Bonawitz et al. 2017); off by default.
+
+  With DP on, clients clip and noise before masking (`secure_dp`); without,
+  each sends its weighted update, with coordinates clamped to
+  `coordinate_bound`, which sets the fixed-point range.
+  `late_dropout_rate` simulates clients that drop after masking (their
+  masks are removed as the protocol's server does).
+  """
+  values = dict(enabled=False, coordinate_bound=1.0, late_dropout_rate=0.0)
+  values.update(overrides)
+  return ml_collections.ConfigDict(values)
+
+
+def _secagg_enabled(config) -> bool:
+  cfg = config.get('secure_aggregation', None)
+  return cfg is not None and bool(cfg.get('enabled', False))
+
+
+def _check_secure_aggregation(config) -> None:
+  if not _secagg_enabled(config):
+    return
+  options.positive(config, 'secure_aggregation.coordinate_bound')
+  options.in_range(config, 'secure_aggregation.late_dropout_rate', 0.0, 1.0,
+                   high_inclusive=False)
+  if config.cohort_size < 2:
+    raise ValueError('config.secure_aggregation.enabled needs '
+                     'config.cohort_size >= 2: a masked sum of one client is '
+                     f'that client\'s update; got {config.cohort_size}.')
+  aggregator = _chosen(config, 'aggregator', 'mean').name
+  if aggregators.AGGREGATORS[aggregator] is not aggregators.weighted_mean:
+    raise ValueError(
+        f'config.aggregator.name={aggregator!r} with '
+        'config.secure_aggregation.enabled: the server sees only the sum of '
+        "the updates, so only 'mean' can be computed; set "
+        "config.aggregator.name='mean'.")
+  if config.get('norm', None) == 'batch' and not _dp_enabled(config):
+    raise ValueError(
+        "config.norm='batch' with config.secure_aggregation.enabled and no "
+        'DP: batch statistics would have to travel through the masked sum '
+        'clamped to coordinate_bound; use config.norm=\'group\' (or enable '
+        'config.dp, which clips them with the update).')
+  if config.get('execution', 'auto') == 'streamed':
+    raise ValueError("config.execution='streamed' with "
+                     'config.secure_aggregation.enabled: masks cancel only '
+                     'in the sum of every client at once; use execution '
+                     'vmap, chunked or auto.')
+
+
+def _secure_aggregator(config, dp: privacy.DPConfig | None):
+  """(aggregator, stateful aggregator) of secure aggregation."""
+  cfg = config.secure_aggregation
+  if dp is not None:
+    return None, secure_dp.secure_dp_aggregator(
+        dp, config.cohort_size, cfg.late_dropout_rate)
+  # Clients send w_i * delta_i with w_i <= max_examples_per_client.
+  scale = secure_aggregation.fixed_point_scale(
+      cfg.coordinate_bound * config.max_examples_per_client,
+      config.cohort_size)
+  return secure_aggregation.secure_weighted_mean(
+      scale, cfg.coordinate_bound, cfg.late_dropout_rate), None
+
+
 def _as_named(config, key: str) -> ml_collections.ConfigDict:
   """config[key], which must be a name plus one sub-config per choice."""
   node = config[key]
@@ -150,6 +216,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_trainable(config)
   _check_execution(config)
   _check_dp(config)
+  _check_secure_aggregation(config)
   _check_partition(config)
 
 
@@ -199,6 +266,7 @@ _ALGORITHM_RANGES = {
     'b1': ('in [0, 1)', lambda v: 0 <= v < 1),
     'b2': ('in [0, 1)', lambda v: 0 <= v < 1),
     'tau': ('> 0', lambda v: v > 0),
+    'alpha': ('> 0', lambda v: v > 0),
 }
 
 
@@ -209,6 +277,10 @@ _STATELESS_ALGORITHMS = ('per_fedavg', 'fed_reptile')
 
 def _check_algorithm(config) -> None:
   name, _, kwargs = selected(config, 'algorithm', algorithms.ALGORITHMS)
+  variant = kwargs.get('variant', meta_client.VARIANTS[0])
+  if name == 'per_fedavg' and variant not in meta_client.VARIANTS:
+    raise ValueError(f'config.algorithm.per_fedavg.variant={variant!r} is '
+                     f'unknown; choose one of {meta_client.VARIANTS}.')
   for arg, value in kwargs.items():
     rule, ok = _ALGORITHM_RANGES.get(arg, (None, None))
     if ok is None:
@@ -394,12 +466,16 @@ def rounds_config(config) -> rounds_lib.RoundConfig:
   With DP on, the DP-FedAvg aggregator takes the aggregator's place (only
   'mean' is accepted there), clients count equally, and each client's
   batch-norm statistics travel with its update through the clip and the
-  noise, so no model state is averaged in the clear.
+  noise, so no model state is averaged in the clear. Secure aggregation
+  replaces the mean (or DP's mean) by its masked sum, model state included.
   """
   _, transform = _build_checked(config, 'compression', compression.COMPRESSORS)
   dp = dp_config(config)
   aggregator, stateful = None, None
-  if dp is not None:
+  secure = _secagg_enabled(config)
+  if secure:
+    aggregator, stateful = _secure_aggregator(config, dp)
+  elif dp is not None:
     stateful = privacy.dp_aggregator(dp)
   else:
     name, built = _build_checked(config, 'aggregator', aggregators.AGGREGATORS)
@@ -410,7 +486,8 @@ def rounds_config(config) -> rounds_lib.RoundConfig:
   return rounds_lib.RoundConfig(
       aggregator=aggregator, stateful_aggregator=stateful,
       transform=transform, dropout_rate=config.get('dropout_rate', 0.0),
-      uniform_weights=dp is not None, private_model_state=dp is not None,
+      uniform_weights=dp is not None,
+      private_model_state=dp is not None or secure,
       execution=execution.ExecutionConfig(
           strategy=config.get('execution', 'auto')))
 
