@@ -317,8 +317,12 @@ def _pseudo_label_chunk(run: _Run, state, buffer, chunk, seen: int,
 
 
 def _chunk(run: _Run, state, buffer, chunk, seen: int, index: int, key):
-  """One chunk under the run's method: (state, buffer, labels, accepted,
-  loss); nothing is accepted unless the method pseudo-labels."""
+  """One chunk under the run's method.
+
+  Returns:
+    (state, buffer, labels, accepted, loss); nothing is accepted unless the
+    method pseudo-labels, and bn_adapt has no loss (NaN).
+  """
   none = np.zeros(len(chunk), np.int32), np.zeros(len(chunk), bool)
   if run.settings.method == 'pseudo_label':
     return _pseudo_label_chunk(run, state, buffer, chunk, seen, index, key)

@@ -14,8 +14,6 @@ import math
 
 import ml_collections
 
-from continual import learner
-from continual import regularizers
 from continual import streams
 from ondevice import options
 from ondevice import supervised
@@ -43,9 +41,6 @@ SCHEMAS = {
         'speed': ('start', 'rate'),
     },
 }
-assert tuple(SCHEMAS['learner.method']) == learner.METHODS
-assert tuple(SCHEMAS['regularizer']) == regularizers.REGULARIZERS
-assert tuple(SCHEMAS['stream.drift']) == streams.DRIFTS
 # Presets that need a model built for them; continual models are plain.
 _UNSUPPORTED_PRESETS = ('lite_residual',)
 _TOP_KEYS = ('pretrain', 'pretrain_dir', 'quant', 'trainable', 'users',

@@ -15,7 +15,11 @@ import pytest
 
 from configs import continual_kws
 from continual import experiment
+from continual import learner
 from continual import pretrained as pretrained_lib
+from continual import regularizers
+from continual import streams
+from continual import validation
 from ondevice import pretrain
 from ondevice import user_corpus
 from ondevice.data import registry
@@ -24,13 +28,15 @@ CONFIG_FILE = 'configs/continual_kws.py'
 
 
 def test_smoke_config_runs_every_variant(tmp_path):
-  """configs/continual_kws.py:smoke, every variant (tent included)."""
+  """configs/continual_kws.py:smoke, every variant (tent, EWC, BN included)."""
   config = continual_kws.get_config('smoke')
   results = experiment.run(config, str(tmp_path))
   variants = results['variants']
-  assert list(variants) == ['verified+lwf', 'no_regularizer', 'tent']
-  assert list(variants) == [config.main_variant] + [
-      n for n in config.variants if n != config.main_variant]
+  # The smoke config runs every variant of the full one.
+  assert sorted(variants) == sorted(continual_kws.get_config().variants) == [
+      'bn_adapt', 'no_regularizer', 'no_teacher_bn', 'no_verification',
+      'tent', 'verified+ewc', 'verified+l2_sp', 'verified+lwf']
+  assert next(iter(variants)) == config.main_variant == 'verified+lwf'
   # 96 clips in chunks of 48: points after 0, 1 and 2 chunks.
   chunks = config.stream.length // config.stream.chunk_size
   for name, variant in variants.items():
@@ -42,8 +48,9 @@ def test_smoke_config_runs_every_variant(tmp_path):
       assert sum(s['clips'] for s in user['quality']['by_source'].values()
                  ) == config.stream.length
     assert len(variant['curve']) == chunks + 1
-  # TENT and the other baselines never pseudo-label.
+  # TENT and BN adaptation never pseudo-label.
   assert variants['tent']['mean']['accepted'] == 0
+  assert variants['bn_adapt']['mean']['accepted'] == 0
   with open(tmp_path / 'results.json') as f:
     written = json.load(f)
   assert list(written['variants']) == list(variants)
@@ -61,6 +68,22 @@ def test_every_variant_of_the_full_config_validates():
     settings = experiment._settings(experiment.variant_config(config, name))  # pylint: disable=protected-access
     if name == 'tent' or name == 'bn_adapt':
       assert not settings.teacher_bn and settings.method == name
+
+
+def test_the_schemas_name_every_method_regulariser_and_drift():
+  schemas = validation.SCHEMAS
+  assert tuple(schemas['learner.method']) == learner.METHODS
+  assert tuple(schemas['regularizer']) == regularizers.REGULARIZERS
+  assert tuple(schemas['stream.drift']) == streams.DRIFTS
+  # And the shipped config declares exactly those sub-configs.
+  config = continual_kws.get_config()
+  for key, schema in schemas.items():
+    node = config
+    for part in key.split('.'):
+      node = node[part]
+    assert set(node) == set(schema) | {'name'}
+    for choice, keys in schema.items():
+      assert set(node[choice]) == set(keys), (key, choice)
 
 
 def _set(config, dotted, value):
