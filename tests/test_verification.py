@@ -11,10 +11,13 @@ import pytest
 
 from configs import feduv_kws
 from fedjax_ext import codes
+from fedjax_ext import cohort as cohort_lib
+from fedjax_ext import training
 from fedjax_ext import verification
 from fedjax_ext.feduv import experiment
 from fedjax_ext.feduv import report
 from fedjax_ext.feduv import scoring
+from fedjax_ext.feduv import trainers
 from fedjax_ext.feduv import variants
 from ondevice import train
 import quantized_training
@@ -393,3 +396,82 @@ def test_combine_merges_rows_in_variant_order(tmp_path):
   assert res['variants']['fed_softmax']['dp_epsilon'] == 'inf'
   assert 'feduv_mean_ref' in (tmp_path / 'c' / 'results.md').read_text()
   assert (tmp_path / 'c' / 'roc.png').exists()
+
+
+def test_central_training_that_diverges_stops_naming_the_step(tmp_path):
+  splits = _splits(4, 1, 10)
+  config = _tiny_config()
+  config.central.learning_rate = 1e38  # Overflows the weights at once.
+  config.central.num_steps = 3
+  model = verification.build_verifier('softmax', 'mlp', embedding_dim=8,
+                                      num_users=4, hidden=(8,), norm='none')
+  state = train.init_state(model, optax.sgd(1.), splits.train.x[:1],
+                           jax.random.key(0))
+  with pytest.raises(FloatingPointError, match='non-finite at step'):
+    trainers.train_central(config, verification.softmax_loss(model),
+                           splits.train, state.params, state.model_state,
+                           jax.random.key(1), workdir=str(tmp_path))
+
+
+def _tiny_softmax_start(splits):
+  model = verification.build_verifier('softmax', 'mlp', embedding_dim=8,
+                                      num_users=splits.num_users,
+                                      hidden=(8,), norm='none')
+  state = train.init_state(model, optax.sgd(1.), splits.train.x[:1],
+                           jax.random.key(0))
+  return model, verification.softmax_loss(model), state
+
+
+def test_central_trainer_repeats_a_plain_epoch_loop(tmp_path):
+  splits = _splits(4, 1, 10)  # 24 train utterances: 3 batches an epoch.
+  config = _tiny_config()
+  config.central.num_steps = 7
+  _, loss_fn, state = _tiny_softmax_start(splits)
+  key = jax.random.key(1)
+  got = trainers.train_central(config, loss_fn, splits.train, state.params,
+                               state.model_state, key, workdir=str(tmp_path))
+  # Reference: epoch e visits permutation(fold_in(data_key, e)) in slices.
+  optimizer = optax.sgd(config.central.learning_rate,
+                        momentum=config.central.momentum)
+  ref = train.state_from_params(state.params, state.model_state, optimizer)
+  step = jax.jit(train.make_train_step(loss_fn, optimizer))
+  data_key, step_key = jax.random.split(key)
+  n, b = len(splits.train), config.central.batch_size
+  for s in range(config.central.num_steps):
+    epoch, i = divmod(s, n // b)
+    order = np.asarray(jax.random.permutation(
+        jax.random.fold_in(data_key, epoch), n))[i * b:(i + 1) * b]
+    batch = {'x': splits.train.x[order], 'y': splits.train.y[order],
+             'mask': np.ones(b, np.float32)}
+    ref, metrics = step(ref, batch, jax.random.fold_in(step_key, s))
+  jax.tree.map(np.testing.assert_array_equal, got.params, ref.params)
+  assert got.info['final_train_loss'] == float(metrics['loss'])
+
+
+def test_federated_trainer_repeats_a_plain_round_loop(tmp_path):
+  splits = _splits(4, 1, 10)
+  config = _tiny_config()
+  config.num_rounds = 3
+  _, loss_fn, state = _tiny_softmax_start(splits)
+  key = jax.random.key(1)
+  got = trainers.train_federated(config, loss_fn, splits.train, state.params,
+                                 state.model_state, key, dp=False,
+                                 workdir=str(tmp_path))
+  # Reference: round r samples, gathers and applies with fold_in(key, r).
+  pool = cohort_lib.ClientPool.from_dataset(splits.train)
+  algorithm = training.build_algorithm(config, loss_fn, pool.num_clients,
+                                       None)
+  ref = algorithm.init(state.params, state.model_state)
+  losses = []
+  for r in range(config.num_rounds):
+    sample_key, gather_key, apply_key = jax.random.split(
+        jax.random.fold_in(key, r), 3)
+    ids = cohort_lib.sample_clients(sample_key, pool.sizes,
+                                    config.cohort_size)
+    cohort = cohort_lib.gather_cohort(splits.train, ids,
+                                      config.max_examples_per_client,
+                                      gather_key, pool)
+    ref, metrics = algorithm.apply(ref, cohort, ids, apply_key)
+    losses.append(float(metrics['train_loss']))
+  jax.tree.map(np.testing.assert_array_equal, got.params, ref.params)
+  assert got.info['train_loss_curve'] == losses
