@@ -332,6 +332,13 @@ def _benchmark(fedjax, name: str, fd, all_data, peak) -> dict[str, Any]:
                  name, seed, statistics.median(times['fedjax']),
                  statistics.median(times['ours']))
   times = {k: v for k, v in times.items() if v}
+  return _row(name, times, first, losses, init_params, bridge, flax_init,
+              float(train_loss(init_params)), peak)
+
+
+def _row(name, times, first, losses, init_params, bridge, flax_init,
+         initial_loss, peak) -> dict[str, Any]:
+  """One row of `models` from the timings and losses of `_benchmark`."""
   speed = {k: _summary(v) for k, v in times.items()}
   ratio = speed['fedjax']['median'] / speed['ours']['median']
   count = sum(x.size for x in jax.tree.leaves(init_params))
@@ -347,7 +354,7 @@ def _benchmark(fedjax, name: str, fd, all_data, peak) -> dict[str, Any]:
           speed['fedjax']['median'] / speed['ours_with_gather']['median']),
       'speedup_goal': _GOALS.get(name),
       'goal_met': bool(ratio >= _GOALS.get(name, 0.0)),
-      'initial_train_loss': float(train_loss(init_params)),
+      'initial_train_loss': initial_loss,
       'final_train_loss': {k: _loss_summary(v) for k, v in losses.items()
                            if v},
       **_gflops(bridge.loss_fn, bridge.params, speed, peak),

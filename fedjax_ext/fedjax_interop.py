@@ -18,9 +18,22 @@ or, for a dataset that fits in memory, `to_array_dataset(fd)` builds one
 the codebase (`ClientPool.from_dataset`, `experiments/federated.py`).
 
 A haiku `fedjax.Model` can be passed to any algorithm where a loss function
-goes (`fedavg(model, ...)`, through `as_loss_fn`); the algorithm's params are
-then `model.init(key)` and come back nested at every '/'
-(`to_haiku_params` restores the haiku layout). A stax model, or one whose
+goes (through `as_loss_fn`); the algorithm's params are then
+`model.init(key)` and come back nested at every '/' (`to_haiku_params`
+restores the haiku layout):
+
+    source = fedjax_interop.FederatedDataSource(fd)
+    fedjax_interop.check_model_outputs(model, params, source)  # label range
+    algorithm = fedjax_ext.fedavg(model, optax.sgd(0.1),
+                                  LocalConfig(batch_size=5, num_steps=4,
+                                              last_batch='fill'))
+    state = algorithm.init(params)
+    ids = source.sample(key, cohort_size=50)
+    state, metrics = algorithm.apply(state, source.cohort(ids, 32, key), ids,
+                                     key)
+    fedjax_params = fedjax_interop.to_haiku_params(state.params)
+
+(`last_batch='fill'` fills short batches as FedJAX does.) A stax model, or one whose
 params should keep FedJAX's names, trains through `bridge_fedjax_model`, which renames its params into the '/'-path dicts that
 `ondevice.train` splits and merges, and wraps its per-example `train_loss`
 as our masked `LossFn`:
