@@ -127,6 +127,8 @@ def _set_federated(config) -> None:
   # replace-one neighbours).
   config.dp = training.dp_options(noise_multiplier=3.5, clip_norm=0.5,
                                   delta=1e-4)
+  # Read by fedjax_ext.training's checks; FedUV scores each model once,
+  # after its last round.
   config.eval_every = 100
   # Every round's training loss is logged (results' train_loss_curve);
   # checkpoints go to <workdir>/variants/<name>/.

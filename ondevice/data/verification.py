@@ -103,8 +103,9 @@ def split_utterances(ds: ArrayDataset, warmup_fraction: float,
   for u in np.unique(ds.client_id):
     index = np.flatnonzero(ds.client_id == u)
     order = np.random.default_rng((seed, int(u))).permutation(index)
-    _, n_warm, n_test = part_sizes(len(index), warmup_fraction, test_fraction)
-    if min(part_sizes(len(index), warmup_fraction, test_fraction)) < 1:
+    sizes = part_sizes(len(index), warmup_fraction, test_fraction)
+    _, n_warm, n_test = sizes
+    if min(sizes) < 1:
       raise ValueError(
           f'User {u} has {len(index)} utterances: too few for a train / '
           f'warm-up / test split with fractions {warmup_fraction} and '
