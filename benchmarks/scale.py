@@ -5,7 +5,9 @@ A synthetic population (`client_store.synthetic_store`: random log-mel-shaped
 built once per size under `--store_root` (about 31 KB per client: ~310 MB for
 10,000 clients). For each population size, one round is
 
-  sample (uniform, without replacement) -> gather the cohort from the store
+  sample (uniform, without replacement: `ClientStore.sample`, Floyd's
+  algorithm, whose cost does not grow with the population) -> gather the
+  cohort from the store
   (reads only its rows) -> one jitted FedAvg round of a small MLP on it,
 
 for a fixed cohort. The FedAvg program depends only on the cohort's shape,
@@ -52,7 +54,6 @@ import optax
 
 from fedjax_ext import algorithms
 from fedjax_ext import client as client_lib
-from fedjax_ext import cohort as cohort_lib
 from fedjax_ext import execution
 from fedjax_ext import rounds as rounds_lib
 from ondevice import models
@@ -114,8 +115,7 @@ def _one_round(algorithm, state, store, r: int) -> tuple[Any, float, float]:
   """Sample + gather + FedAvg; returns (state, gather s, total s)."""
   key = jax.random.fold_in(jax.random.key(1), r)
   start = time.perf_counter()
-  ids = np.asarray(cohort_lib.sample_clients(
-      jax.random.fold_in(key, 0), store.sizes, _COHORT.value))
+  ids = store.sample(jax.random.fold_in(key, 0), _COHORT.value)
   cohort = store.gather(ids, _MAX_EXAMPLES.value, jax.random.fold_in(key, 1))
   gathered = time.perf_counter()
   state, _ = algorithm.apply(state, cohort, ids, key)
@@ -255,7 +255,12 @@ def _markdown(results: dict[str, Any]) -> str:
   lines += [
       '', f"Peak host memory of a {pops[-1]:,}-client run "
       f"({results['memory_rounds']} rounds, fresh process, ru_maxrss): "
-      f"**{results['peak_host_mb_10k']:.0f} MB**.", '',
+      f"**{results['peak_host_mb_10k']:.0f} MB**; the same run on "
+      f"{pops[0]:,} clients peaks at "
+      f"{results['peak_host_mb_smallest']:.0f} MB (the JAX runtime and the "
+      'compiled round are most of it). Held in memory as float32, the '
+      f"{pops[-1]:,}-client features alone would take "
+      f"{results['float32_features_mb'][str(pops[-1])]:.0f} MB.", '',
       f"Load average (1/5/15 min) during the sweeps: "
       f"{results['loadavg_range']}.", '']
   if mp:
@@ -298,6 +303,7 @@ def main(argv):
   timings = _timings(stores)
   rows = _summary(timings, populations)
   memory = _peak_memory(populations[-1])
+  memory_smallest = _peak_memory(populations[0])
   mp = (_multiprocess_diff(stores[populations[0]].root)
         if _MULTIPROCESS.value else {})
   loads = [v for l in timings['loadavg'] for v in (l['before'], l['after'])]
@@ -311,6 +317,10 @@ def main(argv):
                    for p, s in stores.items()},
       'store_examples': {str(p): s.num_examples for p, s in stores.items()},
       'multiprocess': mp, 'memory': memory,
+      'peak_host_mb_smallest': memory_smallest['peak_host_mb'],
+      'float32_features_mb': {
+          str(p): s.num_examples * int(np.prod(s.feature_shape)) * 4 / 2 ** 20
+          for p, s in stores.items()},
       'loadavg': timings['loadavg'],
       'loadavg_range': (f'{min(l[0] for l in loads):.1f}-'
                         f'{max(l[0] for l in loads):.1f} (1 min)'),

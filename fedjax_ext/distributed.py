@@ -190,11 +190,15 @@ def make_store_round_step(algorithm, store: client_store.ClientStore,
                           mesh: Mesh | None = None):
   """`federated_loop.make_round_step` with clients read from a store.
 
-  Round r samples exactly as the in-memory step does (`store.sizes` plays
-  `pool.sizes`, keys from `federated_loop.round_keys`), then reads only the
-  cohort's clients from `store`: all of them with `mesh=None`, or, with a
-  mesh over several processes' devices, only this process's share
-  (`global_cohort`); every process draws the same cohort.
+  Round r uses the keys of `federated_loop.round_keys`. Uniform sampling is
+  `ClientStore.sample` (the same distribution as `cohort.sample_clients`,
+  at a cost that does not grow with the population, but other cohorts for
+  a given key); size-weighted sampling (`config.weighted_sampling`) is
+  `cohort.sample_clients` over `store.sizes`, which is linear in the
+  population. Only the cohort's clients are then read from `store`: all of
+  them with `mesh=None`, or, with a mesh over several processes' devices,
+  only this process's share (`global_cohort`); every process draws the same
+  cohort.
 
   Args:
     algorithm: an `(init, apply)` pair (with the 'sharded' execution on
@@ -225,8 +229,9 @@ def make_store_round_step(algorithm, store: client_store.ClientStore,
   def step(state, r: int):
     sample_key, gather_key, apply_key = federated_loop.round_keys(
         round_key, r)
-    ids = np.asarray(cohort_lib.sample_clients(
-        sample_key, store.sizes, cohort_size, weighted=weighted))
+    ids = (np.asarray(cohort_lib.sample_clients(
+        sample_key, store.sizes, cohort_size, weighted=True)) if weighted
+           else store.sample(sample_key, cohort_size))
     if mesh is None:
       return algorithm.apply(state, store.gather(ids, max_examples,
                                                  gather_key), ids, apply_key)

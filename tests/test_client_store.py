@@ -245,3 +245,29 @@ def test_synthetic_store_is_deterministic(tmp_path):
   for name, want in a.gather(range(7), 3, jax.random.key(0)).items():
     np.testing.assert_array_equal(b.gather(range(7), 3, jax.random.key(0))[name],
                                   want)
+
+
+def test_sample_is_uniform_without_replacement(tmp_path):
+  store = _build(tmp_path)
+  counts = np.zeros(7)
+  pairs = np.zeros((7, 7))
+  draws = 3000
+  for seed in range(draws):
+    ids = store.sample(jax.random.key(seed), 3)
+    assert ids.dtype == np.int32 and len(set(ids.tolist())) == 3
+    assert ids.tolist() == sorted(ids.tolist()) and 0 <= ids.min()
+    assert ids.max() < 7
+    counts[ids] += 1
+    pairs[ids[:, None], ids[None, :]] += 1
+  # Each client is in a cohort with probability 3/7, each pair 3/7 * 2/6
+  # (binomial standard deviations: ~27 and ~20 draws of 3000).
+  np.testing.assert_allclose(counts, draws * 3 / 7, atol=5 * 27)
+  off_diagonal = pairs[~np.eye(7, dtype=bool)]
+  np.testing.assert_allclose(off_diagonal, draws * 3 / 7 * 2 / 6, atol=5 * 20)
+  np.testing.assert_array_equal(store.sample(jax.random.key(1), 3),
+                                store.sample(jax.random.key(1), 3))
+  assert store.sample(jax.random.key(2), 7).tolist() == list(range(7))
+  with pytest.raises(ValueError, match='population of 7'):
+    store.sample(jax.random.key(0), 8)
+  with pytest.raises(ValueError, match=r'\[1, 7\]'):
+    store.sample(jax.random.key(0), 0)

@@ -161,22 +161,23 @@ def _round_config(cohort_size=4):
                                     'num_rounds': 1})
 
 
-def test_store_round_step_equals_in_memory_round_step(tmp_path):
+def test_store_round_step_equals_an_in_memory_round(tmp_path):
   store = _store(tmp_path)
   arrays = store.to_arrays()
   ds = ArrayDataset(x=arrays['x'], y=arrays['y'],
                     client_id=arrays['client_id'],
                     class_names=store.class_names)
-  pool = cohort_lib.ClientPool.from_dataset(ds)
   model = models.build_model('mlp_2k', len(store.class_names))
   params = model.init(jax.random.key(0), jnp.zeros((1, 6, 5)))['params']
   algorithm = algorithms.fedavg(
       train.classification_loss(model), optax.sgd(0.1),
       client_lib.LocalConfig(batch_size=2, num_steps=2))
   key = jax.random.key(3)
-  want, _ = federated_loop.make_round_step(algorithm, ds, pool,
-                                           _round_config(), key)(
-                                               algorithm.init(params), 0)
+  # The same round from the in-memory dataset, built by hand.
+  sample_key, gather_key, apply_key = federated_loop.round_keys(key, 0)
+  ids = store.sample(sample_key, 4)
+  cohort = cohort_lib.gather_cohort(ds, ids, 3, gather_key)
+  want, _ = algorithm.apply(algorithm.init(params), cohort, ids, apply_key)
   got, history = distributed.run_rounds(algorithm, params, store,
                                         _round_config(), key=key)
   assert len(history) == 1 and history[0]['num_clients'] == 4
@@ -190,3 +191,5 @@ def test_store_round_step_rejects_bad_cohorts(tmp_path):
   with pytest.raises(ValueError, match='config.cohort_size=13 exceeds the 12'):
     distributed.make_store_round_step(None, store, _round_config(13),
                                       jax.random.key(0))
+  with pytest.raises(ValueError, match=r'cohort size in \[1, 12\]'):
+    store.sample(jax.random.key(0), 13)

@@ -444,6 +444,33 @@ class ClientStore:
                        f'[{ids.min()}, {ids.max()}].')
     return ids
 
+  def sample(self, key: jax.Array, cohort_size: int) -> np.ndarray:
+    """Draws `cohort_size` distinct pool clients uniformly (sorted int32).
+
+    Floyd's algorithm (Bentley & Floyd 1987, "Programming pearls: a sample
+    of brilliance") on a NumPy generator seeded by `key`: cost and memory
+    grow with the cohort only, not with the population. Every fixed-size
+    subset is equally likely, as with `fedjax_ext.cohort.sample_clients`
+    (uniform, without replacement; all store clients have data), but for a
+    given key the two draw different cohorts.
+
+    Raises:
+      ValueError: a cohort size below 1 or above the population.
+    """
+    if not 1 <= cohort_size <= self.num_clients:
+      raise ValueError(
+          f'A cohort of {cohort_size} clients cannot be drawn from the '
+          f'population of {self.num_clients} clients in {self.root!r}; use '
+          f'a cohort size in [1, {self.num_clients}].')
+    data = np.asarray(jax.random.key_data(key)).ravel()
+    rng = np.random.default_rng([int(v) for v in data])
+    chosen = set()
+    for j in range(self.num_clients - cohort_size, self.num_clients):
+      t = int(rng.integers(0, j + 1))
+      chosen.add(j if t in chosen else t)
+    return np.sort(np.fromiter(chosen, np.int64, cohort_size)).astype(
+        np.int32)
+
   def client(self, client: int) -> dict[str, np.ndarray]:
     """All examples of one pool client, dequantised: {'x', 'y'}."""
     (client,) = self._check_ids([client])
