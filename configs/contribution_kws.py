@@ -41,6 +41,7 @@ def _data(num_speakers: int) -> ml_collections.ConfigDict:
       test_fraction=0.2,         # Held-out speakers: the personalisation set.
       split_seed=0,
       cache_dir='',
+      population='espeak',
   ))
 
 

@@ -41,7 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.data = ml_collections.ConfigDict(dict(
       name='speech_keywords', num_speakers=200, utterances_per_word=3,
-      corpus_seed=0, test_fraction=0.2, split_seed=0, cache_dir=''))
+      corpus_seed=0, test_fraction=0.2, split_seed=0, cache_dir='',
+      population='espeak'))
   config.partition = ml_collections.ConfigDict(dict(kind='natural'))
   config.model = 'ds_cnn_s'
   config.norm = 'batch'

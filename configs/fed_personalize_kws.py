@@ -68,7 +68,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Six clips per word: K = 5 to enroll, at least one to evaluate.
   config.data = ml_collections.ConfigDict(dict(
       name='speech_keywords', num_speakers=100, utterances_per_word=6,
-      corpus_seed=0, test_fraction=0.2, split_seed=0, cache_dir=''))
+      corpus_seed=0, test_fraction=0.2, split_seed=0, cache_dir='',
+      population='espeak'))
   config.partition = ml_collections.ConfigDict(dict(kind='natural'))
   config.model = 'ds_cnn_s'
   config.norm = 'group'

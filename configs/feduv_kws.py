@@ -39,7 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.data = ml_collections.ConfigDict(dict(
       name='speech_keywords', num_speakers=200, utterances_per_word=3,
-      corpus_seed=0, test_fraction=0.2, split_seed=0, cache_dir=''))
+      corpus_seed=0, test_fraction=0.2, split_seed=0, cache_dir='',
+      population='espeak'))
   # Of each seen user's utterances: warm-up (thresholds) and test trials.
   config.split = ml_collections.ConfigDict(dict(
       warmup_fraction=0.2, test_fraction=0.2, seed=0))

@@ -64,7 +64,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.data = ml_collections.ConfigDict(dict(
       name='speech_keywords', num_speakers=200, utterances_per_word=3,
-      corpus_seed=0, test_fraction=0.2, split_seed=0, cache_dir=''))
+      corpus_seed=0, test_fraction=0.2, split_seed=0, cache_dir='',
+      population='espeak'))
   config.quant = 'none'            # See quantized_training.QUANT_NAMES.
   config.keywords = KEYWORDS       # All other words are non-keywords.
   config.far = 0.05                # Detection rate at 5% false accepts.

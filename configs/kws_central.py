@@ -34,6 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       test_fraction=0.2,         # Fraction of *speakers* held out.
       split_seed=0,
       cache_dir='',              # '' = $ONDEVICE_CACHE or ~/.cache/ondevice.
+      population='espeak',       # See ondevice.data.population.NAMES.
   ))
   config.model = 'ds_cnn_s'
   config.norm = 'batch'

@@ -266,12 +266,14 @@ def load_users(config, train_ds: base.ArrayDataset) -> base.ArrayDataset:
   `train_ds` (`ondevice.user_corpus`)."""
   cfg = config.users
   corpus = user_corpus.corpus_config(config.data)
+  population = config.data.get('population', None)
   indices = user_corpus.pick_users(corpus, cfg.first_index, cfg.num_typical,
-                                   cfg.num_outlier, spread_accents=False)
+                                   cfg.num_outlier, spread_accents=False,
+                                   population=population)
   users = user_corpus.load_users(
       corpus, indices,
       user_corpus.UserClips(utterances_per_word=cfg.utterances_per_word),
-      config.data.get('cache_dir', None) or None)
+      config.data.get('cache_dir', None) or None, population)
   return user_corpus.normalise_like(users, train_ds).keywords
 
 

@@ -1,5 +1,12 @@
 """New users: speakers no pre-training saw, with clips to enroll and evaluate.
 
+The one entry point for new users of every speaker population: the eSpeak
+corpus of `ondevice.data.speech_keywords` (population None or 'espeak', the
+default) and the multi-engine populations of `ondevice.data.population`
+('mixed', 'mixed_unseen' or a mapping of overrides, as in
+`config.data.population`), whose clips `ondevice.data.population_corpus`
+synthesises.
+
 The shared speech corpus (`ondevice.data.speech_keywords`) speaks each word
 a few times per speaker, too few to enroll a user and still hold clips out.
 New users are speakers of the same synthetic population with indices at or
@@ -13,11 +20,14 @@ the same voice (`OTHER_WORDS`) and noise-only clips.
 
 API:
 
-    corpus = user_corpus.corpus_config(config.data)   # the population
+    corpus = user_corpus.corpus_config(config.data)   # seed, words, ...
+    population = config.data.get('population', None)  # None = 'espeak'
     indices = user_corpus.pick_users(corpus, first_index=200,
-                                     num_typical=4, num_outlier=4)
+                                     num_typical=4, num_outlier=4,
+                                     population=population)
     users = user_corpus.load_users(corpus, indices, UserClips(
-        utterances_per_word=8, other_utterances=0, num_noise=0))
+        utterances_per_word=8, other_utterances=0, num_noise=0),
+        population=population)
     users = user_corpus.normalise_like(users, train_ds)
     users.keywords      # ArrayDataset: x [N, 98, 40] log-mel, y over
                         # corpus.words, client_id = speaker index, meta
@@ -26,12 +36,21 @@ API:
     users.noise         # ArrayDataset, one class 'noise'
     users.of_user(i)    # the same three sets restricted to speaker i
 
-* `pick_users` is the one way to choose users: typical and outlier-accent
+* `pick_users` is the one way to choose users: typical and outlier
   speakers in the numbers asked for, a deterministic function of the corpus
-  seed (outlier accents are rare by construction,
-  `speech_keywords.OUTLIER_ACCENTS`, so indices are scanned upwards).
+  seed. In the eSpeak population an outlier has a rare accent
+  (`speech_keywords.OUTLIER_ACCENTS`, rare by construction, so indices are
+  scanned upwards) and accents are spread; in a multi-engine population an
+  outlier is unseen (its family or a condition is held out of pre-training,
+  `population_corpus.PopulationSpeaker.unseen`) and families are spread.
+* A multi-engine population's users have keyword clips (cached by
+  `population_corpus.load_speakers`, one file per set of users; meta also
+  holds 'family', 'room', 'mic', 'noise', 'timbre', 'is_unseen') and
+  noise-only clips, the same as an eSpeak user's of that index; other words
+  are spoken by the eSpeak population only.
 * One cache file per user (`cache_path`), named by a hash of everything that
-  generates it and holding a sha256 of its arrays. A cache file that cannot
+  generates it and holding a sha256 of its arrays (written and checked like
+  the corpus's, by `speech_keywords`). A cache file that cannot
   be read or fails its checksum is logged as a warning and rebuilt.
 * Speakers and clips come from `speech_keywords`' public functions only
   (`make_speaker`, `speaker_seed`, `synthesize_speaker`, `place_in_clip`),
@@ -47,13 +66,14 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any
 
 from absl import logging
 import numpy as np
 
 from ondevice.data import espeak
+from ondevice.data import population as pop_lib
+from ondevice.data import population_corpus
 from ondevice.data import speech_keywords as sk
 from ondevice.data.base import ArrayDataset
 
@@ -70,6 +90,7 @@ _NOISE_OFFSET = 2000
 _CACHE_FORMAT = 1            # Bump when the arrays' meaning changes.
 _FEATURE_SHAPE = (98, 40)
 _CANDIDATES_PER_USER = 8     # Scan depth of `pick_users(spread_accents=True)`.
+POPULATION_KEY = 'config.data.population'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,19 +157,42 @@ def corpus_config(data_config) -> sk.SpeechCorpusConfig:
   return sk.SpeechCorpusConfig(**kwargs)
 
 
+def resolve_population(population) -> pop_lib.Population | None:
+  """None for the eSpeak population, else the `population.Population`.
+
+  Args:
+    population: None, '' or 'espeak'; a name in `population.POPULATIONS`; a
+      mapping of overrides (see `population.population_from_config`, whose
+      errors name `config.data.population`); or a Population itself.
+  """
+  if isinstance(population, pop_lib.Population):
+    return population
+  return pop_lib.population_from_config(population, POPULATION_KEY)
+
+
 def _speaker(corpus: sk.SpeechCorpusConfig, index: int) -> sk.Speaker:
   return sk.make_speaker(sk.speaker_seed(corpus.seed, index))
 
 
-def _candidates(corpus, first_index, wanted, max_scan
+def _kind(corpus: sk.SpeechCorpusConfig, pop: pop_lib.Population | None,
+          index: int) -> tuple[bool, str]:
+  """(is outlier, group to spread over) of speaker `index`."""
+  if pop is None:
+    speaker = _speaker(corpus, index)
+    return speaker.is_outlier_accent, speaker.accent_group
+  speaker = population_corpus.speaker_at(pop, corpus.seed, index)
+  return speaker.unseen, speaker.family
+
+
+def _candidates(corpus, first_index, wanted, max_scan, pop=None
                 ) -> dict[bool, list[tuple[int, str]]]:
-  """(index, accent group) of typical (False) and outlier (True) speakers."""
+  """(index, group) of typical (False) and outlier (True) speakers."""
   found = {False: [], True: []}
   for index in range(first_index, first_index + max_scan):
-    speaker = _speaker(corpus, index)
-    group = found[speaker.is_outlier_accent]
-    if len(group) < wanted[speaker.is_outlier_accent]:
-      group.append((index, speaker.accent_group))
+    outlier, group_name = _kind(corpus, pop, index)
+    group = found[outlier]
+    if len(group) < wanted[outlier]:
+      group.append((index, group_name))
     if all(len(found[k]) >= wanted[k] for k in found):
       return found
   return found
@@ -167,31 +211,9 @@ def _spread(candidates: list[tuple[int, str]], count: int) -> list[int]:
   return picked
 
 
-def pick_users(corpus: sk.SpeechCorpusConfig, first_index: int,
-               num_typical: int, num_outlier: int,
-               spread_accents: bool = True, max_scan: int = 5000
-               ) -> list[int]:
-  """Speaker indices >= first_index: num_typical typical, num_outlier outliers.
-
-  Args:
-    corpus: the population; speakers are a function of corpus.seed, and
-      first_index must be >= corpus.num_speakers (unseen in pre-training).
-    first_index: the first index to consider.
-    num_typical: speakers of common accents.
-    num_outlier: speakers of rare accents (`speech_keywords.OUTLIER_ACCENTS`).
-    spread_accents: False takes the first speakers of each kind in index
-      order; True takes, among the first `_CANDIDATES_PER_USER` times as many,
-      one per accent group before any group twice.
-    max_scan: how many indices to scan at most.
-
-  Returns:
-    spread_accents: the typical users, then the outlier users, each in the
-    order picked; else all of them in increasing index order.
-
-  Raises:
-    ValueError: bad counts, first_index inside the corpus, or too few
-      speakers of a kind within max_scan indices.
-  """
+def _check_pick(corpus: sk.SpeechCorpusConfig, pop, first_index: int,
+                num_typical: int, num_outlier: int) -> None:
+  """Raises ValueError for counts or a first index no scan can satisfy."""
   if num_typical < 0 or num_outlier < 0 or num_typical + num_outlier == 0:
     raise ValueError('num_typical and num_outlier must be >= 0 and not both '
                      f'0; got {num_typical} and {num_outlier}.')
@@ -199,17 +221,58 @@ def pick_users(corpus: sk.SpeechCorpusConfig, first_index: int,
     raise ValueError(f'first_index={first_index} is a speaker of the '
                      f'{corpus.num_speakers}-speaker corpus; new users need '
                      f'first_index >= {corpus.num_speakers}.')
+  if (pop is not None and num_outlier and not pop.held_out_families and
+      not pop.held_out_conditions):
+    raise ValueError(
+        f'{POPULATION_KEY}={pop.name!r} holds nothing out of pre-training, '
+        f'so it has no outlier (unseen) users; got num_outlier={num_outlier}. '
+        "Ask for 0 or use a population with held-out families or "
+        "conditions, such as 'mixed_unseen'.")
+
+
+def pick_users(corpus: sk.SpeechCorpusConfig, first_index: int,
+               num_typical: int, num_outlier: int,
+               spread_accents: bool = True, max_scan: int = 5000,
+               population=None) -> list[int]:
+  """Speaker indices >= first_index: num_typical typical, num_outlier outliers.
+
+  Args:
+    corpus: seed and size of the corpus; speakers are a function of
+      corpus.seed, and first_index must be >= corpus.num_speakers (unseen in
+      pre-training).
+    first_index: the first index to consider.
+    num_typical: speakers of common accents (a population: seen speakers).
+    num_outlier: speakers of rare accents (`speech_keywords.OUTLIER_ACCENTS`;
+      a population: unseen speakers, see the module docstring).
+    spread_accents: False takes the first speakers of each kind in index
+      order; True takes, among the first `_CANDIDATES_PER_USER` times as many,
+      one per accent group (a population: family) before any group twice.
+    max_scan: how many indices to scan at most.
+    population: see `resolve_population`; None is the eSpeak population.
+
+  Returns:
+    spread_accents: the typical users, then the outlier users, each in the
+    order picked; else all of them in increasing index order.
+
+  Raises:
+    ValueError: bad counts, first_index inside the corpus, a population with
+      no outliers, or too few speakers of a kind within max_scan indices.
+  """
+  pop = resolve_population(population)
+  _check_pick(corpus, pop, first_index, num_typical, num_outlier)
   counts = {False: num_typical, True: num_outlier}
   depth = _CANDIDATES_PER_USER if spread_accents else 1
   found = _candidates(corpus, first_index,
-                      {k: n * depth for k, n in counts.items()}, max_scan)
+                      {k: n * depth for k, n in counts.items()}, max_scan,
+                      pop)
   picked = []
   for outlier, count in counts.items():
     if len(found[outlier]) < count:
+      kind = 'outlier' if outlier else 'typical'
       raise ValueError(
-          f'Found only {len(found[outlier])} '
-          f'{"outlier" if outlier else "typical"} speakers in {max_scan} '
-          f'indices from {first_index}; ask for at most that many.')
+          f'Found only {len(found[outlier])} {kind} speakers in {max_scan} '
+          f'indices from {first_index}; ask for at most that many '
+          f'(num_{kind}).')
     picked += (_spread(found[outlier], count) if spread_accents else
                [index for index, _ in found[outlier][:count]])
   return picked if spread_accents else sorted(picked)
@@ -257,6 +320,13 @@ def _user_corpus(corpus: sk.SpeechCorpusConfig, index: int,
                              utterances_per_word=clips.utterances_per_word)
 
 
+def _noise_features(corpus: sk.SpeechCorpusConfig, index: int,
+                    clips: UserClips) -> np.ndarray:
+  """Log-mel of user `index`'s noise-only clips (any population)."""
+  return _features([_noise_clip(np.random.default_rng(
+      (corpus.seed, index, _NOISE_OFFSET, i))) for i in range(clips.num_noise)])
+
+
 def _synthesize(corpus: sk.SpeechCorpusConfig, index: int,
                 clips: UserClips) -> dict[str, np.ndarray]:
   """Log-mel (float16) keywords, other words and noise of one user."""
@@ -264,14 +334,12 @@ def _synthesize(corpus: sk.SpeechCorpusConfig, index: int,
   # hidden state, and so every clip, deterministic.
   keywords = sk.synthesize_speaker(_user_corpus(corpus, index, clips), index)
   waves, words, utts = _other_word_clips(corpus, index, clips)
-  noise = [_noise_clip(np.random.default_rng(
-      (corpus.seed, index, _NOISE_OFFSET, i))) for i in range(clips.num_noise)]
   return {'keyword_x': _features(keywords['waveform']),
           'keyword_y': keywords['y'], 'keyword_utt': keywords['utterance'],
           'other_x': _features(waves),
           'other_word': np.array(words, np.int32),
           'other_utt': np.array(utts, np.int32),
-          'noise_x': _features(noise)}
+          'noise_x': _noise_features(corpus, index, clips)}
 
 
 def cache_path(corpus: sk.SpeechCorpusConfig, index: int, clips: UserClips,
@@ -288,42 +356,6 @@ def cache_path(corpus: sk.SpeechCorpusConfig, index: int, clips: UserClips,
                       f'new_user_{index}_{digest}.npz')
 
 
-def checksum(arrays: dict[str, np.ndarray]) -> str:
-  """sha256 over the names, dtypes, shapes and bytes of `arrays`."""
-  digest = hashlib.sha256()
-  for name in sorted(arrays):
-    arr = np.ascontiguousarray(arrays[name])
-    digest.update(f'{name}:{arr.dtype.str}:{arr.shape};'.encode())
-    digest.update(arr.tobytes())
-  return digest.hexdigest()
-
-
-def _read_cache(path: str) -> dict[str, np.ndarray]:
-  """The arrays of a cache file; raises if unreadable or its checksum fails."""
-  with np.load(path, allow_pickle=False) as npz:
-    arrays = {name: npz[name] for name in npz.files}
-  stored = str(arrays.pop('sha256', ''))
-  if checksum(arrays) != stored:
-    raise ValueError('the sha256 of the arrays does not match the stored one')
-  return arrays
-
-
-def _write_cache(path: str, arrays: dict[str, np.ndarray]) -> None:
-  """Writes atomically: a temporary file in the same folder, then rename."""
-  folder = os.path.dirname(path)
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, sha256=np.array(checksum(arrays)), **arrays)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shareable.
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def load_user_arrays(corpus: sk.SpeechCorpusConfig, index: int,
                      clips: UserClips, cache_dir: str | None = None
                      ) -> dict[str, np.ndarray]:
@@ -336,13 +368,13 @@ def load_user_arrays(corpus: sk.SpeechCorpusConfig, index: int,
   path = cache_path(corpus, index, clips, cache_dir)
   if os.path.exists(path):
     try:
-      return _read_cache(path)
+      return sk._read_cache(path)  # pylint: disable=protected-access
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('New-user cache %s is corrupt (%r); rebuilding it.',
                       path, e)
   logging.info('Synthesising new user %d into %s.', index, path)
   arrays = _synthesize(corpus, index, clips)
-  _write_cache(path, arrays)
+  sk._write_cache(path, arrays)  # pylint: disable=protected-access
   return arrays
 
 
@@ -374,10 +406,17 @@ def _annotate(arrays: dict[str, np.ndarray], index: int,
 
 def load_users(corpus: sk.SpeechCorpusConfig, indices: list[int],
                clips: UserClips = UserClips(),
-               cache_dir: str | None = None) -> NewUsers:
-  """Raw log-mel clips of the users `indices` (see the module docstring)."""
+               cache_dir: str | None = None, population=None) -> NewUsers:
+  """Raw log-mel clips of the users `indices` (see the module docstring).
+
+  `population` (see `resolve_population`; None is the eSpeak population)
+  must be the one `pick_users` picked `indices` from.
+  """
   if not indices:
     raise ValueError('load_users needs at least one speaker index.')
+  pop = resolve_population(population)
+  if pop is not None:
+    return _population_users(corpus, pop, list(indices), clips, cache_dir)
   speakers = {i: _speaker(corpus, i) for i in indices}
   parts = [_annotate(load_user_arrays(corpus, i, clips, cache_dir), i,
                      speakers[i]) for i in indices]
@@ -394,6 +433,31 @@ def load_users(corpus: sk.SpeechCorpusConfig, indices: list[int],
                    {'utterance': 'other_utt'}, info)
   noise = _dataset(parts, 'noise_x', '', NOISE_CLASSES, {}, info)
   return NewUsers(keywords, other, noise)
+
+
+def _population_users(corpus: sk.SpeechCorpusConfig, pop: pop_lib.Population,
+                      indices: list[int], clips: UserClips,
+                      cache_dir: str | None) -> NewUsers:
+  """Keyword clips (`population_corpus`) and noise clips of new users."""
+  if clips.other_utterances:
+    raise ValueError(
+        f'UserClips.other_utterances={clips.other_utterances}: other words '
+        f'are spoken by the eSpeak population only, not {POPULATION_KEY}='
+        f'{pop.name!r}; ask for 0.')
+  config = dataclasses.replace(corpus, num_speakers=max(indices) + 1,
+                               utterances_per_word=clips.utterances_per_word)
+  keywords = population_corpus.load_speakers(config, pop, indices, cache_dir)
+  info = dict(keywords.info, clips=dataclasses.asdict(clips))
+  empty = np.zeros(0, np.int32)
+  parts = [{'other_x': _features([]), 'other_word': empty,
+            'other_utt': empty, 'client_id_other_x': empty,
+            'noise_x': _noise_features(corpus, i, clips),
+            'client_id_noise_x': np.full(clips.num_noise, i, np.int32)}
+           for i in indices]
+  return NewUsers(dataclasses.replace(keywords, info=info),
+                  _dataset(parts, 'other_x', 'other_word', OTHER_WORDS,
+                           {'utterance': 'other_utt'}, info),
+                  _dataset(parts, 'noise_x', '', NOISE_CLASSES, {}, info))
 
 
 def feature_stats(train: ArrayDataset) -> tuple[np.ndarray, np.ndarray]:

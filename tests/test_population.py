@@ -6,6 +6,7 @@ import logging
 import numpy as np
 import pytest
 
+from ondevice import user_corpus as uc
 from ondevice.data import espeak
 from ondevice.data import outliers
 from ondevice.data import population as pop_lib
@@ -240,13 +241,80 @@ def test_cache_key_covers_what_changes_the_arrays(monkeypatch):
   pc._engine_version.cache_clear()
 
 
+USERS_CORPUS = sk.SpeechCorpusConfig(num_speakers=200, seed=0)
+
+
 def test_select_users_picks_both_kinds_of_new_speakers():
-  indices = pc.select_users(pop_lib.MIXED_UNSEEN, 0, 200, 5, 3)
+  indices = uc.pick_users(USERS_CORPUS, 200, 5, 3, spread_accents=False,
+                          population='mixed_unseen')
   assert len(indices) == 8 and min(indices) >= 200
   unseen = [pc.speaker_at(pop_lib.MIXED_UNSEEN, 0, i).unseen for i in indices]
   assert sum(unseen) == 3
   with pytest.raises(ValueError, match='num_outlier'):
-    pc.select_users(pop_lib.MIXED_UNSEEN, 0, 200, 5, 50, max_scan=20)
+    uc.pick_users(USERS_CORPUS, 200, 5, 50, spread_accents=False,
+                  max_scan=20, population=pop_lib.MIXED_UNSEEN)
+
+
+def test_pick_users_of_a_population_matches_a_plain_scan():
+  typical, unseen = [], []
+  index = 200
+  while len(typical) < 4 or len(unseen) < 3:
+    kind = unseen if pc.speaker_at(FAST, 0, index).unseen else typical
+    if len(kind) < (3 if kind is unseen else 4):
+      kind.append(index)
+    index += 1
+  assert uc.pick_users(USERS_CORPUS, 200, 4, 3, spread_accents=False,
+                       population=FAST) == sorted(typical + unseen)
+  # Spread: the typical users first, then the unseen, over distinct families
+  # while any family is left among the candidates.
+  picked = uc.pick_users(USERS_CORPUS, 200, 3, 3, population=FAST)
+  speakers = [pc.speaker_at(FAST, 0, i) for i in picked]
+  assert [s.unseen for s in speakers] == [False] * 3 + [True] * 3
+  assert len({s.family for s in speakers[:3]}) == 3
+  assert len({s.family for s in speakers[3:]}) == 3
+
+
+def test_pick_users_rejects_outliers_of_a_population_without_held_out():
+  with pytest.raises(ValueError, match=r"config\.data\.population='mixed' "
+                     'holds nothing out.*num_outlier=2'):
+    uc.pick_users(USERS_CORPUS, 200, 1, 2, population='mixed')
+  assert len(uc.pick_users(USERS_CORPUS, 200, 2, 0, population='mixed')) == 2
+  with pytest.raises(ValueError, match=r"config\.data\.population='nope'"):
+    uc.pick_users(USERS_CORPUS, 200, 1, 1, population='nope')
+
+
+def test_population_users_through_user_corpus(tmp_path, monkeypatch):
+  corpus = sk.SpeechCorpusConfig(num_speakers=200, seed=0,
+                                 words=('yes', 'no'))
+  indices = uc.pick_users(corpus, 200, 1, 1, spread_accents=False,
+                          population=FAST)
+  clips = uc.UserClips(utterances_per_word=2, num_noise=2)
+  users = uc.load_users(corpus, indices, clips, str(tmp_path),
+                        population=FAST)
+  kw = users.keywords
+  assert users.indices == indices
+  assert kw.x.shape == (8, 98, 40) and kw.x.dtype == np.float32
+  assert kw.class_names == ('yes', 'no')
+  for index in indices:
+    rows = kw.client_id == index
+    assert sorted(kw.y[rows]) == [0, 0, 1, 1]
+    assert sorted(kw.meta['utterance'][rows]) == [0, 0, 1, 1]
+    assert set(kw.meta['is_outlier_accent'][rows]) == {
+        pc.speaker_at(FAST, 0, index).unseen}
+  assert len(users.other_words) == 0
+  assert users.other_words.class_names == uc.OTHER_WORDS
+  np.testing.assert_array_equal(users.noise.client_id,
+                                np.repeat(indices, 2))
+  # Noise clips do not depend on the population: the eSpeak path's (with its
+  # keyword synthesis stubbed out, the noise comes after it) are the same.
+  stub = {'waveform': np.zeros((1, sk.CLIP_SAMPLES), np.int16),
+          'y': np.zeros(1, np.int32), 'utterance': np.zeros(1, np.int32)}
+  monkeypatch.setattr(uc.sk, 'synthesize_speaker', lambda *args: stub)
+  espeak_users = uc.load_users(corpus, indices, clips, str(tmp_path))
+  np.testing.assert_array_equal(users.noise.x, espeak_users.noise.x)
+  with pytest.raises(ValueError, match='other_utterances=1'):
+    uc.load_users(corpus, indices, uc.UserClips(2, 1, 0), str(tmp_path),
+                  population=FAST)
 
 
 def test_worst_users_by_hand():
@@ -315,3 +383,26 @@ def test_registry_passes_the_population_to_the_loader(monkeypatch):
   data.population = 'unknown_population'
   with pytest.raises(ValueError, match=r'config\.data\.population='):
     registry.load_dataset(data)
+
+
+@pytest.mark.parametrize('value', ['mixedd', 3])
+def test_registry_rejects_a_bad_population_before_loading(value, monkeypatch):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ondevice.data import registry  # pylint: disable=g-import-not-at-top
+  def fail(*args, **kwargs):
+    raise AssertionError('loading started')
+  monkeypatch.setattr(sk, 'load_corpus', fail)
+  monkeypatch.setattr(sk, 'load_speech_keywords', fail)
+  data = lambda population: ml_collections.ConfigDict(dict(
+      name='speech_keywords', num_speakers=4, utterances_per_word=1,
+      corpus_seed=0, test_fraction=0.5, split_seed=0, cache_dir='',
+      population=population))
+  match = (r"config\.data\.population=.* choose one of \('espeak', "
+           r"'mixed', 'mixed_unseen'\)" if isinstance(value, str) else
+           r"config\.data\.population=3 must be a name, one of \('espeak', "
+           r"'mixed', 'mixed_unseen'\)")
+  with pytest.raises(ValueError, match=match):
+    registry.validate_data_config(data(value))
+  with pytest.raises(ValueError, match=match):
+    registry.load_dataset(data(value))
+  registry.validate_data_config(data('espeak'))

@@ -29,6 +29,9 @@ default: `load_corpus(config, population=None)` returns it unchanged.
     pop = population_from_config('mixed_unseen', 'config.data.population')
     ds = population_corpus.load_population_keywords(
         SpeechCorpusConfig(num_speakers=200), pop)
+
+New users of a population (typical and unseen) come from
+`ondevice.user_corpus.pick_users` and `load_users` with `population=`.
 """
 from __future__ import annotations
 
@@ -184,6 +187,9 @@ def population_from_config(value: Any, key: str) -> Population | None:
   """
   if value is None or value == '' or value == LEGACY:
     return None
+  if not isinstance(value, str) and not hasattr(value, 'keys'):
+    raise ValueError(f'{key}={value!r} must be a name, one of {NAMES}, or a '
+                     'mapping of overrides.')
   if isinstance(value, str):
     if value not in POPULATIONS:
       raise ValueError(f'{key}={value!r} is unknown; choose one of {NAMES}.')

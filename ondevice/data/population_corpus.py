@@ -26,6 +26,12 @@ Corpora are cached like the eSpeak corpus, under a key that covers the
 corpus config, the population, the speaker indices, the engines' and the
 voices' versions, and the versions of scipy and pyroomacoustics (which
 compute the resampling filters and the impulse responses).
+
+This module synthesises a population's speakers and clips only: the
+pre-training corpus (`load_population_keywords`) and any speakers' clips
+(`load_speakers`). New users (picking typical and unseen users, their
+enrollment and evaluation clips, normalisation) come from
+`ondevice.user_corpus` with `population=` set, as for the eSpeak corpus.
 """
 from __future__ import annotations
 
@@ -369,40 +375,3 @@ def load_population_keywords(config: sk.SpeechCorpusConfig,
                      'config.data.num_speakers or hold out less.')
   return load_speakers(config, pop, indices, cache_dir, num_workers, kind)
 
-
-def select_users(pop: pop_lib.Population, corpus_seed: int, first_index: int,
-                 num_typical: int, num_unseen: int,
-                 max_scan: int = 20000) -> list[int]:
-  """New speakers (index >= first_index): num_typical seen, num_unseen not.
-
-  Raises:
-    ValueError: too few of either kind within `max_scan` indices.
-  """
-  typical, unseen = [], []
-  for index in range(first_index, first_index + max_scan):
-    group = unseen if speaker_at(pop, corpus_seed, index).unseen else typical
-    if len(group) < (num_unseen if group is unseen else num_typical):
-      group.append(index)
-    if len(typical) == num_typical and len(unseen) == num_unseen:
-      return sorted(typical + unseen)
-  raise ValueError(f'Found only {len(unseen)} unseen and {len(typical)} '
-                   f'typical speakers in {max_scan} indices from '
-                   f'{first_index}; lower config.users.num_outlier or '
-                   'num_typical, or hold out more of the population.')
-
-
-def load_users(pop: pop_lib.Population, indices: list[int],
-               utterances_per_word: int, corpus_seed: int = 0,
-               cache_dir: str | None = None) -> ArrayDataset:
-  """Every word of the new users `indices`, `utterances_per_word` times.
-
-  Like `few_shot.user_corpus.load_users` (y over `speech_keywords.WORDS`,
-  unnormalised log-mel), with meta['is_outlier_accent'] = unseen.
-  """
-  if utterances_per_word < 2:
-    raise ValueError('config.users.utterances_per_word must be >= 2 (one to '
-                     f'enroll, one to evaluate); got {utterances_per_word}.')
-  config = sk.SpeechCorpusConfig(num_speakers=max(indices) + 1,
-                                 utterances_per_word=utterances_per_word,
-                                 seed=corpus_seed)
-  return load_speakers(config, pop, list(indices), cache_dir)

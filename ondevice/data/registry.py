@@ -88,6 +88,11 @@ def _check_speech_keywords(cfg) -> None:
   if not 0 < cfg.test_fraction < 1:
     raise ValueError('config.data.test_fraction must be in (0, 1); got '
                      f'{cfg.test_fraction}.')
+  # The speaker population (engines, voices, rooms) is checked here, so a
+  # bad name or override fails before any clip is synthesised.
+  from ondevice.data import population  # pylint: disable=g-import-not-at-top
+  population.population_from_config(cfg.get('population', None),
+                                    'config.data.population')
 
 
 def _tfds_arguments(cfg) -> dict:
@@ -110,7 +115,9 @@ def load_dataset(data_config) -> tuple[ArrayDataset, ArrayDataset]:
   Args:
     data_config: ConfigDict with `name` and the dataset's own fields:
       speech_keywords: num_speakers, utterances_per_word, corpus_seed,
-        test_fraction, split_seed, cache_dir (optional), words (optional).
+        test_fraction, split_seed, cache_dir (optional), words (optional),
+        population (optional; `ondevice.data.population.NAMES` or a mapping
+        of overrides, default 'espeak').
       fashion_mnist: data_dir (optional), max_train (optional, 0 = all).
 
   Raises:
@@ -152,8 +159,9 @@ def _load_speech_keywords(cfg) -> tuple[ArrayDataset, ArrayDataset]:
   words = cfg.get('words', None)
   if words:
     kwargs['words'] = tuple(words)
-  corpus = speech_keywords.load_speech_keywords(
+  corpus = speech_keywords.load_corpus(
       speech_keywords.SpeechCorpusConfig(**kwargs),
+      population=cfg.get('population', None),
       cache_dir=cfg.get('cache_dir', None) or None)
   train, test = split_by_client(corpus, cfg.test_fraction, cfg.split_seed)
   # Per mel band statistics: loudness differs by band, not by frame.
