@@ -46,11 +46,13 @@ def _personalize(k_shot: int) -> ml_collections.ConfigDict:
 
 
 def _shrink(config: ml_collections.ConfigDict) -> None:
-  """Seconds: 10 speakers with 3 clips per word, K = 1."""
+  """Seconds: 10 speakers with 3 clips per word, K = 1, a one-block model."""
+  config.model_kwargs.channels = 16
+  config.model_kwargs.block_strides = ((1, 1),)
   config.data.num_speakers = 10
   config.data.utterances_per_word = 3
   config.cohort_size = 4
-  config.local.num_steps = 2
+  config.local.num_steps = 1
   config.local.batch_size = 4
   config.max_examples_per_client = 40
   config.num_rounds = 2

@@ -206,8 +206,9 @@ def _steps(state, step_fn, schedule, start, totals, ckpt, writer, progress,
     if record:
       if check_finite:
         _check_finite(record, done, unit)
-      record = {unit: done, **record,
-                'elapsed_seconds': progress.elapsed()}
+      record = {**record, 'elapsed_seconds': progress.elapsed()}
+      if unit != 'step':  # MetricWriter writes the step column itself.
+        record = {unit: done, **record}
       writer.write(done, record)
       logging.info('%s', progress.line(done, record))
     if schedule.checkpoint_due(done):

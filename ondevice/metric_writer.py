@@ -43,7 +43,9 @@ class MetricWriter:
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     """Appends one record; it is on disk when this returns."""
     record = {'step': int(step)}
-    record.update({k: float(v) for k, v in metrics.items()})
+    # Counters stay integers (a round number reads back as 5, not 5.0).
+    record.update({k: v if isinstance(v, int) and not isinstance(v, bool)
+                   else float(v) for k, v in metrics.items()})
     with open(self.path, 'a') as f:
       f.write(encode_record(record) + '\n')
       f.flush()
