@@ -221,6 +221,12 @@ class FineTuner:
           jax.random.fold_in(step_key, i))
     return params, model_state
 
+  @staticmethod
+  def is_finite(params) -> bool:
+    """Whether fine-tuning kept every parameter finite (it may diverge)."""
+    return all(bool(np.all(np.isfinite(np.asarray(x))))
+               for x in jax.tree.leaves(params))
+
   def accuracy(self, params, model_state, data: ArrayDataset,
                batch_size: int = 256) -> float:
     return train.evaluate(self._eval, params, model_state, data.x, data.y,
@@ -234,6 +240,11 @@ def measure_contributions(tuner: FineTuner, params, model_state,
   def score(scheme):
     p, s = tuner.finetune(params, model_state, scheme, adapt, seed,
                           jax.random.key(seed))
+    if not tuner.is_finite(p):
+      raise FloatingPointError(
+          f'Fine-tuning {scheme} diverged (non-finite parameters) at '
+          f'learning rate {tuner.cfg.learning_rate}; lower '
+          'config.finetune.learning_rate.')
     return tuner.accuracy(p, s, val)
 
   baseline = score(search.scheme_rules([]))

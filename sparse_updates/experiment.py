@@ -251,9 +251,16 @@ def _compare(study: _Study, label: str, scheme, tuners) -> dict[str, Any]:
   for lr, tuner in tuners.items():
     p, s = tuner.finetune(params, study.model_state, scheme, adapt,
                           config.seed, jax.random.key(config.seed))
+    if not tuner.is_finite(p):  # A rate of the grid diverged: skip it.
+      logging.warning('%s diverged at learning rate %g; skipped.', label, lr)
+      continue
     val_acc = tuner.accuracy(p, s, val)
     if best is None or val_acc > best[0]:
       best = (val_acc, lr, p, s)
+  if best is None:
+    raise FloatingPointError(
+        f'{label} diverged at every rate of config.finetune.lr_grid '
+        f'{tuple(tuners)}; lower them.')
   val_acc, lr, p, s = best
   masks = None
   if rules_lib.channel_fractions(params, scheme):

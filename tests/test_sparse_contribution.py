@@ -244,3 +244,29 @@ def test_run_transfers_to_new_words(tmp_path):
   assert by_label['classifier_only']['upload_kb'] * 1024 == 18 * 4
   with open(tmp_path / 'contribution.md') as f:
     assert 'learn 2 new keywords (c, d)' in f.read()
+
+
+def test_a_diverging_rate_is_skipped_and_a_diverging_analysis_stops(
+    tmp_path, caplog):
+  config = contribution_kws.get_config('smoke,same_words')
+  config.finetune.num_steps = 4
+  config.finetune.lr_grid = (0.01, 1e12)
+  config.search.budgets_kb = (64,)
+  train_ds, held_out = _images(64, 0), _images(160, 1)
+  model = models.build_model('mlp', 4, hidden=(8, 8))
+  params = jax.jit(model.init)(jax.random.key(0), train_ds.x[:1])['params']
+  results = experiment.run(config, str(tmp_path / 'a'),
+                           datasets=(train_ds, held_out),
+                           pretrained=(model, params, {}))
+  diverged = {r.getMessage().split(' diverged')[0] for r in caplog.records
+              if ' diverged at learning rate' in r.getMessage()}
+  assert diverged  # full updates at 1e12 leave float32
+  for row in results['schemes'][1:]:
+    if row['scheme'] in diverged:
+      assert row['learning_rate'] == 0.01, row
+    assert np.isfinite(row['test_accuracy'])
+  config.finetune.learning_rate = 1e12  # the analysis' own rate
+  with pytest.raises(FloatingPointError, match='learning_rate'):
+    experiment.run(config, str(tmp_path / 'b'),
+                   datasets=(train_ds, held_out),
+                   pretrained=(model, params, {}))
