@@ -67,8 +67,10 @@ AUTO_VMAP_BUDGET = 2 ** 26
 AUTO_STREAM_MIN_FLOPS = 1e6
 # XLA convolutions: XLA:CPU runs them far more slowly inside a loop body (a
 # scan over clients, a lax.map over chunks) than at the top level, so 'auto'
-# vmaps clients whose update holds one (FedAvg round of 50 clients of a
-# stock flax CNN on a CPU: vmapped about 4x faster than streamed).
+# vmaps clients whose update holds one (FedAvg rounds of 50 clients of
+# stock flax CNNs on a CPU, local steps unrolled: vmapped 2-4x faster than
+# streamed). With `LocalConfig.conv='auto'` (the default) a CPU client
+# update has no XLA convolution left, and this rule does not apply.
 CONV_PRIMITIVES = frozenset({'conv_general_dilated'})
 # The latest resolved choices (see `resolved_choices`); written while tracing.
 _RESOLVED: dict[str, Any] = {}
