@@ -35,7 +35,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.client_learning_rate = 0.05
   config.client_momentum = 0.9
   config.local = ml_collections.ConfigDict(dict(
-      batch_size=20, num_steps=0, num_epochs=1))
+      batch_size=20, num_steps=0, num_epochs=1,
+      # fedjax_ext.client.LocalConfig: how local steps loop and convolve,
+      # and how a short last batch is filled ('fill': FedJAX's way).
+      loop='auto', conv='auto', last_batch='mask'))
   config.cohort_size = 50
   config.weighted_sampling = False
   config.max_examples_per_client = 200

@@ -61,7 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Batches of 8 halve the cost of a round of batches of 16 at the same
   # number of sequential local steps, which is what early progress needs.
   config.local = ml_collections.ConfigDict(dict(
-      batch_size=8, num_steps=16, num_epochs=0))
+      batch_size=8, num_steps=16, num_epochs=0,
+      # fedjax_ext.client.LocalConfig: how local steps loop and convolve,
+      # and how a short last batch is filled ('fill': FedJAX's way).
+      loop='auto', conv='auto', last_batch='mask'))
   config.cohort_size = 10
   config.weighted_sampling = False
   config.max_examples_per_client = 128   # Each speaker has 36 x 3 = 108.

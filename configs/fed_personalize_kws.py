@@ -83,7 +83,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.client_learning_rate = 0.05
   config.client_momentum = 0.0
   config.local = ml_collections.ConfigDict(dict(
-      batch_size=8, num_steps=8, num_epochs=0))
+      batch_size=8, num_steps=8, num_epochs=0,
+      # fedjax_ext.client.LocalConfig: how local steps loop and convolve,
+      # and how a short last batch is filled ('fill': FedJAX's way).
+      loop='auto', conv='auto', last_batch='mask'))
   config.cohort_size = 10
   config.weighted_sampling = False
   config.max_examples_per_client = 256   # 36 words x 6 clips = 216.

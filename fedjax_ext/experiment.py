@@ -276,7 +276,7 @@ def final_metrics(config, parts: Parts, pool, result: loop.LoopResult
   results.update({k: v for k, v in last.items()
                   if k.startswith(('personalized_', 'global_'))})
   choices = execution.resolved_choices()
-  for name in ('execution', 'local_loop'):
+  for name in ('execution', 'local_loop', 'conv'):
     if name in choices:
       results[name] = choices[name]
   return results

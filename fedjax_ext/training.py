@@ -253,10 +253,10 @@ def _check_local(config) -> None:
   if not steps and not epochs:
     raise ValueError('config.local.num_steps and config.local.num_epochs are '
                      'both 0; set at least one > 0.')
-  loop = config.local.get('loop', 'auto')
-  if loop not in client_lib.LOOPS:
-    raise ValueError(f'config.local.loop={loop!r} is unknown; choose one of '
-                     f'{client_lib.LOOPS}.')
+  for key, choices in (('loop', client_lib.LOOPS), ('conv', client_lib.CONVS),
+                       ('last_batch', client_lib.LAST_BATCHES)):
+    if key in config.local:
+      options.one_of(config, f'local.{key}', choices)
 
 
 # Hyperparameter -> (rule text, test) for the algorithms' own arguments.
@@ -516,7 +516,8 @@ def trainable_from_config(config, params) -> tuple[str, ...] | None:
 
 def local_config(config, trainable) -> client_lib.LocalConfig:
   """The clients' local work from `config.local`."""
-  extra = {'loop': config.local.loop} if 'loop' in config.local else {}
+  extra = {key: config.local[key] for key in ('loop', 'conv', 'last_batch')
+           if key in config.local}
   return client_lib.LocalConfig(
       batch_size=config.local.batch_size,
       num_steps=config.local.get('num_steps', None) or None,
