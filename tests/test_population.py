@@ -212,7 +212,10 @@ def test_cache_hit_gives_the_same_arrays(tiny, monkeypatch):
 
 
 def test_build_logs_progress_with_eta(tmp_path, caplog):
+  # The absl logger's own level too: an earlier test in the same worker may
+  # have left absl at WARNING.
   caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger='absl')
   config = dataclasses.replace(TINY, num_speakers=2, utterances_per_word=1,
                                words=('yes',), seed=0)
   pc.load_speakers(config, FAST, [0, 1], str(tmp_path), kind='waveform')
