@@ -14,7 +14,7 @@ setuptools.setup(
                  'continual personalisation.'),
     python_requires='>=3.10',
     packages=setuptools.find_packages(
-        include=['ondevice*', 'fedjax_ext*', 'quantized_training*',
+        include=['ondevice*', 'central*', 'fedjax_ext*', 'quantized_training*',
                  'sparse_updates*', 'few_shot*', 'continual*',
                  'third_party*', 'configs*', 'experiments*']),
     install_requires=[

@@ -126,7 +126,7 @@ def train_one(name: str, variant: str) -> None:
   """Trains one run in this process; writes config.json to its workdir."""
   # Imported here: the collect step needs neither.
   from fedjax_ext import training  # pylint: disable=g-import-not-at-top
-  from ondevice import supervised  # pylint: disable=g-import-not-at-top
+  from central import supervised  # pylint: disable=g-import-not-at-top
   config = build_config(name, variant)
   workdir = run_dir(name, variant)
   os.makedirs(workdir, exist_ok=True)

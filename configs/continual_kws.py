@@ -98,7 +98,7 @@ def _stream() -> ml_collections.ConfigDict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, smoke=False)
   config = ml_collections.ConfigDict()
-  # The global model, pre-trained once and cached (ondevice.pretrain).
+  # The global model, pre-trained once and cached (central.pretrain).
   config.pretrain = kws_central.get_config()
   config.pretrain.num_steps = 1200
   config.pretrain.eval_every = 400

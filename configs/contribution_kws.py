@@ -46,7 +46,7 @@ def _data(num_speakers: int) -> ml_collections.ConfigDict:
 
 
 def _pretrain() -> ml_collections.ConfigDict:
-  """Pre-training on the training speakers (ondevice.supervised fields)."""
+  """Pre-training on the training speakers (central.supervised fields)."""
   return ml_collections.ConfigDict(dict(
       norm='batch', optimizer='adam', learning_rate=3e-3,
       schedule='warmup_cosine', warmup_steps=100, weight_decay=0.0,

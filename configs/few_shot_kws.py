@@ -109,7 +109,7 @@ def _set_backbone(config: ml_collections.ConfigDict, backbone: str) -> None:
 
 
 def _pretrain(backbone: str) -> ml_collections.ConfigDict:
-  """The global model's schedule (`ondevice.supervised` fields)."""
+  """The global model's schedule (`central.supervised` fields)."""
   cfg = ml_collections.ConfigDict(dict(
       optimizer='adam', learning_rate=1e-3, schedule='warmup_cosine',
       warmup_steps=50, num_steps=1500, batch_size=64, eval_batch_size=512,

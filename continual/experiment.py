@@ -2,7 +2,7 @@
 
 1. Check the whole config, every variant included (`validate_config`),
    before anything loads or compiles.
-2. Pre-train (or reuse) the global model (`ondevice.pretrain` through
+2. Pre-train (or reuse) the global model (`central.pretrain` through
    `continual.pretrained`).
 3. Synthesise new users (`ondevice.user_corpus`), split each user's keyword
    clips into enrollment / test / stream utterances and build their

@@ -1,6 +1,6 @@
 """The global model every user starts from, and EWC's Fisher information.
 
-Pre-training is `ondevice.pretrain.pretrain` on `config.pretrain` (a
+Pre-training is `central.pretrain.pretrain` on `config.pretrain` (a
 configs/kws_central.py config) in `<cache>/continual/pretrain_<hash>`, or in
 `config.pretrain_dir` when set, so every continual-learning run with the same
 pre-training reuses one finished run, and an interrupted pre-training
@@ -20,8 +20,8 @@ import numpy as np
 
 from continual import objectives
 from continual import regularizers
-from ondevice import pretrain
-from ondevice import supervised
+from central import pretrain
+from central import supervised
 from ondevice import train
 from ondevice.data import speech_keywords
 

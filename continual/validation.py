@@ -16,7 +16,7 @@ import ml_collections
 
 from continual import streams
 from ondevice import options
-from ondevice import supervised
+from central import supervised
 from ondevice import user_corpus
 from ondevice.data import speech_keywords
 

@@ -12,7 +12,7 @@ to --workdir; rerunning with the same workdir resumes.
 from absl import app
 
 from experiments import common
-from ondevice import supervised
+from central import supervised
 
 _CONFIG, _WORKDIR = common.define_flags('configs/kws_central.py:smoke')
 

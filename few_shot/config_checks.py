@@ -131,7 +131,7 @@ def _top_level(config) -> None:
 
 
 def _pretrain(config) -> None:
-  """The global model's `ondevice.supervised` fields under config.pretrain."""
+  """The global model's `central.supervised` fields under config.pretrain."""
   options.one_of(config, 'pretrain.optimizer', optim.OPTIMIZERS)
   options.one_of(config, 'pretrain.schedule', optim.SCHEDULES)
   options.positive(config, 'pretrain.learning_rate')

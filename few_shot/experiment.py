@@ -2,7 +2,7 @@
 
 1. Split the training speakers into a pre-training pool and a meta-training
    pool, and train the global keyword spotter on the former
-   (`ondevice.pretrain`: resumed from its checkpoint, reused when done).
+   (`central.pretrain`: resumed from its checkpoint, reused when done).
    Meta-training on the speakers the global model was fitted to gives no
    adaptation signal (their query loss is already near zero), so the pools
    are disjoint; a second global model trained on all training speakers
@@ -38,8 +38,8 @@ from few_shot import meta_learners
 from few_shot import meta_training
 from few_shot import personalize
 from few_shot import report
-from ondevice import pretrain
-from ondevice import supervised
+from central import pretrain
+from central import supervised
 from ondevice import train
 from ondevice import user_corpus
 from ondevice.data import base
@@ -54,7 +54,7 @@ Inits = dict[str, tuple[Any, personalize.AdaptFn]]
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every field that needs no data (`few_shot.config_checks`), then
-  the global model's config as `ondevice.supervised` will."""
+  the global model's config as `central.supervised` will."""
   config_checks.validate(config)
   try:
     supervised.validate_config(pretrain_config(config))
@@ -138,7 +138,7 @@ def speaker_pools(config, train_ds: base.ArrayDataset
 
 
 def pretrain_config(config) -> ml_collections.ConfigDict:
-  """The global model's `ondevice.supervised` config: config.pretrain with
+  """The global model's `central.supervised` config: config.pretrain with
   the data, model (and its kwargs and quant mode), norm and seed."""
   out = ml_collections.ConfigDict(config.pretrain.to_dict())
   out.data = config.data
@@ -164,7 +164,7 @@ def build_setup(config, train_ds: base.ArrayDataset,
 
 def train_global_model(config, workdir: str,
                        datasets: Datasets) -> pretrain.Pretrained:
-  """The global keyword spotter on `datasets` (`ondevice.pretrain`): a
+  """The global keyword spotter on `datasets` (`central.pretrain`): a
   finished run in `workdir` is reused, an interrupted one resumed."""
   return pretrain.pretrain(pretrain_config(config), os.path.dirname(workdir),
                            datasets=datasets, workdir=workdir)

@@ -32,8 +32,8 @@ from ondevice import cost
 from ondevice import models
 from ondevice import optim
 from ondevice import options
-from ondevice import pretrain as pretrain_lib
-from ondevice import supervised
+from central import pretrain as pretrain_lib
+from central import supervised
 from ondevice.data import registry
 from ondevice.data.base import ArrayDataset
 from sparse_updates import batchnorm_folding

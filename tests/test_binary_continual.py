@@ -20,7 +20,7 @@ from continual import pretrained as pretrained_lib
 from continual import regularizers
 from continual import streams
 from continual import validation
-from ondevice import pretrain
+from central import pretrain
 from ondevice import user_corpus
 from ondevice.data import registry
 

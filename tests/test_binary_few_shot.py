@@ -15,7 +15,7 @@ import pytest
 
 from configs import few_shot_kws
 from few_shot import experiment
-from ondevice import supervised
+from central import supervised
 from ondevice import user_corpus
 from ondevice.data import registry
 

@@ -1,4 +1,4 @@
-"""The central binary (experiments/train.py -> ondevice.supervised.run) on
+"""The central binary (experiments/train.py -> central.supervised.run) on
 every shipped config, and bad configs rejected before any data loads.
 
 Shipped configs: configs/kws_central.py and configs/fmnist_central.py, each
@@ -16,7 +16,7 @@ import pytest
 
 from configs import fmnist_central
 from configs import kws_central
-from ondevice import supervised
+from central import supervised
 from ondevice.data import registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

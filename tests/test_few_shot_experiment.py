@@ -76,7 +76,7 @@ def test_config_errors_name_the_key_and_the_fix(tmp_path):
 def test_ds_cnn_backbone_config_is_stateless_and_validates():
   import jax  # pylint: disable=g-import-not-at-top
   from few_shot import experiment  # pylint: disable=g-import-not-at-top
-  from ondevice import supervised  # pylint: disable=g-import-not-at-top
+  from central import supervised  # pylint: disable=g-import-not-at-top
   config = few_shot_kws.get_config('smoke,backbone=ds_cnn_s')
   experiment.validate_config(config)
   assert (config.model, config.norm) == ('ds_cnn_s', 'group')

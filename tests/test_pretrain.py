@@ -1,4 +1,4 @@
-"""Tests of ondevice/pretrain.py: one cached global model per config section."""
+"""Tests of central/pretrain.py: one cached global model per config section."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ondevice import pretrain
-from ondevice import supervised
+from central import pretrain
+from central import supervised
 from ondevice.data.base import ArrayDataset
 
 

@@ -102,7 +102,7 @@ def test_run_end_to_end_on_synthetic_images(tmp_path):
   config.search.budgets_kb = (4, 64)
   config.search.batch_size = 1
   train_ds, held_out = _images(64, 0), _images(160, 1)
-  # Pre-training is ondevice.supervised's job (tested there); starting from
+  # Pre-training is central.supervised's job (tested there); starting from
   # an initialisation keeps this test fast.
   model = models.build_model('mlp', 4, hidden=(8, 8))
   params = jax.jit(model.init)(jax.random.key(0), train_ds.x[:1])['params']

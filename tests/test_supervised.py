@@ -10,7 +10,7 @@ import pytest
 
 from configs import kws_central
 from ondevice import loop
-from ondevice import supervised
+from central import supervised
 from ondevice.data.base import ArrayDataset
 from quantized_training import optim_state
 

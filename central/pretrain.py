@@ -2,7 +2,7 @@
 
 Few-shot personalisation, continual learning and the sparse-update study all
 begin from a model trained centrally on many speakers. `pretrain` trains it
-with `ondevice.supervised` in a work directory named by a hash of the config
+with `central.supervised` in a work directory named by a hash of the config
 section that describes it (and of the datasets, when the caller passes its
 own), so every run with the same pre-training reuses one finished run, and an
 interrupted pre-training resumes from its checkpoint.
@@ -15,7 +15,7 @@ interrupted pre-training resumes from its checkpoint.
 API:
   `pretrain(section, cache_dir, *, datasets=None, workdir=None,
   model_kwargs=None, trainable=None) -> Pretrained`
-    `section`: a complete `ondevice.supervised` config (data, model, norm,
+    `section`: a complete `central.supervised` config (data, model, norm,
       model_kwargs, quant, optimiser, num_steps, seed, ...), e.g.
       `configs/kws_central.get_config()`. Its quant mode applies.
     `cache_dir`: where `pretrain_<hash>` directories go.
@@ -39,7 +39,7 @@ import flax.linen as nn
 import ml_collections
 import numpy as np
 
-from ondevice import supervised
+from central import supervised
 from ondevice.data import registry
 from ondevice.data.base import ArrayDataset
 
