@@ -22,6 +22,7 @@ wall-clock fields (`ondevice.loop.WALL_CLOCK_KEYS`).
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from absl import logging
@@ -33,6 +34,7 @@ import optax
 from fedjax_ext import algorithms
 from fedjax_ext import cohort as cohort_lib
 from fedjax_ext import execution
+from fedjax_ext import fedjax_interop
 from fedjax_ext import federated_loop
 from fedjax_ext import personalization
 from fedjax_ext import privacy
@@ -76,9 +78,52 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   training.validate_config(config)
   if 'quant' in config:
     options.one_of(config, 'quant', quantized_training.QUANT_NAMES)
-  registry.validate_data_config(config.data)
+  if config.data.get('name', None) == FEDJAX_SQLITE:
+    _validate_fedjax_data(config.data)
+  else:
+    registry.validate_data_config(config.data)
   personalization.validate(config)
   init_from.validate(config)
+
+
+# `config.data.name` of a FedJAX federated dataset on disk
+# (`fedjax.SQLiteFederatedData`, e.g. written by FedJAX's
+# SQLiteFederatedDataBuilder): a train and a test file, each client a
+# natural client of the run.
+FEDJAX_SQLITE = 'fedjax_sqlite'
+_FEDJAX_FIELDS = ('name', 'train_path', 'test_path', 'x_key', 'y_key',
+                  'num_classes')
+
+
+def _validate_fedjax_data(data) -> None:
+  unknown = sorted(set(data) - set(_FEDJAX_FIELDS))
+  if unknown:
+    raise ValueError(f'config.data has fields {unknown} that '
+                     f"name='{FEDJAX_SQLITE}' does not read; it reads "
+                     f'{list(_FEDJAX_FIELDS)}.')
+  for key in ('train_path', 'test_path'):
+    path = data.get(key, '')
+    if not path or not os.path.isfile(path):
+      raise ValueError(f'config.data.{key}={path!r} is not a file; give a '
+                       'fedjax.SQLiteFederatedData file.')
+  if data.get('num_classes', 0) < 0:
+    raise ValueError('config.data.num_classes must be >= 0 (0: the largest '
+                     f'label + 1); got {data.num_classes}.')
+
+
+def load_data(data) -> tuple[ArrayDataset, ArrayDataset]:
+  """(train, test) of `config.data`: the registry's, or FedJAX's files."""
+  if data.get('name', None) != FEDJAX_SQLITE:
+    return registry.load_dataset(data)
+  fedjax = fedjax_interop.import_fedjax()
+  sources = [fedjax_interop.FederatedDataSource(
+      fedjax.SQLiteFederatedData.new(data[key]), data.get('x_key', 'x'),
+      data.get('y_key', 'y')) for key in ('train_path', 'test_path')]
+  num_classes = data.get('num_classes', 0) or None
+  if num_classes is None:  # Both splits must agree on the label range.
+    num_classes = 1 + max(int(np.max(s.to_array_dataset().y))
+                          for s in sources)
+  return tuple(s.to_array_dataset(num_classes) for s in sources)
 
 
 class Parts(NamedTuple):
@@ -135,7 +180,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 def load_clients(config, datasets=None
                  ) -> tuple[ArrayDataset, ArrayDataset, cohort_lib.ClientPool]:
   """(train, test, client pool): the config's data, partitioned if needed."""
-  train_ds, test_ds = datasets or registry.load_dataset(config.data)
+  train_ds, test_ds = datasets or load_data(config.data)
   train_ds, test_ds = training.partition_clients(config, train_ds, test_ds)
   pool = cohort_lib.ClientPool.from_dataset(train_ds)
   if config.cohort_size > pool.num_clients:
