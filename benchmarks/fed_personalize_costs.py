@@ -32,6 +32,7 @@ import jax
 import numpy as np
 import optax
 
+from benchmarks import outputs
 from configs import fed_personalize_kws
 from fedjax_ext import compression
 from ondevice import cost
@@ -143,12 +144,7 @@ def main(argv):
   del argv
   logs.setup_experiment_logging()
   results = results_of(measure(_REPEATS.value))
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, 'w') as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.splitext(_OUT.value)[0] + '.md', 'w') as f:
-    f.write(markdown(results))
-  print(markdown(results))
+  outputs.write(_OUT.value, results, markdown(results))
 
 
 if __name__ == '__main__':

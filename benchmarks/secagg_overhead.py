@@ -18,7 +18,6 @@ C^2 * D for C clients and D parameters (`secure_aggregation.py`).
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import time
 
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import outputs
 from configs import fed_kws
 from fedjax_ext import privacy
 from fedjax_ext import rounds as rounds_lib
@@ -125,12 +125,7 @@ def main(argv):
              'loadavg_start': [round(x, 2) for x in load_start],
              'loadavg_end': [round(x, 2) for x in os.getloadavg()],
              'date': datetime.date.today().isoformat()}
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, 'w') as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.splitext(_OUT.value)[0] + '.md', 'w') as f:
-    f.write(markdown(results))
-  print(markdown(results))
+  outputs.write(_OUT.value, results, markdown(results))
 
 
 if __name__ == '__main__':
