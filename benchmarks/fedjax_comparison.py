@@ -161,21 +161,7 @@ def _haiku_model(fedjax, name: str):
           x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
       return y + b
 
-  def forward(batch):
-    x = batch['x']
-    for i, width in enumerate(channels, start=1):
-      x = jax.nn.relu(Conv3x3(width, name=f'conv{i}')(x))
-      x = hk.max_pool(x, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
-    x = jnp.mean(x, axis=(1, 2)) if channels else x.reshape(x.shape[0], -1)
-    for i, width in enumerate(hidden, start=1):
-      x = jax.nn.relu(hk.Linear(width, name=f'hidden{i}')(x))
-    return hk.Linear(_NUM_CLASSES, name='classifier')(x)
-
-  def train_loss(batch, preds):
-    return fedjax.metrics.unreduced_cross_entropy_loss(batch['y'], preds)
-
-  return fedjax.create_model_from_haiku(
-      hk.transform(forward), {'x': jnp.zeros((1, 28, 28, 1))}, train_loss)
+  return stock.haiku_cnn(fedjax, channels, hidden, conv=Conv3x3)
 
 
 def _flax_params(haiku_params, flax_model) -> Any:

@@ -29,7 +29,6 @@ import optax
 from benchmarks import hardware
 from fedjax_ext import algorithms
 from fedjax_ext import client as client_lib
-from fedjax_ext import cohort as cohort_lib
 from fedjax_ext import execution
 from fedjax_ext import fedjax_interop
 from fedjax_ext import rounds as rounds_lib
@@ -68,13 +67,22 @@ class StockNet(nn.Module):
 
 def haiku_model(fedjax, name: str):
   """The fedjax.Model of `name`: hk.Conv2D / hk.Linear / hk.max_pool."""
+  return haiku_cnn(fedjax, *STOCK_ARCHS[name])
+
+
+def haiku_cnn(fedjax, channels, hidden, conv=None):
+  """A fedjax.Model: 3x3 convs with 2x2 max-pooling, then dense layers.
+
+  `conv(width, name=...)` builds each convolution; the default is haiku's
+  stock `hk.Conv2D(width, 3)` (SAME padding, with bias).
+  """
   import haiku as hk  # pylint: disable=g-import-not-at-top
-  channels, hidden = STOCK_ARCHS[name]
+  conv = conv or (lambda width, name: hk.Conv2D(width, 3, name=name))
 
   def forward(batch):
     x = batch['x']
     for i, width in enumerate(channels, start=1):
-      x = jax.nn.relu(hk.Conv2D(width, 3, name=f'conv{i}')(x))
+      x = jax.nn.relu(conv(width, name=f'conv{i}')(x))
       x = hk.max_pool(x, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
     x = jnp.mean(x, axis=(1, 2)) if channels else x.reshape(x.shape[0], -1)
     for i, width in enumerate(hidden, start=1):
