@@ -18,10 +18,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from continual import objectives
-from continual import regularizers
 from central import pretrain
 from central import supervised
+from continual import objectives
+from continual import regularizers
 from ondevice import train
 from ondevice.data import speech_keywords
 

@@ -14,9 +14,9 @@ import math
 
 import ml_collections
 
+from central import supervised
 from continual import streams
 from ondevice import options
-from central import supervised
 from ondevice import user_corpus
 from ondevice.data import speech_keywords
 

@@ -11,8 +11,8 @@ to --workdir; rerunning with the same workdir resumes.
 """
 from absl import app
 
-from experiments import common
 from central import supervised
+from experiments import common
 
 _CONFIG, _WORKDIR = common.define_flags('configs/kws_central.py:smoke')
 

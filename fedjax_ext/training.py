@@ -119,9 +119,14 @@ def secure_aggregation_options(**overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(values)
 
 
-def _secagg_enabled(config) -> bool:
-  cfg = config.get('secure_aggregation', None)
+def _enabled(config, section: str) -> bool:
+  """Whether `config.<section>.enabled` is set (an absent section is off)."""
+  cfg = config.get(section, None)
   return cfg is not None and bool(cfg.get('enabled', False))
+
+
+def _secagg_enabled(config) -> bool:
+  return _enabled(config, 'secure_aggregation')
 
 
 def _check_secure_aggregation(config) -> None:
@@ -370,8 +375,7 @@ def _check_execution(config) -> None:
 
 
 def _dp_enabled(config) -> bool:
-  dp = config.get('dp', None)
-  return dp is not None and bool(dp.get('enabled', False))
+  return _enabled(config, 'dp')
 
 
 def _check_dp(config) -> None:

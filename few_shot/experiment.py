@@ -32,14 +32,14 @@ import ml_collections
 import numpy as np
 import optax
 
+from central import pretrain
+from central import supervised
 from few_shot import config_checks
 from few_shot import enrollment
 from few_shot import meta_learners
 from few_shot import meta_training
 from few_shot import personalize
 from few_shot import report
-from central import pretrain
-from central import supervised
 from ondevice import train
 from ondevice import user_corpus
 from ondevice.data import base

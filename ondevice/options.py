@@ -138,6 +138,14 @@ def get(config: ml_collections.ConfigDict, key: str) -> Any:
   return node
 
 
+def set_value(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """Sets `config` at a dotted key such as 'local.batch_size' (an override
+  in code, as `--config.local.batch_size=...` is on the command line)."""
+  *parents, leaf = key.split('.')
+  node = get(config, '.'.join(parents)) if parents else config
+  node[leaf] = value
+
+
 def require(config: ml_collections.ConfigDict, keys: Iterable[str]) -> None:
   """Raises a ValueError listing every dotted key the config lacks."""
   missing = []

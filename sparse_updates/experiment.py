@@ -28,12 +28,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from central import pretrain as pretrain_lib
+from central import supervised
 from ondevice import cost
 from ondevice import models
 from ondevice import optim
 from ondevice import options
-from central import pretrain as pretrain_lib
-from central import supervised
 from ondevice.data import registry
 from ondevice.data.base import ArrayDataset
 from sparse_updates import batchnorm_folding

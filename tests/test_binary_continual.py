@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from central import pretrain
 from configs import continual_kws
 from continual import experiment
 from continual import learner
@@ -20,7 +21,7 @@ from continual import pretrained as pretrained_lib
 from continual import regularizers
 from continual import streams
 from continual import validation
-from central import pretrain
+from ondevice import options
 from ondevice import user_corpus
 from ondevice.data import registry
 
@@ -86,12 +87,7 @@ def test_the_schemas_name_every_method_regulariser_and_drift():
       assert set(node[choice]) == set(keys), (key, choice)
 
 
-def _set(config, dotted, value):
-  *parents, leaf = dotted.split('.')
-  node = config
-  for part in parents:
-    node = node[part]
-  node[leaf] = value
+_set = options.set_value
 
 
 # ({dotted key: value}, text the error must contain), on the smoke config.

@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from configs import contribution_kws
+from ondevice import options
 from ondevice.data import registry
 from sparse_updates import experiment
 
@@ -40,12 +41,7 @@ def test_binary_runs_the_shipped_config(tmp_path, variant):
   assert os.path.getsize(tmp_path / 'contribution_gains.png') > 0
 
 
-def _set(config, key, value):
-  parent, _, leaf = key.rpartition('.')
-  node = config
-  for part in filter(None, parent.split('.')):
-    node = node[part]
-  node[leaf] = value
+_set = options.set_value
 
 
 @pytest.mark.parametrize('key,value,named', [

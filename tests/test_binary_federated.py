@@ -21,6 +21,7 @@ from configs import fed_kws
 from fedjax_ext import algorithms
 from fedjax_ext import experiment
 from fedjax_ext import training
+from ondevice import options
 from ondevice.data import registry
 
 # Config file -> (module, the variants its get_config accepts).
@@ -47,12 +48,7 @@ def test_every_shipped_config_runs(tmp_path, path, variant):
   assert rounds == list(range(1, config.num_rounds + 1))
 
 
-def _set(config, dotted, value):
-  *parents, leaf = dotted.split('.')
-  node = config
-  for part in parents:
-    node = node[part]
-  node[leaf] = value
+_set = options.set_value
 
 
 # (config file, {dotted key: value}, text the error must contain).

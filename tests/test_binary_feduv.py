@@ -18,6 +18,7 @@ from configs import feduv_kws
 from fedjax_ext import privacy
 from fedjax_ext.feduv import experiment
 from ondevice import loop
+from ondevice import options
 from ondevice.data import registry
 from ondevice.data import verification as verification_data
 
@@ -125,12 +126,8 @@ def test_rerun_resumes_every_variant_with_the_same_numbers(runs):
 
 
 def _set(config, dotted, value):
-  *parents, leaf = dotted.split('.')
-  node = config
-  for part in parents:
-    node = node[part]
   with config.unlocked():
-    node[leaf] = value
+    options.set_value(config, dotted, value)
 
 
 # ({dotted key: value} on the smoke config, text the error must contain).

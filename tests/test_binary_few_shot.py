@@ -13,9 +13,10 @@ import time
 
 import pytest
 
+from central import supervised
 from configs import few_shot_kws
 from few_shot import experiment
-from central import supervised
+from ondevice import options
 from ondevice import user_corpus
 from ondevice.data import registry
 
@@ -69,13 +70,7 @@ def test_the_binary_only_calls_experiment_run_through_run_binary():
 
 
 def _set(key, value):
-  def apply(config):
-    node = config
-    *path, last = key.split('.')
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return apply
+  return lambda config: options.set_value(config, key, value)
 
 
 def _unknown_argument(config):

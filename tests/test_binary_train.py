@@ -14,9 +14,10 @@ import time
 
 import pytest
 
+from central import supervised
 from configs import fmnist_central
 from configs import kws_central
-from central import supervised
+from ondevice import options
 from ondevice.data import registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,12 +52,7 @@ def test_the_binary_runs_a_shipped_config(tmp_path):
 
 
 def _set(key: str, value):
-  def apply(config):
-    node, leaf = config, key.split('.')[-1]
-    for part in key.split('.')[:-1]:
-      node = node[part]
-    node[leaf] = value
-  return apply
+  return lambda config: options.set_value(config, key, value)
 
 
 def _both(first, second):

@@ -22,6 +22,7 @@ from configs import fed_personalize_kws
 from fedjax_ext import algorithms
 from fedjax_ext import execution
 from fedjax_ext import experiment
+from ondevice import options
 from ondevice.data import registry
 from ondevice.data.base import ArrayDataset
 
@@ -150,11 +151,7 @@ def test_refused_before_any_data_loads(tmp_path, monkeypatch):
       ({'secure_aggregation.late_dropout_rate': 1.0}, 'late_dropout_rate')):
     config = fed_personalize_kws.get_config('smoke')
     for dotted, value in changes.items():
-      *parents, leaf = dotted.split('.')
-      node = config
-      for part in parents:
-        node = node[part]
-      node[leaf] = value
+      options.set_value(config, dotted, value)
     with pytest.raises(ValueError, match=needle):
       experiment.run(config, str(tmp_path / 'run'))
 

@@ -135,3 +135,12 @@ def test_every_option_is_settable_from_the_command_line(tmp_path):
       env={'PYTHONPATH': str(root), 'PATH': '/usr/bin:/bin'})
   assert out.returncode == 0, out.stderr
   assert "RESULT _shift [('amount', 1.5)]" in out.stdout
+
+
+def test_set_value_walks_the_dotted_key_and_names_a_missing_one():
+  config = ml_collections.ConfigDict(dict(local=dict(batch_size=8), seed=0))
+  options.set_value(config, 'local.batch_size', 16)
+  options.set_value(config, 'seed', 3)
+  assert config.local.batch_size == 16 and config.seed == 3
+  with pytest.raises(ValueError, match=r'lacks config\.locl'):
+    options.set_value(config, 'locl.batch_size', 4)

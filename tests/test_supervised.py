@@ -8,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 
+from central import supervised
 from configs import kws_central
 from ondevice import loop
-from central import supervised
 from ondevice.data.base import ArrayDataset
 from quantized_training import optim_state
 
