@@ -63,10 +63,9 @@ def _prepare(config):
   glob = experiment.train_global_model(
       config, os.path.join(_WORKDIR.value, 'global'),
       (setup.pre_ds, test_ds))
-  users = experiment.load_users(config, train_ds)
-  table = enrollment.enrollment_table(users.x, users.y, users.client_id,
-                                      setup.keywords, pool_size=5)
-  return setup, glob, table, experiment.outlier_mask(users, table.speakers)
+  users = experiment.load_users(config, setup, glob, train_ds)
+  table, masks = experiment.enrollment_users(config, setup, users)
+  return setup, glob, table, masks['outlier']
 
 
 def _row(summary, base_row, **fields):

@@ -15,6 +15,7 @@ from few_shot import meta_learners
 from ondevice import models
 from ondevice import optim
 from ondevice import options
+from ondevice.data import population
 from ondevice.data import speech_keywords
 import quantized_training
 import sparse_updates
@@ -172,17 +173,60 @@ def _users(config) -> None:
     raise ValueError('config.users.num_typical and config.users.num_outlier '
                      'are both 0; ask for at least one user.')
   _int_at_least(config, 'users.utterances_per_word', 2)
+  pop = population.population_from_config(
+      config.data.get('population', None), 'config.data.population')
+  if (outlier and pop is not None and not pop.held_out_families and
+      not pop.held_out_conditions):
+    raise ValueError(
+        f'config.users.num_outlier={outlier}, but config.data.population='
+        f'{pop.name!r} holds nothing out of pre-training, so it has no '
+        "outlier (unseen) users: use 'mixed_unseen' or set num_outlier=0.")
+  _worst_users(config)
+
+
+def _worst_users(config) -> None:
+  """The clip counts, calibration utterances and worst-group screening."""
+  cfg = config.users
+  calib = _int_at_least(config, 'users.calibration_utterances', 0) if (
+      'calibration_utterances' in cfg) else 0
+  other = (_int_at_least(config, 'users.other_utterances_per_word', 0)
+           if 'other_utterances_per_word' in cfg else 0)
+  if other and other <= calib:
+    raise ValueError(
+        f'config.users.other_utterances_per_word={other} must exceed '
+        f'config.users.calibration_utterances={calib}: users need non-keyword '
+        'clips that no calibration used, to measure false accepts on.')
+  candidates = (_int_at_least(config, 'users.worst_candidates', 0)
+                if 'worst_candidates' in cfg else 0)
+  if not candidates:
+    return
+  options.in_range(config, 'users.worst_fraction', 0.0, 1.0,
+                   low_inclusive=False, high_inclusive=False)
+  if calib < 1:
+    raise ValueError(
+        f'config.users.worst_candidates={candidates} needs '
+        'config.users.calibration_utterances >= 1: the worst users are '
+        'selected on calibration clips that are never scored; got '
+        f'{calib}.')
+  if round(cfg.worst_fraction * candidates) < 1:
+    raise ValueError(
+        f'config.users.worst_fraction={cfg.worst_fraction} of '
+        f'config.users.worst_candidates={candidates} selects no user; '
+        'raise either.')
 
 
 def _personalize(config) -> None:
   cfg = config.personalize
   ks = _ints_at_least(config, 'personalize.k_values', 1)
-  if max(ks) >= config.users.utterances_per_word:
+  calib = config.users.get('calibration_utterances', 0)
+  if max(ks) >= config.users.utterances_per_word - calib:
     raise ValueError(
         f'config.personalize.k_values={ks} must lie in [1, '
-        'config.users.utterances_per_word - 1] = [1, '
-        f'{config.users.utterances_per_word - 1}]: every user keeps a clip '
-        'per word to evaluate on.')
+        'config.users.utterances_per_word - config.users.'
+        'calibration_utterances - 1] = [1, '
+        f'{config.users.utterances_per_word - calib - 1}]: every user keeps '
+        'a clip per word to evaluate on, and calibration clips are never '
+        'enrolled on.')
   _trainable(config)
   options.positive(config, 'personalize.learning_rate')
   _int_at_least(config, 'personalize.num_steps', 1)

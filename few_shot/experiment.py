@@ -40,6 +40,7 @@ from few_shot import meta_learners
 from few_shot import meta_training
 from few_shot import personalize
 from few_shot import report
+from few_shot import user_groups
 from ondevice import train
 from ondevice import user_corpus
 from ondevice.data import base
@@ -100,8 +101,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   meta_inits, timings = meta_train_all(config, workdir, setup,
                                        global_models['global'], replay)
   inits.update(meta_inits)
-  if users is None:
-    users = load_users(config, train_ds)
+  users = (load_users(config, setup, global_models['global'], train_ds)
+           if users is None else given_users(users))
   personal, user_info = personalise(config, setup, inits, users, replay)
   keyword_split = keyword_split_benchmark(config, workdir, train_ds, test_ds,
                                           quant)
@@ -112,7 +113,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       'speakers': speaker_counts(config, setup, test_ds),
       'meta_training': timings, 'personalisation': personal,
       'users': user_info, 'keyword_split': keyword_split,
-      'goals': report.goals(personal, config),
+      'goals': report.goals(personal, config, user_info['detection_rate']),
       'seconds': time.time() - start}
   report.write(results, config, workdir)
   return results
@@ -261,41 +262,37 @@ def meta_train_all(config, workdir: str, setup: Setup,
   return inits, timings
 
 
-def load_users(config, train_ds: base.ArrayDataset) -> base.ArrayDataset:
-  """The keyword clips of config.users' new users, normalised like
-  `train_ds` (`ondevice.user_corpus`)."""
-  cfg = config.users
-  corpus = user_corpus.corpus_config(config.data)
-  population = config.data.get('population', None)
-  indices = user_corpus.pick_users(corpus, cfg.first_index, cfg.num_typical,
-                                   cfg.num_outlier, spread_accents=False,
-                                   population=population)
-  users = user_corpus.load_users(
-      corpus, indices,
-      user_corpus.UserClips(utterances_per_word=cfg.utterances_per_word),
-      config.data.get('cache_dir', None) or None, population)
-  return user_corpus.normalise_like(users, train_ds).keywords
+def load_users(config, setup: Setup, glob: pretrain.Pretrained,
+               train_ds: base.ArrayDataset) -> user_groups.Users:
+  """config.users' new users in their groups (`few_shot.user_groups`); the
+  global model screens the worst group's candidates."""
+  state = personalize.as_state(glob.params, glob.model_state)
+  return user_groups.load_users(config, setup.model, state, train_ds)
 
 
-def outlier_mask(users: base.ArrayDataset, speakers) -> np.ndarray:
-  """Whether each of `speakers` (client ids of `users`) has an outlier
-  accent, from users.meta['is_outlier_accent'] of its first utterance."""
+def given_users(users: base.ArrayDataset) -> user_groups.Users:
+  """Users passed to `run`: groups from meta['is_outlier_accent']."""
   first_row = {int(s): i for i, s in
                reversed(list(enumerate(users.client_id)))}
-  return np.array([bool(users.meta['is_outlier_accent'][first_row[int(s)]])
-                   for s in speakers])
+  groups = {'typical': [], 'outlier': []}
+  for speaker, row in sorted(first_row.items()):
+    outlier = bool(users.meta['is_outlier_accent'][row])
+    groups['outlier' if outlier else 'typical'].append(speaker)
+  return user_groups.Users(users, {g: v for g, v in groups.items() if v}, {})
 
 
-def enrollment_users(config, setup: Setup, users: base.ArrayDataset):
-  """(enrollment table of `users`, their outlier mask)."""
+def enrollment_users(config, setup: Setup, users: user_groups.Users):
+  """(enrollment table of the users, group name -> mask over its users)."""
+  clips = users.clips
   table = enrollment.enrollment_table(
-      users.x, users.y, users.client_id, setup.keywords,
+      clips.x, clips.y, clips.client_id, setup.keywords,
       pool_size=max(config.personalize.k_values))
-  return table, outlier_mask(users, np.asarray(table.speakers))
+  return table, user_groups.group_masks(users.groups,
+                                        np.asarray(table.speakers))
 
 
 def personalise(config, setup: Setup, inits: Inits,
-                users: base.ArrayDataset, replay=None):
+                users: user_groups.Users, replay=None):
   """Detection metrics of every (init, adaptation) at every K.
 
   Args:
@@ -303,9 +300,11 @@ def personalise(config, setup: Setup, inits: Inits,
       support, or None.
 
   Returns:
-    ({label: {k: group summary}}, {'users', 'is_outlier'}).
+    ({label: {k: group summary}}, {'users', 'groups', 'detection_rate':
+    {label: {k: per-user detection rates in 'users' order}}}).
   """
-  table, is_outlier = enrollment_users(config, setup, users)
+  table, masks = enrollment_users(config, setup, users)
+  per_user_rates = {}
   key = jax.random.fold_in(jax.random.key(config.seed), 7)
   results = {}
   for label, (state, adapt_fn) in inits.items():
@@ -318,12 +317,15 @@ def personalise(config, setup: Setup, inits: Inits,
       per_user = personalize.evaluate_in_chunks(
           evaluate, state, tasks, jax.random.fold_in(key, k),
           config.personalize.eval_chunk)
-      results[label][k] = personalize.group_summary(per_user, is_outlier)
+      results[label][k] = personalize.groups_summary(per_user, masks)
+      per_user_rates.setdefault(label, {})[k] = [
+          float(r) for r in per_user['detection_rate']]
       logging.info('personalise %s K=%d: %s', label, k, {
           g: round(v['detection_rate'], 3)
           for g, v in results[label][k].items()})
   return results, {'users': [int(s) for s in np.asarray(table.speakers)],
-                   'is_outlier': is_outlier.tolist()}
+                   'groups': users.groups, 'screening': users.screening,
+                   'detection_rate': per_user_rates}
 
 
 def keyword_split_benchmark(config, workdir: str,

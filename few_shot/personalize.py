@@ -149,22 +149,41 @@ def evaluate_in_chunks(evaluate, state, tasks, key, chunk: int
   return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
-def group_summary(per_user: Mapping[str, np.ndarray], is_outlier: np.ndarray
-                  ) -> dict[str, dict[str, float]]:
-  """Means and standard errors over users, for typical and outlier users."""
+def groups_summary(per_user: Mapping[str, np.ndarray],
+                   masks: Mapping[str, np.ndarray]
+                   ) -> dict[str, dict[str, float]]:
+  """Means and standard errors over the users of each group (bool masks over
+  users), and over all users ('all')."""
   out = {}
-  for group, members in (('typical', ~is_outlier), ('outlier', is_outlier),
-                         ('all', np.ones_like(is_outlier))):
+  masks = dict(masks)
+  masks['all'] = np.ones(len(per_user['detection_rate']), bool)
+  for group, members in masks.items():
+    members = np.asarray(members, bool)
     if not members.any():
       continue
     stats = {'num_users': int(members.sum())}
     for name in ('detection_rate', 'false_accept_rate', 'keyword_accuracy'):
       values = np.asarray(per_user[name])[members]
       stats[name] = float(values.mean())
-      stats[name + '_sem'] = float(values.std(ddof=1) / np.sqrt(len(values))
-                                   if len(values) > 1 else 0.0)
+      stats[name + '_sem'] = standard_error(values)
     out[group] = stats
   return out
+
+
+def group_summary(per_user: Mapping[str, np.ndarray], is_outlier: np.ndarray
+                  ) -> dict[str, dict[str, float]]:
+  """`groups_summary` with the groups typical and outlier."""
+  is_outlier = np.asarray(is_outlier, bool)
+  return groups_summary(per_user, {'typical': ~is_outlier,
+                                   'outlier': is_outlier})
+
+
+def standard_error(values) -> float:
+  """Standard error of the mean (0 for fewer than two values)."""
+  values = np.asarray(values, np.float64)
+  if len(values) < 2:
+    return 0.0
+  return float(values.std(ddof=1) / np.sqrt(len(values)))
 
 
 def relative_gain(adapted: float, baseline: float) -> float:

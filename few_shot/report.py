@@ -24,20 +24,35 @@ from ondevice import metric_writer
 PLAIN_FINETUNE = 'global+finetune_full'  # the init meta-learning starts from
 PLAIN_FINETUNE_ALL = 'global_all+finetune_full'  # trained on every speaker
 VERSUS_KS = (1, 5)
+GROUPS = ('outlier', 'worst', 'typical')
+# Typical users may lose at most this much detection rate (absolute) for an
+# adaptation to count as helping outliers without hurting everyone else.
+TYPICAL_DROP = 0.01
 
 
-def goals(personal: Mapping[str, Any], config) -> dict[str, Any]:
-  """The targets of config.report from `personal[label][k][group]`."""
+def goals(personal: Mapping[str, Any], config,
+          per_user: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The targets of config.report from `personal[label][k][group]` (and,
+  given per-user detection rates `per_user[label][k]`, paired comparisons
+  of every meta-learned init with plain fine-tuning at K = 1)."""
   ks = [k for k in config.personalize.k_values if k <= config.report.max_k]
   out: dict[str, Any] = {'far': config.far}
   if 'global' not in personal or not ks:
     return out
   out.update(best_gains(personal, ks))
+  if 'typical' in personal['global'][ks[0]]:
+    for group in ('outlier', 'worst'):
+      gain = best_gain_keeping_typical(personal, ks, group)
+      if gain:
+        out[f'best_{group}_gain_typical_kept'] = gain
   if 'best_outlier_gain' in out:
     out['outlier_gain_goal_met'] = (out['best_outlier_gain']['relative_gain']
                                     >= config.report.outlier_gain_goal)
   if PLAIN_FINETUNE in personal:
     out['meta_vs_plain_finetune'] = meta_vs_plain(personal, config.meta.names)
+  if per_user and min(config.personalize.k_values) == 1:
+    out['meta_vs_finetune_k1'] = meta_vs_finetune(per_user,
+                                                  config.meta.names, 1)
   return out
 
 
@@ -50,7 +65,7 @@ def best_gains(personal: Mapping[str, Any], ks) -> dict[str, Any]:
     if label == 'global':
       continue
     for k in ks:
-      for group in ('outlier', 'typical'):
+      for group in GROUPS:
         if group in by_k[k] and group in base:
           gains.setdefault(group, []).append(
               (personalize.relative_gain(by_k[k][group]['detection_rate'],
@@ -66,6 +81,56 @@ def best_gains(personal: Mapping[str, Any], ks) -> dict[str, Any]:
   return out
 
 
+def best_gain_keeping_typical(personal: Mapping[str, Any], ks, group: str,
+                              max_drop: float = TYPICAL_DROP
+                              ) -> dict[str, Any] | None:
+  """The largest relative gain of `group` over (init, K) whose typical
+  users' detection rate falls by at most `max_drop` (absolute)."""
+  base = personal['global'][ks[0]]
+  if group not in base:
+    return None
+  best = None
+  for label, by_k in personal.items():
+    for k in ks:
+      if label == 'global' or group not in by_k[k]:
+        continue
+      typical_delta = (by_k[k]['typical']['detection_rate'] -
+                       base['typical']['detection_rate'])
+      if typical_delta < -max_drop:
+        continue
+      gain = personalize.relative_gain(by_k[k][group]['detection_rate'],
+                                       base[group]['detection_rate'])
+      if best is None or gain > best['relative_gain']:
+        best = {'relative_gain': gain, 'method': label, 'k': k,
+                'baseline_detection_rate': base[group]['detection_rate'],
+                'detection_rate': by_k[k][group]['detection_rate'],
+                'detection_rate_sem': by_k[k][group]['detection_rate_sem'],
+                'typical_delta': typical_delta}
+  return best
+
+
+def paired_difference(a, b) -> dict[str, float]:
+  """Mean of a - b over paired users, its standard error and n."""
+  diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  return {'diff': float(diff.mean()),
+          'se': personalize.standard_error(diff), 'n': int(len(diff))}
+
+
+def meta_vs_finetune(per_user: Mapping[str, Any], names, k: int,
+                     plain: str = PLAIN_FINETUNE) -> dict[str, Any]:
+  """Each meta-learned init against plain fine-tuning at K = k, paired over
+  the same users (per-user detection rates); 'best' is the init with the
+  largest mean difference."""
+  if plain not in per_user or k not in per_user[plain]:
+    return {}
+  out = {name: paired_difference(per_user[name][k], per_user[plain][k])
+         for name in names if name in per_user and k in per_user[name]}
+  if out:
+    best = max(out, key=lambda name: out[name]['diff'])
+    out['best'] = dict(out[best], init=best, versus=plain, k=k)
+  return out
+
+
 def meta_vs_plain(personal: Mapping[str, Any], names) -> dict[str, Any]:
   """{'<name>/K=<k>/<group>': meta and plain fine-tuning detection rates}."""
   versus = {}
@@ -73,7 +138,7 @@ def meta_vs_plain(personal: Mapping[str, Any], names) -> dict[str, Any]:
     for k in VERSUS_KS:
       if k not in personal[PLAIN_FINETUNE] or name not in personal:
         continue
-      for group in ('outlier', 'typical', 'all'):
+      for group in ('outlier', 'worst', 'typical', 'all'):
         meta = personal[name][k].get(group)
         if not meta:
           continue
@@ -92,7 +157,7 @@ def _plot(personal, path: str, far: float) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  groups = [g for g in ('typical', 'outlier')
+  groups = [g for g in ('typical', 'outlier', 'worst')
             if any(g in v for by_k in personal.values()
                    for v in by_k.values())]
   fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups) + 3, 4),
@@ -141,7 +206,7 @@ def markdown(results: Mapping[str, Any], config) -> str:
 
 def _goal_lines(g: Mapping[str, Any], config) -> list[str]:
   lines = []
-  for group in ('outlier', 'typical'):
+  for group in GROUPS:
     best = g.get(f'best_{group}_gain')
     if best:
       lines.append(
@@ -150,6 +215,23 @@ def _goal_lines(g: Mapping[str, Any], config) -> list[str]:
           f'({best["method"]}, K={best["k"]}: '
           f'{best["baseline_detection_rate"]:.3f} -> '
           f'{best["detection_rate"]:.3f})')
+  for group in ('outlier', 'worst'):
+    kept = g.get(f'best_{group}_gain_typical_kept')
+    if kept:
+      lines.append(
+          f'- best gain for {group} users with typical users losing at most '
+          f'{TYPICAL_DROP:.0%} (absolute): **{kept["relative_gain"]:+.1%}** '
+          f'({kept["method"]}, K={kept["k"]}: '
+          f'{kept["baseline_detection_rate"]:.3f} -> '
+          f'{kept["detection_rate"]:.3f}; typical '
+          f'{kept["typical_delta"]:+.3f})')
+  best = g.get('meta_vs_finetune_k1', {}).get('best')
+  if best:
+    lines.append(
+        f'- best meta-learned init vs plain fine-tuning at K=1, paired over '
+        f'{best["n"]} users: {best["init"]} {best["diff"]:+.3f} '
+        f'(s.e. {best["se"]:.3f}, {best["diff"] / max(best["se"], 1e-12):.1f}'
+        ' s.e.)')
   if 'outlier_gain_goal_met' in g:
     lines.append(f'- outlier gain >= {config.report.outlier_gain_goal:.0%}: '
                  f'**{"met" if g["outlier_gain_goal_met"] else "missed"}**')
@@ -170,9 +252,10 @@ def _detection_table(personal: Mapping[str, Any]) -> str:
   for label, by_k in personal.items():
     for k, groups in by_k.items():
       row = {'init+adaptation': label, 'K': k}
-      for group in ('typical', 'outlier'):
+      for group in ('typical', 'outlier', 'worst'):
         if group in groups:
           row[f'{group} DR'] = groups[group]['detection_rate']
+          row[f'{group} DR sem'] = groups[group]['detection_rate_sem']
           row[f'{group} FAR'] = groups[group]['false_accept_rate']
           row[f'{group} kw acc'] = groups[group]['keyword_accuracy']
       rows.append(row)

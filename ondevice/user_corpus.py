@@ -65,6 +65,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 from typing import Any
 
@@ -472,8 +473,104 @@ def feature_stats(train: ArrayDataset) -> tuple[np.ndarray, np.ndarray]:
 
 def normalise_like(users: NewUsers, train: ArrayDataset) -> NewUsers:
   """Standardises every set of `users` with `train`'s feature statistics."""
+  return NewUsers(*(normalise_dataset(ds, train) for ds in
+                    (users.keywords, users.other_words, users.noise)))
+
+
+def load_word_clips(corpus: sk.SpeechCorpusConfig, indices: list[int],
+                    keywords, keyword_utterances: int,
+                    other_utterances: int = 0, cache_dir: str | None = None,
+                    population=None, num_workers: int | None = None
+                    ) -> ArrayDataset:
+  """Raw log-mel clips of the users `indices`, every word of the corpus.
+
+  The keywords are spoken `keyword_utterances` times and the corpus's other
+  words `other_utterances` times (0: not at all): a device needs many clips
+  of each keyword (to calibrate, enroll and evaluate) but fewer of each of
+  the many other words (false accepts). A clip depends only on (seed,
+  speaker, word, utterance), so these are exactly the clips of a corpus of
+  these speakers with more utterances. Every user is cached in its own
+  files, synthesised by `num_workers` spawned processes (default: up to 4),
+  so a user already built for another set of users is reused and an
+  interrupted build keeps the users it finished.
+
+  Returns:
+    ArrayDataset with y over corpus.words, client_id the speaker index and
+    the meta columns of `load_users`' keyword set ('utterance', ...), users
+    in the order of `indices`.
+  """
+  plan = _word_plan(corpus, keywords, keyword_utterances, other_utterances)
+  jobs = [(corpus, words, utterances, int(i), cache_dir, population)
+          for i in indices for words, utterances in plan]
+  workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+  if workers > 1 and len(jobs) > 1:
+    # Spawned, not forked: JAX in this process is threaded.
+    with multiprocessing.get_context('spawn').Pool(workers) as pool:
+      for done, _ in enumerate(pool.imap_unordered(_user_words, jobs), 1):
+        if done % max(1, len(jobs) // 20) == 0 or done == len(jobs):
+          logging.info('New users: %d/%d (user, word set) files ready.',
+                       done, len(jobs))
+  return concatenate([_user_words(job) for job in jobs])
+
+
+def _word_plan(corpus: sk.SpeechCorpusConfig, keywords,
+               keyword_utterances: int, other_utterances: int
+               ) -> list[tuple[tuple[str, ...], int]]:
+  """[(words, utterances)]: the keywords, then the corpus's other words."""
+  keywords = tuple(keywords)
+  unknown = [w for w in keywords if w not in corpus.words]
+  if unknown or not keywords:
+    raise ValueError(f'keywords {unknown or keywords} must be words of the '
+                     f'corpus {corpus.words}.')
+  if keyword_utterances < 1 or other_utterances < 0:
+    raise ValueError('keyword_utterances must be >= 1 and other_utterances '
+                     f'>= 0; got {keyword_utterances} and {other_utterances}.')
+  others = tuple(w for w in corpus.words if w not in keywords)
+  plan = [(keywords, keyword_utterances)]
+  if other_utterances and others:
+    plan.append((others, other_utterances))
+  return plan
+
+
+def _user_words(job) -> ArrayDataset:
+  """One user's clips of one word set (cached), labels over corpus.words."""
+  corpus, words, utterances, index, cache_dir, population = job
+  part = load_users(dataclasses.replace(corpus, words=words), [index],
+                    UserClips(utterances_per_word=max(utterances, 2)),
+                    cache_dir, population).keywords
+  part = part.take(part.meta['utterance'] < utterances)
+  return _relabel(part, corpus.words)
+
+
+def _relabel(ds: ArrayDataset, words: tuple[str, ...]) -> ArrayDataset:
+  """`ds` with labels over `words` (a superset of ds.class_names)."""
+  to_words = np.array([words.index(w) for w in ds.class_names], np.int32)
+  return dataclasses.replace(ds, y=to_words[ds.y], class_names=words)
+
+
+def concatenate(parts: list[ArrayDataset]) -> ArrayDataset:
+  """Rows of datasets of the same classes, in order; meta columns that every
+  part has, and the union of their speaker records."""
+  if not parts:
+    raise ValueError('concatenate needs at least one dataset.')
+  names = parts[0].class_names
+  if any(p.class_names != names for p in parts):
+    raise ValueError('concatenate needs datasets over the same classes.')
+  columns = set.intersection(*(set(p.meta) for p in parts))
+  speakers = {}
+  for part in parts:
+    for record in part.info.get('speakers', []):
+      speakers.setdefault(record['index'], record)
+  cat = lambda field: np.concatenate([getattr(p, field) for p in parts])
+  return ArrayDataset(
+      x=cat('x'), y=cat('y'), client_id=cat('client_id'), class_names=names,
+      meta={c: np.concatenate([p.meta[c] for p in parts])
+            for c in sorted(columns)},
+      info=dict(parts[0].info, speakers=list(speakers.values())))
+
+
+def normalise_dataset(ds: ArrayDataset, train: ArrayDataset) -> ArrayDataset:
+  """`ds` standardised with `train`'s feature statistics (as
+  `normalise_like` does for every set of `NewUsers`)."""
   mean, std = feature_stats(train)
-  def apply(ds: ArrayDataset) -> ArrayDataset:
-    return dataclasses.replace(ds, x=((ds.x - mean) / std).astype(np.float32))
-  return NewUsers(apply(users.keywords), apply(users.other_words),
-                  apply(users.noise))
+  return dataclasses.replace(ds, x=((ds.x - mean) / std).astype(np.float32))

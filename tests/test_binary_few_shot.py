@@ -22,7 +22,7 @@ from ondevice.data import registry
 
 CONFIG_FILE = 'configs/few_shot_kws.py'
 SMOKE_VARIANTS = ('smoke', 'smoke,backbone=ds_cnn_s')
-FULL_VARIANTS = ('', 'backbone=ds_cnn_s')
+FULL_VARIANTS = ('', 'backbone=ds_cnn_s', 'backbone=ds_cnn_s,outliers')
 
 
 def _locked(arg):
@@ -40,7 +40,9 @@ def test_every_smoke_variant_of_the_config_file_runs_end_to_end(arg,
   personal = results['personalisation']
   assert set(personal) == {'global', 'global+finetune_full', 'maml'}
   # config.users: one typical and one outlier-accent user, both new.
-  assert sorted(results['users']['is_outlier']) == [False, True]
+  groups = results['users']['groups']
+  assert {g: len(v) for g, v in groups.items()} == {'typical': 1,
+                                                   'outlier': 1}
   assert min(results['users']['users']) >= config.users.first_index
   # 8 speakers: 2 held out for test, a third of the other 6 meta-train.
   assert results['speakers'] == {'pretrain': 4, 'meta_train': 2, 'test': 2}
@@ -50,6 +52,31 @@ def test_every_smoke_variant_of_the_config_file_runs_end_to_end(arg,
   with open(tmp_path / 'results.json') as f:
     assert json.load(f)['config']['model'] == config.model
   assert os.path.exists(tmp_path / 'report.md')
+
+
+def test_the_outlier_study_smoke_variant_scores_three_groups(tmp_path):
+  # configs/few_shot_kws.py:outliers,smoke on the multi-engine population.
+  config = _locked('outliers,smoke')
+  results = experiment.run(config, str(tmp_path))
+  users = results['users']
+  screening = users['screening']
+  # round(0.2 * 5 candidates) = 1 worst user: the lowest calibration rate
+  # (ties to the lower index), among the candidates, never an outlier.
+  rates = {int(u): r for u, r in
+           screening['calibration_detection_rate'].items()}
+  assert sorted(rates) == screening['candidates']
+  lowest = min(rates, key=lambda u: (rates[u], u))
+  assert users['groups']['worst'] == [lowest]
+  assert len(users['groups']['typical']) == 2
+  assert len(users['groups']['outlier']) == 1
+  assert not set(users['groups']['outlier']) & set(screening['candidates'])
+  scored = sorted(set().union(*map(set, users['groups'].values())))
+  assert users['users'] == scored
+  for label, by_k in results['personalisation'].items():
+    assert set(by_k[1]) == {'typical', 'outlier', 'worst', 'all'}
+    assert len(users['detection_rate'][label][1]) == len(scored)
+  with open(tmp_path / 'results.json') as f:
+    assert json.load(f)['config']['data']['population'] == 'mixed_unseen'
 
 
 @pytest.mark.parametrize('arg', FULL_VARIANTS)
@@ -120,6 +147,13 @@ BAD_CONFIGS = [
     (_set('data.test_fraction', 0.0), 'config.data.test_fraction'),
     (_set('report.outlier_gain_goal', -0.3),
      'config.report.outlier_gain_goal'),
+    (_set('users.worst_candidates', 10), 'config.users.calibration_utterances'),
+    (_set('users.calibration_utterances', -1),
+     'config.users.calibration_utterances'),
+    (_set('users.other_utterances_per_word', -2),
+     'config.users.other_utterances_per_word'),
+    (_set('data.population', 'mixed'), 'config.users.num_outlier'),
+    (_set('data.population', 'mixd'), 'config.data.population'),
 ]
 
 
