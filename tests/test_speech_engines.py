@@ -78,3 +78,35 @@ def test_missing_packages_name_the_debian_package(monkeypatch, tmp_path):
   monkeypatch.setattr(festival.shutil, 'which', lambda name: None)
   with pytest.raises(ValueError, match='apt-get install festival'):
     engines.check_voice('festival', 'czech_krb', 'config.x')
+
+
+def test_festival_keeps_clips_before_a_crash_and_nudges_the_crashing_one(
+    monkeypatch):
+  # A voice that segfaults on 'down' at stretch 1.0: the process dies after
+  # writing the clips before it. Each clip here encodes (text, stretch).
+  calls = []
+
+  def fake_run(texts, voice, stretches):
+    calls.append((list(texts), [round(s, 6) for s in stretches]))
+    out = []
+    for text, stretch in zip(texts, stretches):
+      if text == 'down' and stretch == 1.0:
+        return out, 'exit -11: segfault'
+      out.append(np.array([len(text), round(stretch * 1e6)]))
+    return out, ''
+
+  monkeypatch.setattr(festival, '_run', fake_run)
+  out = festival.speak_many(['yes', 'down', 'go'], 'kal_diphone',
+                            [1.2, 1.0, 0.9], [0, 0, 0])
+  assert [o.tolist() for o in out] == [[3, 1200000], [4, 1030000],
+                                       [2, 900000]]
+  # One batch up to the crash, the crashing text alone at 1.03, the rest.
+  assert calls == [(['yes', 'down', 'go'], [1.2, 1.0, 0.9]),
+                   (['down'], [1.03]), (['go'], [0.9])]
+
+
+def test_festival_raises_when_a_text_crashes_every_retry(monkeypatch):
+  monkeypatch.setattr(festival, '_run',
+                      lambda texts, voice, stretches: ([], 'exit -11'))
+  with pytest.raises(RuntimeError, match="failed on 'down'"):
+    festival.speak_many(['down'], 'kal_diphone', [1.0], [0])

@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 from typing import NamedTuple, Sequence
 
+from absl import logging
 import numpy as np
 
 from ondevice.data.engines import resample
@@ -31,6 +32,8 @@ NAME = 'festival'
 DEBIAN_PACKAGE = 'festival'
 _VOICE_ROOT = '/usr/share/festival/voices'
 _TIMEOUT_S = 600
+_RETRIES = 4           # Nudged retries of a text that crashes the voice.
+_RETRY_STRETCH = 1.03  # Duration factor per retry.
 
 
 class Voice(NamedTuple):
@@ -107,11 +110,35 @@ def _script(texts, voice: str, stretches, folder: str) -> str:
 
 def speak_many(texts: Sequence[str], voice: str, stretches: Sequence[float],
                noise_seeds: Sequence[int]) -> list[np.ndarray]:
-  """All texts in one Festival process; int16 at 16 kHz."""
+  """All texts in as few Festival processes as possible; int16 at 16 kHz.
+
+  Some voices crash (a segfault) on a few (word, duration) pairs. The clips
+  written before a crash are kept, the failing text is spoken alone with
+  its duration stretched by `_RETRY_STRETCH` per retry (a deterministic
+  change, logged), and the rest continue in a new process; a text that
+  fails `_RETRIES` times raises.
+  """
   del noise_seeds  # Festival is deterministic.
   if voice not in VOICES:
     raise ValueError(f'Festival has no voice {voice!r}; choose one of '
                      f'{tuple(VOICES)}.')
+  texts, stretches = list(texts), [float(s) for s in stretches]
+  if len(texts) != len(stretches):
+    raise ValueError(f'{len(texts)} texts but {len(stretches)} stretches.')
+  out: list[np.ndarray] = []
+  while len(out) < len(texts):
+    spoken, _ = _run(texts[len(out):], voice, stretches[len(out):])
+    out += spoken
+    if len(out) < len(texts):
+      out.append(_speak_with_retries(texts[len(out)], voice,
+                                     stretches[len(out)]))
+  return out
+
+
+def _run(texts: Sequence[str], voice: str, stretches: Sequence[float]
+         ) -> tuple[list[np.ndarray], str]:
+  """One Festival process: (the clips written before any failure, why it
+  stopped: '' when every text was spoken)."""
   with tempfile.TemporaryDirectory(prefix='festival_') as folder:
     script = os.path.join(folder, 'speak.scm')
     with open(script, 'w', encoding='utf-8') as f:
@@ -121,10 +148,26 @@ def speak_many(texts: Sequence[str], voice: str, stretches: Sequence[float],
     out = []
     for i in range(len(texts)):
       path = os.path.join(folder, f'{i}.wav')
-      if run.returncode != 0 or not os.path.exists(path):
-        raise RuntimeError(f'Festival voice {voice!r} failed on {texts[i]!r} '
-                           f'(exit {run.returncode}): {run.stderr[-500:]}')
+      if not os.path.exists(path):
+        break
       with open(path, 'rb') as f:
         samples, rate = resample.read_wav(f.read())
       out.append(resample.to_16k(samples, rate))
-  return out
+  why = '' if len(out) == len(texts) else (
+      f'exit {run.returncode}: {run.stderr[-300:]}')
+  return out, why
+
+
+def _speak_with_retries(text: str, voice: str, stretch: float) -> np.ndarray:
+  """`text` alone, its stretch nudged by `_RETRY_STRETCH` per retry."""
+  why = ''
+  for attempt in range(1, _RETRIES + 1):
+    nudged = stretch * _RETRY_STRETCH ** attempt
+    spoken, why = _run([text], voice, [nudged])
+    if spoken:
+      logging.warning('Festival voice %r crashed on %r at stretch %.4f; '
+                      'spoke it at %.4f.', voice, text, stretch, nudged)
+      return spoken[0]
+  raise RuntimeError(f'Festival voice {voice!r} failed on {text!r} at '
+                     f'stretch {stretch:.4f} and {_RETRIES} nudged stretches '
+                     f'({why}).')
