@@ -1,0 +1,171 @@
+r"""The outlier study's measured goals, from a finished few-shot run.
+
+The study (README "Outlier users") is `experiments.few_shot` on
+`configs/few_shot_kws.py:backbone=ds_cnn_s,outliers`: a group-norm DS-CNN S
+pre-trained on the seen speakers of the multi-engine population
+'mixed_unseen', personalised from K = 1, 3, 5 enrollment clips per keyword
+by fine-tuning (full, bias-only) and from meta-learned inits (Reptile,
+FO-MAML, Meta-SGD, ANIL), every enrollment with replayed non-keyword clips,
+for typical, unseen and worst users. This script reads that run's
+results.json and writes the goals as results.json, results.md and the plot
+of detection rate against K per group:
+
+    python -m experiments.few_shot \
+        --config=configs/few_shot_kws.py:backbone=ds_cnn_s,outliers \
+        --workdir=/tmp/outliers
+    python -m benchmarks.outliers --run=/tmp/outliers \
+        --out=benchmarks/results/outliers/results.json
+
+Top-level keys: `global_typical_accuracy` (held-out speakers of the seen
+families and conditions), `outlier_unseen_gain_k5` and
+`outlier_worst_gain_k5` (the largest relative detection-rate gain at 5% FAR
+over the unadapted global model at K <= 5 among adaptations that cost
+typical users at most one point, and the unconstrained largest),
+`typical_delta_k5`, `meta_vs_finetune_k1` (the best meta-learned init
+against plain fine-tuning at K = 1, paired over every scored user) and
+`clips_per_second` (per engine, from benchmarks/results/synthesis).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Mapping
+
+from absl import app
+from absl import flags
+
+from benchmarks import outputs
+
+_RUN = flags.DEFINE_string('run', '/tmp/outliers',
+                           'Work directory of the finished few-shot run.')
+_OUT = flags.DEFINE_string('out', 'benchmarks/results/outliers/results.json',
+                           'JSON path; results.md and the plot go beside it.')
+_SYNTHESIS = flags.DEFINE_string(
+    'synthesis', 'benchmarks/results/synthesis/results.json',
+    'The synthesis throughput benchmark (clips per second per engine).')
+GAIN_GOAL = 0.3
+SE_GOAL = 2.0
+
+
+def _gain(goals: Mapping[str, Any], group: str) -> dict[str, Any] | None:
+  kept = goals.get(f'best_{group}_gain_typical_kept')
+  best = goals.get(f'best_{group}_gain')
+  if not kept and not best:
+    return None
+  out = dict(kept or {})
+  out['goal_met'] = bool(kept) and kept['relative_gain'] >= GAIN_GOAL
+  out['unconstrained'] = best
+  return out
+
+
+def _typical_delta(personal: Mapping[str, Any], gain) -> dict[str, Any]:
+  """Typical users' detection-rate change for every (init, K <= 5)."""
+  base = personal['global']
+  first = min(base, key=int)
+  table = {}
+  for label, by_k in personal.items():
+    for k, groups in by_k.items():
+      if label != 'global' and int(k) <= 5 and 'typical' in groups:
+        table[f'{label}/K={k}'] = (groups['typical']['detection_rate'] -
+                                   base[first]['typical']['detection_rate'])
+  chosen = gain['typical_delta'] if gain and 'typical_delta' in gain else None
+  return {'for_unseen_gain_method': chosen, 'by_method': table}
+
+
+def summarise(results: Mapping[str, Any], synthesis: Mapping[str, Any]
+              ) -> dict[str, Any]:
+  """The goals of the study from a few-shot run's results.json."""
+  goals, personal = results['goals'], results['personalisation']
+  unseen = _gain(goals, 'outlier')
+  versus = goals.get('meta_vs_finetune_k1', {})
+  best = dict(versus.get('best', {}))
+  if best:
+    best['ahead_by_2se'] = best['diff'] >= SE_GOAL * best['se'] > 0
+  return {
+      'global_typical_accuracy': results['global_model'].get(
+          'test_accuracy'),
+      'outlier_unseen_gain_k5': unseen,
+      'outlier_worst_gain_k5': _gain(goals, 'worst'),
+      'typical_delta_k5': _typical_delta(personal, unseen),
+      'meta_vs_finetune_k1': dict(best, per_init={
+          k: v for k, v in versus.items() if k != 'best'}),
+      'clips_per_second': {
+          'engine_only': synthesis.get('clips_per_second'),
+          'full_chain': synthesis.get('full_chain'),
+          'measured': synthesis.get('date')},
+      'num_users': {g: len(v) for g, v in results['users']['groups'].items()},
+      'far': results['config']['far'],
+      'run_seconds': results.get('seconds'),
+      'detection_rate': {label: {str(k): {g: v['detection_rate']
+                                          for g, v in groups.items()}
+                                 for k, groups in by_k.items()}
+                         for label, by_k in personal.items()},
+  }
+
+
+def _gain_line(name: str, gain) -> str:
+  if not gain:
+    return f'- {name}: not measured'
+  line = (f'- {name}: **{gain.get("relative_gain", float("nan")):+.1%}** '
+          f'({gain.get("method")}, K={gain.get("k")}: '
+          f'{gain.get("baseline_detection_rate", float("nan")):.3f} -> '
+          f'{gain.get("detection_rate", float("nan")):.3f}, typical '
+          f'{gain.get("typical_delta", float("nan")):+.3f}); goal '
+          f'+{GAIN_GOAL:.0%} with typical users within 1 point: '
+          f'**{"met" if gain["goal_met"] else "missed"}**')
+  free = gain.get('unconstrained')
+  if free:
+    line += (f'. Largest gain at any cost to typical users: '
+             f'{free["relative_gain"]:+.1%} ({free["method"]}, '
+             f'K={free["k"]})')
+  return line
+
+
+def markdown(summary: Mapping[str, Any]) -> str:
+  versus = summary['meta_vs_finetune_k1']
+  lines = ['# Outlier users: few-shot personalisation on the multi-engine '
+           'population', '',
+           f'Users per group: {summary["num_users"]}; detection rate at '
+           f'{summary["far"]:.0%} FAR on each user\'s own evaluation clips.',
+           '', '## Goals', '',
+           f'- global model, held-out typical speakers: '
+           f'**{summary["global_typical_accuracy"]:.3f}** (goal 0.90: '
+           f'{"met" if summary["global_typical_accuracy"] >= 0.9 else "missed"})',
+           _gain_line('unseen users', summary['outlier_unseen_gain_k5']),
+           _gain_line('worst users', summary['outlier_worst_gain_k5'])]
+  if versus.get('init'):
+    lines.append(
+        f'- best meta-learned init vs plain fine-tuning at K=1 over '
+        f'{versus["n"]} users: {versus["init"]} {versus["diff"]:+.4f} '
+        f'(s.e. {versus["se"]:.4f}); a lead of 2 s.e.: '
+        f'**{"met" if versus["ahead_by_2se"] else "missed"}**')
+  rows = [{'init+adaptation': label, 'K': k,
+           **{f'{g} DR': v for g, v in groups.items()}}
+          for label, by_k in summary['detection_rate'].items()
+          for k, groups in by_k.items()]
+  from ondevice import metric_writer  # pylint: disable=g-import-not-at-top
+  lines += ['', '## Detection rate by init, K and group', '',
+            metric_writer.markdown_table(rows), '',
+            '![detection rate against K](detection_vs_k.png)', '']
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  with open(os.path.join(_RUN.value, 'results.json')) as f:
+    results = json.load(f)
+  synthesis = {}
+  if os.path.exists(_SYNTHESIS.value):
+    with open(_SYNTHESIS.value) as f:
+      synthesis = json.load(f)
+  summary = summarise(results, synthesis)
+  outputs.write(_OUT.value, summary, markdown(summary))
+  plot = os.path.join(_RUN.value, 'detection_vs_k.png')
+  if os.path.exists(plot):
+    shutil.copy(plot, os.path.join(os.path.dirname(_OUT.value),
+                                   'detection_vs_k.png'))
+
+
+if __name__ == '__main__':
+  app.run(main)
