@@ -20,13 +20,19 @@ unreachable coordinator times out.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import socket
+import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import ml_collections
 import numpy as np
 import optax
 
@@ -114,6 +120,96 @@ def initialize(coordinator: str, num_processes: int, process_id: int,
   logging.info('Process %d of %d: %d local of %d global devices.',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
+
+
+def options(**overrides) -> ml_collections.ConfigDict:
+  """`config.distributed` of a run: one process unless `coordinator` is set.
+
+  Fields: coordinator ('host:port' of process 0; '' runs one process),
+  num_processes, process_id (this process), timeout_s (how long to wait for
+  the coordinator and the other processes).
+  """
+  values = dict(coordinator='', num_processes=1, process_id=0,
+                timeout_s=60.0)
+  values.update(overrides)
+  return ml_collections.ConfigDict(values)
+
+
+def is_multiprocess(config) -> bool:
+  """Whether `config.distributed` asks for more than one process."""
+  dist = config.get('distributed', None)
+  return dist is not None and bool(dist.get('coordinator', ''))
+
+
+def initialize_from_config(config) -> None:
+  """`initialize` with `config.distributed` (nothing for one process).
+
+  Call it before anything touches JAX devices.
+  """
+  if not is_multiprocess(config):
+    return
+  dist = config.distributed
+  initialize(dist.coordinator, dist.num_processes, dist.process_id,
+             dist.timeout_s)
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run's files (process 0)."""
+  return jax.process_index() == 0
+
+
+def _broadcast_text(text: str, size: int = 4096) -> str:
+  """Process 0's `text` on every process."""
+  data = text.encode()
+  if len(data) > size:
+    raise ValueError(f'{text[:80]!r}... is longer than {size} bytes.')
+  buffer = np.frombuffer(data.ljust(size, b'\0'), np.uint8)
+  out = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+  return out.tobytes().rstrip(b'\0').decode()
+
+
+@contextlib.contextmanager
+def loop_workdir(workdir: str) -> Iterator[str]:
+  """Where this process's training loop writes, for the run's duration.
+
+  Process 0 writes into `workdir` (metrics, checkpoints, final metrics).
+  Checkpoints are saved by every process together (orbax coordinates them,
+  process 0 writing the files), so the other processes loop in a scratch
+  directory, deleted afterwards, whose checkpoints/ is a link to process
+  0's: they save into it with process 0 and resume from the same
+  checkpoint, while their metrics go nowhere. Several machines therefore
+  need process 0's workdir on a filesystem they all reach, as orbax does.
+  """
+  if jax.process_count() == 1:
+    yield workdir
+    return
+  shared = _broadcast_text(os.path.abspath(workdir))
+  if is_primary():
+    yield workdir
+    return
+  scratch = tempfile.mkdtemp(prefix=f'process_{jax.process_index()}_')
+  try:
+    os.symlink(os.path.join(shared, 'checkpoints'),
+               os.path.join(scratch, 'checkpoints'))
+    yield scratch
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def host_round_step(step):
+  """`step` whose state and metrics come back as host (NumPy) copies.
+
+  Over several processes a round's outputs are global arrays that no one
+  process can read; every process holds all of them (replicated), so each
+  keeps a host copy for the loop to log, evaluate and checkpoint, and feeds
+  it back into the next round.
+  """
+
+  def hosted(state, r: int):
+    state, metrics = step(state, r)
+    return host_tree(state), host_tree(metrics)
+
+  return hosted
 
 
 def global_mesh() -> Mesh:

@@ -33,18 +33,21 @@ import optax
 
 from fedjax_ext import algorithms
 from fedjax_ext import cohort as cohort_lib
+from fedjax_ext import distributed
 from fedjax_ext import execution
 from fedjax_ext import fedjax_interop
 from fedjax_ext import federated_loop
 from fedjax_ext import personalization
 from fedjax_ext import privacy
 from fedjax_ext import report
+from fedjax_ext import store_clients
 from fedjax_ext import training
 from ondevice import init_from
 from ondevice import loop
 from ondevice import models
 from ondevice import options
 from ondevice import train
+from ondevice.data import client_store
 from ondevice.data import registry
 from ondevice.data.base import ArrayDataset
 import quantized_training
@@ -53,7 +56,7 @@ OPTIONAL_KEYS = ('partition', 'norm', 'model_kwargs', 'quant', 'trainable',
                  'client_momentum', 'weighted_sampling', 'dropout_rate',
                  'execution', 'aggregator', 'compression', 'dp',
                  'secure_aggregation', 'personalize', 'init',
-                 'eval_batch_size')
+                 'eval_batch_size', 'distributed')
 # Round metric -> its column in metrics.jsonl.
 _LOGGED = {'train_loss': 'train_loss', 'train_accuracy': 'train_accuracy',
            'num_aggregated': 'num_aggregated',
@@ -80,6 +83,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     options.one_of(config, 'quant', quantized_training.QUANT_NAMES)
   if config.data.get('name', None) == FEDJAX_SQLITE:
     _validate_fedjax_data(config.data)
+  elif store_clients.is_store(config.data):
+    store_clients.validate(config)
   else:
     registry.validate_data_config(config.data)
   personalization.validate(config)
@@ -161,14 +166,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     state}.
   """
   validate_config(config)
+  distributed.initialize_from_config(config)  # Before JAX sees a device.
   quant = quantized_training.get_quant(config.get('quant', 'none'))
   kwargs = {**quant.model_kwargs(), **dict(model_kwargs or {})}
   train_ds, test_ds, pool = load_clients(config, datasets)
-  parts = build_parts(config, train_ds, pool, kwargs, trainable)
+  # A store's training clients stay on disk; the held-out ones show shapes.
+  example = test_ds if isinstance(train_ds, client_store.ClientStore) else (
+      train_ds)
+  parts = build_parts(config, example, pool, kwargs, trainable)
   result = run_rounds(config, workdir, parts, train_ds, test_ds, pool,
                       stop_after_rounds)
   if result.stopped_early:
     return {'metrics': {'stopped_at': stop_after_rounds},
+            'state': result.state}
+  if not distributed.is_primary():  # Process 0 evaluates and writes.
+    return {'metrics': {'rounds': config.num_rounds,
+                        'process_index': jax.process_index()},
             'state': result.state}
   results = final_metrics(config, parts, pool, result)
   title = (f'{training.selected(config, "algorithm", algorithms.ALGORITHMS)[0]}'
@@ -179,7 +192,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
 def load_clients(config, datasets=None
                  ) -> tuple[ArrayDataset, ArrayDataset, cohort_lib.ClientPool]:
-  """(train, test, client pool): the config's data, partitioned if needed."""
+  """(train, test, client pool): the config's data, partitioned if needed.
+
+  From a client store (and no `datasets`), train and pool are one view of
+  the store's training clients, read per cohort; test is in memory.
+  """
+  if datasets is None and store_clients.is_store(config.data):
+    train, test_ds = store_clients.load(config.data)
+    logging.info('Client store %s: %d training clients (%d examples) on '
+                 'disk, %d held-out test examples.', train.root,
+                 train.num_clients, train.num_examples, len(test_ds))
+    return train, test_ds, train
   train_ds, test_ds = datasets or load_data(config.data)
   train_ds, test_ds = training.partition_clients(config, train_ds, test_ds)
   pool = cohort_lib.ClientPool.from_dataset(train_ds)
@@ -257,10 +280,9 @@ def logged_round_step(step, bytes_float32: int,
 def run_rounds(config, workdir: str, parts: Parts, train_ds, test_ds, pool,
                stop_after_rounds: int | None = None) -> loop.LoopResult:
   """The rounds, through the shared loop (resume, log, evaluate, save)."""
-  step = logged_round_step(
-      federated_loop.make_round_step(parts.algorithm, train_ds, pool, config,
-                                     parts.round_key),
-      parts.bytes_float32, _epsilon_of_rounds(config, pool))
+  step = logged_round_step(round_step(config, parts, train_ds, pool),
+                           parts.bytes_float32,
+                           _epsilon_of_rounds(config, pool))
   eval_step = jax.jit(train.make_eval_step(parts.model))
   batch = min(config.get('eval_batch_size', 512), len(test_ds))
 
@@ -283,9 +305,25 @@ def run_rounds(config, workdir: str, parts: Parts, train_ds, test_ds, pool,
   schedule = loop.Schedule(
       num_steps=config.num_rounds, log_every=1, eval_every=config.eval_every,
       checkpoint_every=config.checkpoint_every, stop_after=stop_after_rounds)
-  return loop.run_loop(parts.state, step, schedule, workdir=workdir,
-                       config=config, eval_fn=evaluate,
-                       counters=federated_loop.COUNTERS, unit='round')
+  with distributed.loop_workdir(workdir) as loop_dir:
+    return loop.run_loop(
+        parts.state, step, schedule, workdir=loop_dir, config=config,
+        eval_fn=evaluate if distributed.is_primary() else None,
+        counters=federated_loop.COUNTERS, unit='round')
+
+
+def round_step(config, parts: Parts, train_ds,
+               pool) -> federated_loop.RoundStep:
+  """Round r: from memory, from a store, or from a store over processes."""
+  if not isinstance(train_ds, client_store.ClientStore):
+    return federated_loop.make_round_step(parts.algorithm, train_ds, pool,
+                                          config, parts.round_key)
+  if jax.process_count() == 1:
+    return distributed.make_store_round_step(parts.algorithm, train_ds,
+                                             config, parts.round_key)
+  return distributed.host_round_step(distributed.make_store_round_step(
+      parts.algorithm, train_ds, config, parts.round_key,
+      distributed.global_mesh()))
 
 
 def _dp_results(config, pool) -> dict[str, Any]:

@@ -30,12 +30,14 @@ from fedjax_ext import aggregators
 from fedjax_ext import algorithms
 from fedjax_ext import client as client_lib
 from fedjax_ext import compression
+from fedjax_ext import distributed
 from fedjax_ext import execution
 from fedjax_ext import meta_client
 from fedjax_ext import privacy
 from fedjax_ext import rounds as rounds_lib
 from fedjax_ext import secure_aggregation
 from fedjax_ext import secure_dp
+from fedjax_ext import store_clients
 from ondevice import models
 from ondevice import options
 from ondevice.data import partition
@@ -223,6 +225,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_dp(config)
   _check_secure_aggregation(config)
   _check_partition(config)
+  _check_distributed(config)
 
 
 def _check_numbers(config) -> None:
@@ -447,6 +450,64 @@ def _check_partition(config) -> None:
     options.positive(config, 'partition.alpha')
 
 
+_DISTRIBUTED_FIELDS = ('coordinator', 'num_processes', 'process_id',
+                       'timeout_s')
+
+
+def _check_distributed(config) -> None:
+  """`config.distributed`: the processes, and what they need of the run."""
+  dist = config.get('distributed', None)
+  if dist is None:
+    return
+  unknown = sorted(set(dist) - set(_DISTRIBUTED_FIELDS))
+  if unknown:
+    raise ValueError(f'config.distributed has fields {unknown}; it reads '
+                     f'{list(_DISTRIBUTED_FIELDS)}.')
+  n, i = dist.get('num_processes', 1), dist.get('process_id', 0)
+  if not dist.get('coordinator', ''):
+    if (n, i) != (1, 0):
+      raise ValueError(
+          f'config.distributed.num_processes={n} (process_id={i}) without '
+          "config.distributed.coordinator: set the coordinator's host:port, "
+          'or num_processes=1 and process_id=0 for one process.')
+    return
+  try:
+    distributed.parse_address(dist.coordinator)
+  except ValueError as e:
+    raise ValueError(f'config.distributed.coordinator: {e}') from None
+  for key, value in (('num_processes', n), ('process_id', i)):
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ValueError(f'config.distributed.{key} must be an integer; got '
+                       f'{value!r}.')
+  if n < 1 or not 0 <= i < n:
+    raise ValueError(f'config.distributed.process_id={i} must lie in [0, '
+                     f'config.distributed.num_processes={n}), with n >= 1.')
+  options.positive(config, 'distributed.timeout_s')
+  _check_process_split(config, n)
+
+
+def _check_process_split(config, num_processes: int) -> None:
+  """What several processes need: a store, an even split, 'sharded'."""
+  if config.cohort_size % num_processes:
+    fit = -(-config.cohort_size // num_processes) * num_processes
+    raise ValueError(
+        f'config.cohort_size={config.cohort_size} does not divide over '
+        f'config.distributed.num_processes={num_processes}; each process '
+        f'trains an equal share, so choose a multiple (e.g. {fit}).')
+  if not store_clients.is_store(config.data):
+    raise ValueError(
+        f'config.data.name={config.data.get("name", None)!r} with '
+        'config.distributed.coordinator set: each process reads only its '
+        f"own clients, which needs config.data.name='{store_clients.NAME}'.")
+  strategy = config.get('execution', 'auto')
+  if strategy not in ('auto', 'sharded'):
+    raise ValueError(
+        f'config.execution={strategy!r} with config.distributed.coordinator '
+        "set: clients are split over every process's devices, which is "
+        "the 'sharded' strategy; set config.execution='sharded' (or "
+        "'auto').")
+
+
 def partition_clients(config, train_ds: ArrayDataset, test_ds: ArrayDataset
                       ) -> tuple[ArrayDataset, ArrayDataset]:
   """Gives datasets without natural clients a Dirichlet or IID partition."""
@@ -492,8 +553,14 @@ def rounds_config(config) -> rounds_lib.RoundConfig:
       transform=transform, dropout_rate=config.get('dropout_rate', 0.0),
       uniform_weights=dp is not None,
       private_model_state=dp is not None or secure,
-      execution=execution.ExecutionConfig(
-          strategy=config.get('execution', 'auto')))
+      execution=_execution_config(config))
+
+
+def _execution_config(config) -> execution.ExecutionConfig:
+  """`config.execution`; over several processes, 'sharded' on all devices."""
+  if distributed.is_multiprocess(config):
+    return execution.ExecutionConfig('sharded', mesh=distributed.global_mesh())
+  return execution.ExecutionConfig(strategy=config.get('execution', 'auto'))
 
 
 def trainable_from_config(config, params) -> tuple[str, ...] | None:

@@ -31,6 +31,7 @@ returns exactly what `fedjax_ext.cohort.gather_cohort` returns for the same
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -520,14 +521,37 @@ class ClientStore:
       ys[j, :k], mask[j, :k] = arrays['y'][rows], 1.0
     return {'x': xs, 'y': ys, 'mask': mask}
 
-  def to_arrays(self) -> dict[str, np.ndarray]:
-    """The whole population in memory (small stores, tests): x, y, client_id.
+  def first(self, num_clients: int) -> 'ClientStore':
+    """A view of pool clients [0, num_clients) of this store.
+
+    It samples, gathers and counts only those clients (e.g. the training
+    part of a store whose last clients are held out for evaluation); the
+    files are shared, nothing is read.
+    """
+    if not 1 <= num_clients <= self.num_clients:
+      raise ValueError(f'A view of {num_clients} clients of the store at '
+                       f'{self.root!r} needs 1 <= num_clients <= '
+                       f'{self.num_clients}.')
+    view = copy.copy(self)
+    view.num_clients = int(num_clients)
+    view.sizes = self.sizes[:num_clients]
+    view.num_examples = int(np.sum(view.sizes, dtype=np.int64))
+    return view
+
+  def to_arrays(self, client_ids=None) -> dict[str, np.ndarray]:
+    """Clients in memory (small stores, held-out sets): x, y, client_id.
 
     client_id is the pool index, so `ClientPool.from_dataset` of an
-    ArrayDataset of these arrays numbers clients as the store does.
+    ArrayDataset of all clients numbers them as the store does.
+
+    Args:
+      client_ids: the pool clients to read (default: all of them); only
+        their rows are read.
     """
     xs, ys, cids = [], [], []
-    for c in range(self.num_clients):
+    ids = (range(self.num_clients) if client_ids is None
+           else self._check_ids(client_ids))
+    for c in ids:
       one = self.client(c)
       xs.append(one['x'])
       ys.append(one['y'])
