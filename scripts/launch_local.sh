@@ -2,22 +2,33 @@
 # Starts N cooperating processes of a jax.distributed program on this host.
 #
 #   scripts/launch_local.sh NUM_PROCESSES [--port=PORT] [--timeout=SECONDS] \
-#       -- PROGRAM [ARGS...]
+#       [--flag_prefix=PREFIX] -- PROGRAM [ARGS...]
 #
-# Process i runs `PROGRAM ARGS --coordinator=127.0.0.1:PORT
-# --num_processes=N --process_id=i`; process 0 hosts the coordinator. Each
+# Process i runs `PROGRAM ARGS --PREFIXcoordinator=127.0.0.1:PORT
+# --PREFIXnum_processes=N --PREFIXprocess_id=i` (PREFIX is empty by default;
+# `config.distributed.` sets the federated binary's config.distributed), with
+# every `{process_id}` in ARGS replaced by i; process 0 hosts the coordinator.
+# Each
 # process's output goes to stderr prefixed with [pI]. The script waits for
 # all of them (each killed after --timeout seconds, default 300), and exits
 # non-zero, naming the processes that failed, if any did; when one fails,
 # the others are stopped instead of waiting for peers that will never come.
-# Example (two processes, FedAvg on a client store):
+# Examples (two processes on a client store): the federated binary, whose
+# process 0 writes the run into /tmp/fed_0 (process 1 only claims /tmp/fed_1),
+#
+#   scripts/launch_local.sh 2 --flag_prefix=config.distributed. -- \
+#       .venv/bin/python -m experiments.federated \
+#       --config=configs/fed_store.py:smoke --config.data.store=/tmp/store \
+#       --workdir=/tmp/fed_{process_id}
+#
+# and plain FedAvg rounds:
 #
 #   scripts/launch_local.sh 2 -- .venv/bin/python scripts/multiprocess_fedavg.py \
 #       --store=/tmp/store --cohort_size=10 --out=/tmp/two.npz
 set -u -o pipefail
 
 if [[ $# -lt 1 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
-  echo "usage: $0 NUM_PROCESSES [--port=PORT] [--timeout=SECONDS] -- PROGRAM [ARGS...]" >&2
+  echo "usage: $0 NUM_PROCESSES [--port=PORT] [--timeout=SECONDS] [--flag_prefix=PREFIX] -- PROGRAM [ARGS...]" >&2
   echo "NUM_PROCESSES must be a positive integer; got '${1:-}'." >&2
   exit 2
 fi
@@ -25,11 +36,13 @@ num_processes=$1
 shift
 port=12355
 timeout_s=300
+prefix=''
 while [[ $# -gt 0 && "$1" != "--" ]]; do
   case "$1" in
     --port=*) port="${1#--port=}" ;;
     --timeout=*) timeout_s="${1#--timeout=}" ;;
-    *) echo "$0: unknown option '$1' (expected --port=, --timeout= or --)" >&2; exit 2 ;;
+    --flag_prefix=*) prefix="${1#--flag_prefix=}" ;;
+    *) echo "$0: unknown option '$1' (expected --port=, --timeout=, --flag_prefix= or --)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -41,9 +54,14 @@ shift  # the --
 
 pids=()
 for ((i = 0; i < num_processes; i++)); do
-  (timeout --kill-after=10 "$timeout_s" "$@" \
-       --coordinator="127.0.0.1:${port}" --num_processes="$num_processes" \
-       --process_id="$i" 2>&1 | sed -u "s/^/[p$i] /" >&2) &
+  args=()
+  for arg in "$@"; do
+    args+=("${arg//\{process_id\}/$i}")
+  done
+  (timeout --kill-after=10 "$timeout_s" "${args[@]}" \
+       --"${prefix}coordinator=127.0.0.1:${port}" \
+       --"${prefix}num_processes=$num_processes" \
+       --"${prefix}process_id=$i" 2>&1 | sed -u "s/^/[p$i] /" >&2) &
   pids+=($!)
 done
 
