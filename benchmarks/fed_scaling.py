@@ -26,6 +26,12 @@ with min / max. The cohort is on the device before timing (for 'sharded',
 split over the devices). The first two rounds of a sharded run compile
 (the second sees the server state laid out by the first), hence warm-up 2.
 
+Every row also reports its achieved GFLOP/s: XLA's cost analysis of one
+local SGD step (`benchmarks.hardware.train_step_flops`) x local steps x
+clients, over the median round time, and that rate as a fraction of a
+1024 x 1024 float32 matmul's GFLOP/s measured in the same run (at the start
+and at the end; the fraction is against the start).
+
 Goal (issue 3): time per round grows linearly or better with cohort size,
 i.e. 10x the clients costs at most about 10x the time.
 
@@ -55,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import hardware
 from fedjax_ext import algorithms
 from fedjax_ext import client as client_lib
 from fedjax_ext import cohort as cohort_lib
@@ -132,6 +139,10 @@ def _sweep(configs: list[tuple[str, int]]) -> dict[str, Any]:
   variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
   params = variables['params']
   param_count = models.count_params(params)
+  step_flops = hardware.train_step_flops(
+      train.classification_loss(model), params,
+      {k: v for k, v in variables.items() if k != 'params'},
+      (_BATCH.value, 28, 28, 1), optax.sgd(0.1))
   cohorts = {}
   for size in cohort_sizes:
     ids = cohort_lib.sample_clients(jax.random.key(size), pool.sizes, size)
@@ -165,9 +176,17 @@ def _sweep(configs: list[tuple[str, int]]) -> dict[str, Any]:
         'chunk_size': chunk if strategy == 'chunked' else None,
         'devices': jax.device_count() if strategy == 'sharded' else 1,
         'sec_per_round': {'median': statistics.median(t), 'min': min(t),
-                          'max': max(t), 'count': len(t)}}
+                          'max': max(t), 'count': len(t)},
+        'round_flops': hardware.scaled(step_flops, _STEPS.value, size)}
   return {'param_count': param_count, 'runs': out,
-          'device_count': jax.device_count()}
+          'device_count': jax.device_count(), 'step_flops': step_flops}
+
+
+def _add_achieved(runs: dict[str, Any] | None, peak_gflops: float) -> None:
+  """Each run's round GFLOP, GFLOP/s and fraction of the matmul peak."""
+  for run in (runs or {}).values():
+    run['achieved'] = hardware.timed(
+        run['round_flops'], run['sec_per_round']['median'], peak_gflops)
 
 
 def _sharded_subprocess() -> dict[str, Any]:
@@ -216,7 +235,8 @@ def _summaries(single, sharded) -> tuple[list[dict], dict[str, float]]:
       row = {'strategy': strategy, 'devices': 1, 'cohort': size,
              'chunk': run['chunk_size'] or '-', 's/round': t['median'],
              'min': t['min'], 'max': t['max'],
-             'ms/client': 1000 * t['median'] / size}
+             'ms/client': 1000 * t['median'] / size,
+             **hardware.table_columns(run['achieved'])}
       if i:
         growth = t['median'] / _median(single, f'{strategy}/{sizes[i - 1]}')
         row['time ratio vs previous'] = round(growth, 2)
@@ -231,7 +251,8 @@ def _summaries(single, sharded) -> tuple[list[dict], dict[str, float]]:
         rows.append({'strategy': f'{strategy} (4-device process)',
                      'devices': run['devices'], 'cohort': size, 'chunk': '-',
                      's/round': t['median'], 'min': t['min'],
-                     'max': t['max'], 'ms/client': 1000 * t['median'] / size})
+                     'max': t['max'], 'ms/client': 1000 * t['median'] / size,
+                     **hardware.table_columns(run['achieved'])})
       ratios[f'sharded_speedup_{size}_vs_vmap_same_process'] = (
           _median(sharded, f'vmap/{size}') /
           _median(sharded, f'sharded/{size}'))
@@ -248,9 +269,13 @@ def main(argv):
     _worker()
     return
   loadavg_start = [round(v, 2) for v in os.getloadavg()]
+  peak_start = hardware.matmul_peak()
   configs = [(s, int(c)) for c in _COHORTS.value for s in _STRATEGIES.value]
   single = _sweep(configs)
   sharded = _sharded_subprocess() if _DEVICES.value > 1 else None
+  peak_end = hardware.matmul_peak()
+  _add_achieved(single['runs'], peak_start['gflops'])
+  _add_achieved(sharded and sharded['runs'], peak_start['gflops'])
   rows, ratios = _summaries(single, sharded)
   out = {
       'config': {k: flags.FLAGS[k].value for k in (
@@ -262,8 +287,11 @@ def main(argv):
           'device': jax.devices()[0].platform, 'cpu_count': os.cpu_count(),
           'platform': platform.platform(), 'jax': jax.__version__,
           'loadavg_start': loadavg_start,
-          'loadavg_end': [round(v, 2) for v in os.getloadavg()]},
+          'loadavg_end': [round(v, 2) for v in os.getloadavg()],
+          'matmul_peak_start': peak_start, 'matmul_peak_end': peak_end},
       'param_count': single['param_count'],
+      'step_gflop': (None if single['step_flops'] is None else
+                     single['step_flops'] / 1e9),
       'single_device': single['runs'],
       'sharded_process': sharded and sharded['runs'],
       'ratios': ratios,
@@ -280,7 +308,9 @@ def main(argv):
           f"Median of {c['rounds']} timed rounds x {c['repeats']} repeats "
           f"after {c['warmup']} warm-up rounds. Load average "
           f"{env['loadavg_start']} at the start, {env['loadavg_end']} at "
-          f"the end.\n\n" + metric_writer.markdown_table(rows) +
+          f"the end. GFLOP/s: XLA's FLOPs of one local step x "
+          f"{c['local_steps']} steps x the cohort, over the median round. "
+          f"{hardware.peak_text(peak_start, peak_end)}\n\n" + metric_writer.markdown_table(rows) +
           '\n\nRatios: ' + json.dumps(ratios, indent=1) + '\n')
   with open(os.path.splitext(_OUT.value)[0] + '.md', 'w') as f:
     f.write(text)
