@@ -271,3 +271,29 @@ def test_sample_is_uniform_without_replacement(tmp_path):
     store.sample(jax.random.key(0), 8)
   with pytest.raises(ValueError, match=r'\[1, 7\]'):
     store.sample(jax.random.key(0), 0)
+
+
+def test_first_is_a_view_of_the_leading_clients(tmp_path):
+  store = _build(tmp_path)  # Pool sizes 2, 5, 1, 3, 7, 4, 1.
+  view = store.first(4)
+  assert view.num_clients == 4 and view.num_examples == 2 + 5 + 1 + 3
+  assert view.sizes.tolist() == [2, 5, 1, 3]
+  assert store.num_clients == 7  # The store itself is unchanged.
+  key = jax.random.key(1)
+  assert max(view.sample(key, 4).tolist()) == 3
+  np.testing.assert_array_equal(view.gather([3, 0], 4, key)['x'],
+                                store.gather([3, 0], 4, key)['x'])
+  with pytest.raises(ValueError, match=r'must lie in \[0, 4\)'):
+    view.gather([4], 4, key)
+  with pytest.raises(ValueError, match='1 <= num_clients <= 7'):
+    store.first(8)
+
+
+def test_to_arrays_of_some_clients_reads_only_those(tmp_path):
+  store = _build(tmp_path)
+  part = store.to_arrays([5, 6])
+  assert part['client_id'].tolist() == [5, 5, 5, 5, 6]
+  whole = store.to_arrays()
+  keep = whole['client_id'] >= 5
+  np.testing.assert_array_equal(part['x'], whole['x'][keep])
+  np.testing.assert_array_equal(part['y'], whole['y'][keep])
