@@ -196,3 +196,37 @@ def test_store_round_step_rejects_bad_cohorts(tmp_path):
                                       jax.random.key(0))
   with pytest.raises(ValueError, match=r'cohort size in \[1, 12\]'):
     store.sample(jax.random.key(0), 13)
+
+
+def test_launch_script_prefixes_flags_and_numbers_arguments(tmp_path):
+  program = ['bash', '-c', 'echo "$@" > "$0"', str(tmp_path / 'p{process_id}'),
+             'arg_{process_id}']
+  out = subprocess.run([LAUNCH, '2', '--port=1234',
+                        '--flag_prefix=config.distributed.', '--'] + program,
+                       capture_output=True, text=True, timeout=40)
+  assert out.returncode == 0, out.stderr
+  for i in range(2):
+    assert (tmp_path / f'p{i}').read_text().split() == [
+        f'arg_{i}', '--config.distributed.coordinator=127.0.0.1:1234',
+        '--config.distributed.num_processes=2',
+        f'--config.distributed.process_id={i}']
+
+
+def test_one_process_options_need_no_coordinator(tmp_path):
+  config = ml_collections.ConfigDict({'distributed': distributed.options()})
+  assert not distributed.is_multiprocess(config)
+  assert not distributed.is_multiprocess(ml_collections.ConfigDict())
+  distributed.initialize_from_config(config)  # Nothing to join.
+  with distributed.loop_workdir(str(tmp_path)) as where:
+    assert where == str(tmp_path)
+  config.distributed.coordinator = '127.0.0.1:1234'
+  assert distributed.is_multiprocess(config)
+
+
+def test_host_round_step_returns_host_arrays():
+  def step(state, r):
+    return {'w': jnp.asarray(state['w']) + r}, {'loss': jnp.float32(r)}
+
+  state, metrics = distributed.host_round_step(step)({'w': np.ones(2)}, 3)
+  assert isinstance(state['w'], np.ndarray) and state['w'].tolist() == [4, 4]
+  assert isinstance(metrics['loss'], np.ndarray) and metrics['loss'] == 3.0
