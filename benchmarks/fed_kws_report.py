@@ -7,7 +7,11 @@ Two modes:
   centralised job (`configs/kws_central.py`) in the same process, as wall and
   process CPU time. On a loaded machine the CPU-time ratio of the two, times
   the centralised job's measured idle time, estimates the federated run's idle
-  time.
+  time. Both report XLA's FLOPs of what they time (one local step x
+  local steps x cohort for a round, one step for the centralised job),
+  achieved GFLOP/s and its fraction of a 1024 x 1024 float32 matmul's
+  GFLOP/s measured at the start and end of the same run; the JSON gets a
+  markdown table beside it. `--smoke` times the configs' smoke variants.
 * `--mode=report`: turns the metrics.jsonl / final_metrics.json of finished
   runs (`--run=name:workdir`) into results.json, results.md and
   accuracy_vs_round.png, with the rounds each run needed to come within
@@ -15,6 +19,8 @@ Two modes:
 
     python -m benchmarks.fed_kws_report --mode=time --rounds=10 \
         --out=/tmp/fed_time.json
+    python -m benchmarks.fed_kws_report --mode=time --smoke --rounds=1 \
+        --steps=2 --out=/tmp/fed_time_smoke.json
     python -m benchmarks.fed_kws_report --mode=report \
         --run=default:/tmp/fed_kws --central_workdir=/tmp/kws_central \
         --timing=/tmp/fed_time.json --out_dir=benchmarks/results/fed_kws
@@ -30,11 +36,14 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from benchmarks import hardware
 from configs import fed_kws
 from configs import kws_central
 from fedjax_ext import experiment
 from fedjax_ext import federated_loop
+from fedjax_ext import training
 from ondevice import metric_writer
 from ondevice import models
 from ondevice import optim
@@ -54,7 +63,10 @@ _CENTRAL = flags.DEFINE_string('central_workdir', '', 'Workdir of a finished '
 _TIMING = flags.DEFINE_multi_string('timing', [], 'JSONs written by '
                                     '--mode=time.')
 _MARGIN = flags.DEFINE_float('margin', 0.03, 'Target = central - margin.')
-_OUT = flags.DEFINE_string('out', '', 'JSON output of --mode=time.')
+_OUT = flags.DEFINE_string('out', '', 'JSON output of --mode=time (the '
+                           'markdown table goes beside it, .md).')
+_SMOKE = flags.DEFINE_bool('smoke', False, "--mode=time on the configs' "
+                           'smoke variants (seconds, not a measurement).')
 _OUT_DIR = flags.DEFINE_string('out_dir', 'benchmarks/results/fed_kws',
                                'Report directory.')
 
@@ -95,10 +107,25 @@ def _time_loop(one, state, count: int, warmup: int = 2
   return wall1 - wall0, (wall2 - wall1) / count, (cpu2 - cpu1) / count
 
 
+def _round_flops(config, parts, train_ds) -> float | None:
+  """XLA FLOPs of a round: one local step x local steps x cohort."""
+  local = training.local_config(config, parts.trainable)
+  optimizer = optax.sgd(config.client_learning_rate,
+                        momentum=config.get('client_momentum', 0.0) or None)
+  step = hardware.train_step_flops(
+      train.classification_loss(parts.model), parts.state.params,
+      parts.state.model_state,
+      (local.batch_size,) + tuple(train_ds.x.shape[1:]), optimizer,
+      parts.trainable)
+  return hardware.scaled(step, local.scan_length(
+      config.max_examples_per_client), config.cohort_size)
+
+
 def time_federated(config, rounds: int, datasets) -> dict[str, float]:
   """Seconds per round (host gather + one jitted round), after 2 warm-ups."""
   train_ds, _, pool = experiment.load_clients(config, datasets)
   parts = experiment.build_parts(config, train_ds, pool, {})
+  flops = _round_flops(config, parts, train_ds)
   step = federated_loop.make_round_step(parts.algorithm, train_ds, pool,
                                         config, parts.round_key)
   state = parts.state
@@ -112,7 +139,8 @@ def time_federated(config, rounds: int, datasets) -> dict[str, float]:
   examples = (config.cohort_size * config.local.num_steps *
               config.local.batch_size)
   return {'warmup_wall_s': warmup_wall, 'round_wall_s': wall,
-          'round_cpu_s': cpu, 'examples_per_round': examples}
+          'round_cpu_s': cpu, 'examples_per_round': examples,
+          'round_flops': flops}
 
 
 def time_central(config, steps: int, datasets) -> dict[str, float]:
@@ -126,8 +154,11 @@ def time_central(config, steps: int, datasets) -> dict[str, float]:
   state = train.init_state(model, optimizer, train_ds.x[:1],
                            jax.random.key(config.seed))
   paths = train.resolve_trainable(state.params, None)
-  step_fn = jax.jit(train.make_train_step(train.classification_loss(model),
-                                          optimizer, paths),
+  loss_fn = train.classification_loss(model)
+  flops = hardware.train_step_flops(
+      loss_fn, state.params, state.model_state,
+      (config.batch_size,) + tuple(train_ds.x.shape[1:]), optimizer, paths)
+  step_fn = jax.jit(train.make_train_step(loss_fn, optimizer, paths),
                     donate_argnums=0)
   rng = np.random.default_rng(0)
 
@@ -141,18 +172,53 @@ def time_central(config, steps: int, datasets) -> dict[str, float]:
 
   _, wall, cpu = _time_loop(one_step, state, steps)
   return {'step_wall_s': wall, 'step_cpu_s': cpu,
-          'examples_per_step': config.batch_size}
+          'examples_per_step': config.batch_size, 'step_flops': flops}
+
+
+def timing_rows(timing: dict) -> list[dict]:
+  """Markdown rows of one --mode=time JSON: the round and the step."""
+  rows = []
+  for name, unit in (('federated', 'round'), ('central', 'step')):
+    part = timing[name]
+    achieved = part.get('achieved', {})
+    rows.append({'overrides': ' '.join(timing['overrides']) or '-',
+                 'timed': f'{name} {unit}',
+                 'wall s': part[f'{unit}_wall_s'],
+                 'cpu s': part[f'{unit}_cpu_s'],
+                 'GFLOP': ('-' if achieved.get('gflop') is None else
+                           round(achieved['gflop'], 3)),
+                 **hardware.table_columns(achieved)})
+  return rows
+
+
+def _timing_markdown(out: dict) -> str:
+  peaks = hardware.peak_text(out['matmul_peak_start'],
+                             out['matmul_peak_end'])
+  return (f"# Federated round and centralised step time\n\n"
+          f"Load average (1 min) {out['loadavg_1min_before']:.2f} before, "
+          f"{out['loadavg_1min_after']:.2f} after. GFLOP: XLA's FLOPs of "
+          f'one step (x local steps x cohort for a round). {peaks}'
+          f"\n\n{metric_writer.markdown_table(timing_rows(out))}\n")
 
 
 def run_timing() -> dict:
-  fed_config = _apply_overrides(fed_kws.get_config(), _OVERRIDE.value)
+  variant = 'smoke' if _SMOKE.value else None
+  fed_config = _apply_overrides(fed_kws.get_config(variant), _OVERRIDE.value)
   experiment.validate_config(fed_config)
-  central_config = kws_central.get_config()
+  central_config = kws_central.get_config(variant)
   datasets = registry.load_dataset(fed_config.data)
   load1 = os.getloadavg()[0]
+  peak_start = hardware.matmul_peak()
   fed = time_federated(fed_config, _ROUNDS.value, datasets)
   central = time_central(central_config, _STEPS.value, datasets)
-  out = {'overrides': list(_OVERRIDE.value), 'federated': fed,
+  peak_end = hardware.matmul_peak()
+  fed['achieved'] = hardware.timed(fed['round_flops'], fed['round_wall_s'],
+                                   peak_start['gflops'])
+  central['achieved'] = hardware.timed(
+      central['step_flops'], central['step_wall_s'], peak_start['gflops'])
+  out = {'overrides': list(_OVERRIDE.value), 'smoke': _SMOKE.value,
+         'matmul_peak_start': peak_start, 'matmul_peak_end': peak_end,
+         'federated': fed,
          'central': central, 'loadavg_1min_before': load1,
          'loadavg_1min_after': os.getloadavg()[0],
          'cpu_ratio_round_per_step': fed['round_cpu_s'] / central['step_cpu_s'],
@@ -160,9 +226,12 @@ def run_timing() -> dict:
                                        central['step_wall_s']),
          'jax_devices': str(jax.devices())}
   print(json.dumps(out, indent=2))
+  print(_timing_markdown(out))
   if _OUT.value:
     with open(_OUT.value, 'w') as f:
       json.dump(out, f, indent=2)
+    with open(os.path.splitext(_OUT.value)[0] + '.md', 'w') as f:
+      f.write(_timing_markdown(out))
   return out
 
 
@@ -222,6 +291,12 @@ def run_report() -> dict:
     f.write(f'Centralised (configs/kws_central.py): test accuracy '
             f'{central_acc:.4f}; target = {target:.4f}.\n\n')
     f.write(metric_writer.markdown_table(rows) + '\n')
+    timed = [t for t in timing if 'achieved' in t.get('federated', {})]
+    if timed:
+      f.write('\nTiming (wall seconds; GFLOP/s against the matmul peak '
+              'measured in each timing run):\n\n' +
+              metric_writer.markdown_table(
+                  [r for t in timed for r in timing_rows(t)]) + '\n')
   _plot(curves, central_acc, target,
         os.path.join(_OUT_DIR.value, 'accuracy_vs_round.png'))
   print(metric_writer.markdown_table(rows))
