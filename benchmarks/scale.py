@@ -16,6 +16,12 @@ shared: population sizes are interleaved (in a fresh random order in every
 repeat), every round is timed, the median is reported, and
 `os.getloadavg()` is recorded around every repeat.
 
+Every population's row also reports achieved GFLOP/s: XLA's FLOPs of one
+local SGD step (`benchmarks.hardware.train_step_flops`) x local steps x
+cohort over the median round (sample and gather included, so this is the
+rate the whole round achieves), and its fraction of a 1024 x 1024 float32
+matmul's GFLOP/s measured at the start and end of the same run.
+
 The peak host memory (`resource.getrusage(...).ru_maxrss`) of a run of the
 largest population is measured in a fresh subprocess that opens its store
 and runs `--memory_rounds` rounds.
@@ -52,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import hardware
 from fedjax_ext import algorithms
 from fedjax_ext import client as client_lib
 from fedjax_ext import execution
@@ -100,15 +107,21 @@ def _disk_bytes(root: str) -> int:
 
 
 def _round_parts(num_classes: int, feature_shape):
+  """(algorithm, initial state, param count, XLA FLOPs of one round)."""
   model = models.build_model(_MODEL.value, num_classes)
   params = model.init(jax.random.key(0),
                       jnp.zeros((1,) + tuple(feature_shape)))['params']
+  loss_fn = train.classification_loss(model)
   algorithm = algorithms.fedavg(
-      train.classification_loss(model), optax.sgd(0.05),
+      loss_fn, optax.sgd(0.05),
       client_lib.LocalConfig(batch_size=_BATCH.value, num_steps=_STEPS.value),
       rounds=rounds_lib.RoundConfig(
           execution=execution.ExecutionConfig('vmap')))
-  return algorithm, algorithm.init(params), models.count_params(params)
+  step_flops = hardware.train_step_flops(
+      loss_fn, params, {}, (_BATCH.value,) + tuple(feature_shape),
+      optax.sgd(0.05))
+  return (algorithm, algorithm.init(params), models.count_params(params),
+          hardware.scaled(step_flops, _STEPS.value, _COHORT.value))
 
 
 def _one_round(algorithm, state, store, r: int) -> tuple[Any, float, float]:
@@ -128,8 +141,8 @@ def _memory_worker(population: int) -> None:
   """Opens the store, runs rounds, prints {'peak_host_mb': ...} as JSON."""
   store = client_store.open_store(
       os.path.join(_STORE_ROOT.value, f'pop_{population}'))
-  algorithm, state, _ = _round_parts(len(store.class_names),
-                                     store.feature_shape)
+  algorithm, state, _, _ = _round_parts(len(store.class_names),
+                                        store.feature_shape)
   for r in range(_MEMORY_ROUNDS.value):
     state, _, _ = _one_round(algorithm, state, store, r)
   peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
@@ -145,8 +158,8 @@ def _timings(stores: dict[int, client_store.ClientStore]) -> dict[str, Any]:
   mapping of its shards, first page faults) are timed but kept apart.
   """
   any_store = next(iter(stores.values()))
-  algorithm, state, param_count = _round_parts(len(any_store.class_names),
-                                               any_store.feature_shape)
+  algorithm, state, param_count, round_flops = _round_parts(
+      len(any_store.class_names), any_store.feature_shape)
   warm = {p: [] for p in stores}
   for r in range(_WARMUP.value):
     for p, store in stores.items():
@@ -169,7 +182,7 @@ def _timings(stores: dict[int, client_store.ClientStore]) -> dict[str, Any]:
     logging.info('repeat %d: %s', repeat, {
         p: round(statistics.median(v), 4) for p, v in total.items()})
   return {'param_count': param_count, 'total': total, 'gather': gather,
-          'warmup': warm, 'loadavg': loads}
+          'warmup': warm, 'loadavg': loads, 'round_flops': round_flops}
 
 
 def _peak_memory(population: int) -> dict[str, Any]:
@@ -213,7 +226,7 @@ def _multiprocess_diff(store_dir: str) -> dict[str, Any]:
           'process_count': info['process_count']}
 
 
-def _summary(timings, populations) -> dict[str, Any]:
+def _summary(timings, populations, peak_gflops: float) -> dict[str, Any]:
   out = {}
   for p in populations:
     t, g = timings['total'][p], timings['gather'][p]
@@ -222,7 +235,10 @@ def _summary(timings, populations) -> dict[str, Any]:
                    'max': max(t), 'count': len(t),
                    'gather_median': statistics.median(g),
                    'warmup_median': statistics.median(w[1:]) if len(w) > 1
-                                    else None}
+                                    else None,
+                   'achieved': hardware.timed(timings['round_flops'],
+                                              statistics.median(t),
+                                              peak_gflops)}
   return out
 
 
@@ -242,9 +258,15 @@ def _markdown(results: dict[str, Any]) -> str:
       'population, populations interleaved round by round in a random '
       f"order; median (min-max). The first {results['warmup']} rounds of "
       'each population (compilation, first mapping of its shards) are '
-      "reported apart ('warm-up s', median without the first round).", '',
+      "reported apart ('warm-up s', median without the first round). "
+      "GFLOP/s: XLA's FLOPs of one local step x steps x cohort "
+      f"({_gflop_text(results)} GFLOP per round) over the median round. "
+      + hardware.peak_text(results.get('matmul_peak_start'),
+                           results.get('matmul_peak_end')),
+      '',
       '| population | store on disk (MB) | s / round | sample + gather s | '
-      'warm-up s | ratio to smallest |', '|---|---|---|---|---|---|']
+      'warm-up s | ratio to smallest | GFLOP/s | % of peak |',
+      '|---|---|---|---|---|---|---|---|']
   base = rows[str(pops[0])]['median']
   for p in pops:
     r = rows[str(p)]
@@ -252,7 +274,9 @@ def _markdown(results: dict[str, Any]) -> str:
         f"| {p:,} | {results['store_mb'][str(p)]:.0f} | {r['median']:.4f} "
         f"({r['min']:.4f}-{r['max']:.4f}) | {r['gather_median']:.4f} | "
         f"{r['warmup_median'] or float('nan'):.4f} | "
-        f"{r['median'] / base:.3f} |")
+        f"{r['median'] / base:.3f} | "
+        + ' | '.join(str(v) for v in hardware.table_columns(
+            r.get('achieved', {})).values()) + ' |')
   mp = results.get('multiprocess', {})
   lines += [
       '', f"Peak host memory of a {pops[-1]:,}-client run "
@@ -282,6 +306,11 @@ def _markdown(results: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def _gflop_text(results: dict[str, Any]) -> str:
+  flops = results.get('round_flops')
+  return '-' if flops is None else f'{flops / 1e9:.4g}'
+
+
 def _goals(results: dict[str, Any]) -> str:
   pops = results['populations']
   ratio = (results['round_detail'][str(pops[-1])]['median'] /
@@ -309,8 +338,10 @@ def main(argv):
     return
   populations = sorted(int(p) for p in _POPULATIONS.value)
   stores = {p: _store(p) for p in populations}
+  peak_start = hardware.matmul_peak()
   timings = _timings(stores)
-  rows = _summary(timings, populations)
+  peak_end = hardware.matmul_peak()
+  rows = _summary(timings, populations, peak_start['gflops'])
   memory = _peak_memory(populations[-1])
   memory_smallest = _peak_memory(populations[0])
   mp = (_multiprocess_diff(stores[populations[0]].root)
@@ -322,6 +353,8 @@ def main(argv):
       'peak_host_mb_10k': memory['peak_host_mb'],
       'multiprocess_max_abs_diff': mp.get('max_abs_diff'),
       'round_detail': rows, 'populations': populations,
+      'round_flops': timings['round_flops'],
+      'matmul_peak_start': peak_start, 'matmul_peak_end': peak_end,
       'store_mb': {str(p): _disk_bytes(s.root) / 2 ** 20
                    for p, s in stores.items()},
       'store_examples': {str(p): s.num_examples for p, s in stores.items()},
