@@ -185,8 +185,6 @@ def timing_rows(timing: dict) -> list[dict]:
                  'timed': f'{name} {unit}',
                  'wall s': part[f'{unit}_wall_s'],
                  'cpu s': part[f'{unit}_cpu_s'],
-                 'GFLOP': ('-' if achieved.get('gflop') is None else
-                           round(achieved['gflop'], 3)),
                  **hardware.table_columns(achieved)})
   return rows
 

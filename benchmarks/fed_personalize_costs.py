@@ -10,7 +10,10 @@ and per round, side by side in one run:
   (`compression.quantized_bytes`) against every leaf as float32;
 * compiled training memory of one on-device SGD step at the config's batch
   (`ondevice.cost.compiled_cost`, XLA's memory analysis, peak bytes);
-* step time: medians of interleaved calls of the two jitted steps.
+* step time: medians of interleaved calls of the two jitted steps, with
+  XLA's FLOPs of each step (the same compiled analysis), achieved GFLOP/s
+  and its fraction of a 1024 x 1024 float32 matmul's GFLOP/s measured at the
+  start and end of the same run (`benchmarks.hardware`).
 
     python -m benchmarks.fed_personalize_costs \
         --out=benchmarks/results/fed_personalize/results.json
@@ -32,6 +35,7 @@ import jax
 import numpy as np
 import optax
 
+from benchmarks import hardware
 from benchmarks import outputs
 from configs import fed_personalize_kws
 from fedjax_ext import compression
@@ -71,14 +75,16 @@ def side(config, quant: str, trainable: str) -> dict:
   return {'step': step, 'state': state, 'batch': batch, 'sent': sent}
 
 
-def measure(repeats: int) -> dict:
+def measure(repeats: int, peak_gflops: float) -> dict:
   config = fed_personalize_kws.get_config()
   sides = {'composed': side(config, config.quant, config.trainable.name),
            'float32_full': side(config, 'none', 'full')}
   out = {}
   for name, s in sides.items():
-    out[name] = {'peak_bytes': cost.compiled_cost(
-        s['step'], s['state'], s['batch'], jax.random.key(1)).peak_bytes}
+    compiled = cost.compiled_cost(s['step'], s['state'], s['batch'],
+                                  jax.random.key(1))
+    out[name] = {'peak_bytes': compiled.peak_bytes,
+                 'step_flops': compiled.flops or None}
   out['composed']['bytes_up'] = compression.quantized_bytes(
       sides['composed']['sent'], 8)
   out['float32_full']['bytes_up'] = cost.bytes_of_tree(
@@ -95,10 +101,12 @@ def measure(repeats: int) -> dict:
       times[n].append(time.perf_counter() - t0)
   for n in sides:
     out[n]['step_seconds'] = float(np.median(times[n]))
+    out[n]['achieved'] = hardware.timed(out[n]['step_flops'],
+                                        out[n]['step_seconds'], peak_gflops)
   return out
 
 
-def results_of(costs: dict) -> dict:
+def results_of(costs: dict, peaks: tuple[dict, dict]) -> dict:
   c, f = costs['composed'], costs['float32_full']
   secagg = None
   if os.path.exists(_SECAGG):
@@ -114,6 +122,7 @@ def results_of(costs: dict) -> dict:
           'step_time_ratio': c['step_seconds'] / f['step_seconds']},
       'secagg_overhead': secagg,
       'costs': costs,
+      'matmul_peak_start': peaks[0], 'matmul_peak_end': peaks[1],
       'loadavg': [round(x, 2) for x in os.getloadavg()],
       'date': datetime.datetime.now().isoformat(timespec='seconds')}
 
@@ -122,7 +131,8 @@ def markdown(results: dict) -> str:
   costs = results['costs']
   rows = [{'side': name, 'bytes up / round': c['bytes_up'],
            'compiled step memory (bytes)': c['peak_bytes'],
-           'step time (ms)': 1e3 * c['step_seconds']}
+           'step time (ms)': 1e3 * c['step_seconds'],
+           **hardware.table_columns(c.get('achieved', {}))}
           for name, c in costs.items()]
   ratios = results['composed_vs_float']
   return '\n'.join([
@@ -131,7 +141,10 @@ def markdown(results: dict) -> str:
       'rounding, bias-only, int8 deltas) vs the same group-norm DS-CNN S in '
       'float32 training every leaf; one on-device SGD step at batch 8. '
       f'{results["date"]}, load average {results["loadavg"]} (shared '
-      '2-core machine: the step-time ratio is of interleaved calls).', '',
+      '2-core machine: the step-time ratio is of interleaved calls). '
+      "GFLOP/s: XLA's FLOPs of the step over its median time. "
+      + hardware.peak_text(results.get('matmul_peak_start'),
+                           results.get('matmul_peak_end')), '',
       metric_writer.markdown_table(rows), '',
       f'Ratios composed / float32: bytes {ratios["bytes_ratio"]:.3f}, '
       f'memory {ratios["memory_ratio"]:.3f}, step time '
@@ -143,7 +156,9 @@ def markdown(results: dict) -> str:
 def main(argv):
   del argv
   logs.setup_experiment_logging()
-  results = results_of(measure(_REPEATS.value))
+  peak_start = hardware.matmul_peak()
+  costs = measure(_REPEATS.value, peak_start['gflops'])
+  results = results_of(costs, (peak_start, hardware.matmul_peak()))
   outputs.write(_OUT.value, results, markdown(results))
 
 

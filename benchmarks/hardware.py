@@ -105,9 +105,12 @@ def timed(flops: float | None, seconds: float,
 
 
 def table_columns(row: dict[str, Any]) -> dict[str, Any]:
-  """Markdown columns of a `timed` dict: GFLOP/s and % of the matmul peak."""
-  gflops, fraction = row.get('gflops'), row.get('fraction_of_peak')
-  return {'GFLOP/s': '-' if gflops is None else round(gflops, 2),
+  """Markdown columns of a `timed` dict: GFLOP done, GFLOP/s and % of the
+  matmul peak ('-' where unknown)."""
+  gflop, gflops = row.get('gflop'), row.get('gflops')
+  fraction = row.get('fraction_of_peak')
+  return {'GFLOP': '-' if gflop is None else float(f'{gflop:.4g}'),
+          'GFLOP/s': '-' if gflops is None else round(gflops, 2),
           '% of peak': '-' if fraction is None else round(100 * fraction, 1)}
 
 

@@ -265,8 +265,8 @@ def _markdown(results: dict[str, Any]) -> str:
                            results.get('matmul_peak_end')),
       '',
       '| population | store on disk (MB) | s / round | sample + gather s | '
-      'warm-up s | ratio to smallest | GFLOP/s | % of peak |',
-      '|---|---|---|---|---|---|---|---|']
+      'warm-up s | ratio to smallest | GFLOP | GFLOP/s | % of peak |',
+      '|---|---|---|---|---|---|---|---|---|']
   base = rows[str(pops[0])]['median']
   for p in pops:
     r = rows[str(p)]

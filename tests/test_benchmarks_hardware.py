@@ -95,9 +95,12 @@ def test_timed_without_a_flop_count_is_all_none():
 
 def test_table_columns_round_and_dash_unknowns():
   assert hardware.table_columns(hardware.timed(2e9, 0.5, 8.0)) == {
-      'GFLOP/s': 4.0, '% of peak': 50.0}
+      'GFLOP': 2.0, 'GFLOP/s': 4.0, '% of peak': 50.0}
+  # 4 significant digits of GFLOP: 1,234,567 FLOPs -> 0.001235 GFLOP.
+  assert hardware.table_columns(hardware.timed(1234567.0, 1e-3, 8.0))[
+      'GFLOP'] == 0.001235
   assert hardware.table_columns(hardware.timed(None, 0.5, 8.0)) == {
-      'GFLOP/s': '-', '% of peak': '-'}
+      'GFLOP': '-', 'GFLOP/s': '-', '% of peak': '-'}
 
 
 def test_peak_text_names_start_and_end():
