@@ -12,6 +12,11 @@ devices hold (`global_cohort`, through
 `jax.make_array_from_process_local_data`), so no process ever loads the
 whole cohort, let alone the population.
 
+The federated binary does all of this from `config.distributed`
+(`options`; `fedjax_ext.experiment.run`): it joins before anything touches a
+device, and only process 0 evaluates and writes the run's files
+(`loop_workdir`).
+
 On CPUs the cross-process collectives are Gloo's
 (`jax_cpu_collectives_implementation`). Process 0 hosts the coordinator;
 the others first wait (bounded) for its port to accept connections, because

@@ -10,6 +10,12 @@ the rounds with `ondevice.loop.run_loop` (resume, per-round metrics,
 evaluation, checkpoints), and write the final metrics and curves
 (`report.write`).
 
+Clients come from `config.data` (the registry's datasets, FedJAX files, or
+a client store on disk read one cohort at a time: `store_clients`); with
+`config.distributed` set, the rounds run over several processes joined by
+`jax.distributed`, and process 0 alone evaluates and writes
+(`fedjax_ext.distributed`).
+
 metrics.jsonl has one row per round: train_loss, train_accuracy,
 bytes_per_client, num_aggregated, num_nonfinite_clients, num_dropped, with
 test_loss and test_accuracy every `eval_every` rounds, and under DP the round's
