@@ -219,11 +219,12 @@ def _personalize(config) -> None:
   cfg = config.personalize
   ks = _ints_at_least(config, 'personalize.k_values', 1)
   calib = config.users.get('calibration_utterances', 0)
+  bound = ('config.users.utterances_per_word - 1' if not calib else
+           'config.users.utterances_per_word - config.users.'
+           'calibration_utterances - 1')
   if max(ks) >= config.users.utterances_per_word - calib:
     raise ValueError(
-        f'config.personalize.k_values={ks} must lie in [1, '
-        'config.users.utterances_per_word - config.users.'
-        'calibration_utterances - 1] = [1, '
+        f'config.personalize.k_values={ks} must lie in [1, {bound}] = [1, '
         f'{config.users.utterances_per_word - calib - 1}]: every user keeps '
         'a clip per word to evaluate on, and calibration clips are never '
         'enrolled on.')

@@ -104,7 +104,8 @@ def best_gain_keeping_typical(personal: Mapping[str, Any], ks, group: str,
         best = {'relative_gain': gain, 'method': label, 'k': k,
                 'baseline_detection_rate': base[group]['detection_rate'],
                 'detection_rate': by_k[k][group]['detection_rate'],
-                'detection_rate_sem': by_k[k][group]['detection_rate_sem'],
+                'detection_rate_sem': by_k[k][group].get(
+                    'detection_rate_sem'),
                 'typical_delta': typical_delta}
   return best
 
@@ -255,7 +256,8 @@ def _detection_table(personal: Mapping[str, Any]) -> str:
       for group in ('typical', 'outlier', 'worst'):
         if group in groups:
           row[f'{group} DR'] = groups[group]['detection_rate']
-          row[f'{group} DR sem'] = groups[group]['detection_rate_sem']
+          row[f'{group} DR sem'] = groups[group].get('detection_rate_sem',
+                                                     float('nan'))
           row[f'{group} FAR'] = groups[group]['false_accept_rate']
           row[f'{group} kw acc'] = groups[group]['keyword_accuracy']
       rows.append(row)
