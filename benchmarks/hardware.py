@@ -23,9 +23,14 @@ from ondevice import train
 
 
 def compiled_flops(fn: Callable[..., Any], *args) -> float | None:
-  """FLOPs of one call of `jax.jit(fn)(*args)` per XLA (None if unknown)."""
+  """FLOPs of one call of `jax.jit(fn)(*args)` per XLA (None if unknown).
+
+  An already jitted `fn` is lowered as it is, so its executable comes from
+  (or goes to) the same cache as its calls: no second compilation.
+  """
+  jitted = fn if hasattr(fn, 'lower') else jax.jit(fn)
   try:
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = jitted.lower(*args).compile().cost_analysis()
   except Exception:  # pylint: disable=broad-except
     return None  # Backends without a cost model.
   if isinstance(cost, (list, tuple)):

@@ -17,6 +17,12 @@ change of machine load hits them all alike. Workloads:
   ``<mode>[lax convs]`` time the same mode with ``lax`` convolutions (the
   reference, and what quantised DS-CNNs ran before), for the before/after.
 
+Every row also reports XLA's FLOPs of the step (`benchmarks.hardware`,
+read from the step's own compiled executable), achieved GFLOP/s at the
+median time and its fraction of a 1024 x 1024 float32 matmul's GFLOP/s
+measured at the start and end of the same run. Quantised steps count their
+int8 dots and the quantisation's elementwise work as XLA does.
+
 Goal (issue 4): ``int8_fwd_bwd_sr`` at most 1.5x float32 and at most 0.6x AQT
 fully_quantized on the dense layer.
 
@@ -44,6 +50,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import hardware
 import quantized_training as qt
 
 _OUT = flags.DEFINE_string('out', 'results.json', 'Where to write the JSON; '
@@ -120,6 +127,9 @@ def _time_interleaved(runs: dict[str, Callable[[], Any]], repeats: int,
     first_call[name] = time.perf_counter() - start
     jax.block_until_ready(run())
     logging.info('%s: first call (compile) %.1f s', name, first_call[name])
+  # Each run is a partial of a jitted step: its executable is cached now.
+  flops = {name: hardware.compiled_flops(run.func, *run.args)
+           for name, run in runs.items()}
   samples = {name: [] for name in runs}
   for _ in range(repeats):
     for name, run in runs.items():
@@ -130,7 +140,8 @@ def _time_interleaved(runs: dict[str, Callable[[], Any]], repeats: int,
       samples[name].append((time.perf_counter() - start) / iters)
   return {name: {'median_ms': 1e3 * statistics.median(s),
                  'min_ms': 1e3 * min(s), 'repeats': repeats, 'iters': iters,
-                 'first_call_s': first_call[name]}
+                 'first_call_s': first_call[name],
+                 'step_flops': flops[name]}
           for name, s in samples.items()}
 
 
@@ -217,10 +228,28 @@ def _ratios(times: dict[str, Any], ref: str,
   return {name: t[stat] / base for name, t in times.items()}
 
 
+def _add_achieved(results: dict[str, Any]) -> None:
+  """Each timed row's GFLOP, GFLOP/s and fraction of the start's peak."""
+  peak = results['matmul_peak_start']['gflops']
+  for key in ('dense', 'dscnn'):
+    for t in results.get(key, {}).get('times', {}).values():
+      t['achieved'] = hardware.timed(t['step_flops'], t['median_ms'] / 1e3,
+                                     peak)
+
+
+def _achieved_cells(t: dict[str, Any]) -> str:
+  return ' | '.join(str(v) for v in
+                    hardware.table_columns(t.get('achieved', {})).values())
+
+
 def _markdown(results: dict[str, Any]) -> str:
+  peaks = hardware.peak_text(results.get('matmul_peak_start'),
+                             results.get('matmul_peak_end'))
   lines = [f"# int8 training step time ({results['device']})", '',
            f"jax {results['jax']}, {results['cpu_count']} CPU cores, load "
            f"average at start {results['loadavg']}, {results['date']}.", '',
+           "GFLOP: XLA's FLOPs of one step; GFLOP/s at the median time. "
+           + peaks, '',
            'ms per step (value_and_grad + SGD, jitted, steady state); '
            'modes interleaved within each repeat. On a shared, loaded '
            'machine the min is the better estimate of the uncontended cost.',
@@ -237,14 +266,14 @@ def _markdown(results: dict[str, Any]) -> str:
     vs_aqt_min = _ratios(times, 'aqt_fully_quantized', 'min_ms')
     lines += [f"## {bench['workload']}", '',
               '| mode | median ms | min ms | vs float32 (median / min) | '
-              'vs AQT fq (median / min) |',
-              '| --- | ---: | ---: | ---: | ---: |']
+              'vs AQT fq (median / min) | GFLOP | GFLOP/s | % of peak |',
+              '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
     for name, t in times.items():
       aqt = (f'{vs_aqt[name]:.2f}x / {vs_aqt_min[name]:.2f}x' if vs_aqt
              else '-')
       lines.append(f"| {name} | {t['median_ms']:.2f} | {t['min_ms']:.2f} | "
                    f'{vs_float[name]:.2f}x / {vs_float_min[name]:.2f}x | '
-                   f'{aqt} |')
+                   f'{aqt} | {_achieved_cells(t)} |')
     if bench.get('aqt_error'):
       lines.append(f"\nAQT rows skipped: {bench['aqt_error']}")
     if key == 'dscnn':
@@ -276,6 +305,7 @@ def main(argv):
       'jax': jax.__version__,
       'cpu_count': os.cpu_count(),
       'loadavg': [round(v, 2) for v in os.getloadavg()],
+      'matmul_peak_start': hardware.matmul_peak(),
       'dense': bench_dense(_REPEATS.value, _ITERS.value),
   }
   try:
@@ -288,6 +318,8 @@ def main(argv):
     results['dscnn'] = bench_dscnn(_DSCNN_MODES.value, _DSCNN_REPEATS.value,
                                    _DSCNN_ITERS.value,
                                    tuple(_DSCNN_LAX_MODES.value))
+  results['matmul_peak_end'] = hardware.matmul_peak()
+  _add_achieved(results)
   times = results['dense']['times']
   vs_float = _ratios(times, 'float32')[GOAL_MODE]
   vs_aqt = _ratios(times, 'aqt_fully_quantized').get(GOAL_MODE)

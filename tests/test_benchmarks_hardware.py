@@ -38,6 +38,12 @@ def test_compiled_flops_of_a_matmul_is_2mnk():
   assert flops == 2 * 3 * 7 * 5
 
 
+def test_compiled_flops_of_a_jitted_matmul_is_2mnk():
+  flops = hardware.compiled_flops(jax.jit(jnp.matmul), jnp.zeros((4, 6)),
+                                  jnp.zeros((6, 9)))
+  assert flops == 2 * 4 * 9 * 6
+
+
 def test_train_step_flops_holds_both_matmuls_of_a_linear_step():
   b, d, c = 32, 64, 10
   flops = _linear_step_flops(b, d)
