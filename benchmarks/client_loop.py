@@ -18,8 +18,16 @@ all; the median over repeats is reported with compile seconds. The rules of
 `client.resolve_loop` and `client.resolve_conv` ('auto') are read off this
 table.
 
+Every setting also reports XLA's FLOPs of the update (one local SGD step of
+the model as written, `benchmarks.hardware.train_step_flops`, x local
+steps: the same useful work for all three variants), achieved GFLOP/s and
+its fraction of a 1024 x 1024 float32 matmul's GFLOP/s measured at the start
+and end of the same run. A markdown table goes beside the JSON.
+
     python -m benchmarks.client_loop \
         --out=benchmarks/results/fedjax_comparison/client_loop.json
+    python -m benchmarks.client_loop --models=dense_100k --steps=2 \
+        --repeats=1 --out=/tmp/client_loop.json    # a smoke run
 """
 from __future__ import annotations
 
@@ -37,7 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import hardware
 from fedjax_ext import client as client_lib
+from ondevice import metric_writer
 from ondevice import models
 from ondevice import train
 
@@ -45,6 +55,8 @@ _OUT = flags.DEFINE_string('out', 'client_loop.json', 'JSON path.')
 _STEPS = flags.DEFINE_list('steps', ['4', '8', '16'], 'Local step counts.')
 _REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed calls per setting.')
 _BATCH = flags.DEFINE_integer('batch_size', 8, 'Local batch size.')
+_MODELS = flags.DEFINE_list('models', ['stock_conv', 'im2col_conv',
+                                      'dense_100k'], 'Models, see above.')
 
 
 class StockCNN(nn.Module):
@@ -95,7 +107,16 @@ def _compiled(model, steps: int, variant: str, data):
   return (lambda: fn(params, {}, data, jax.random.key(1))), compile_s
 
 
-def _measure(name, model, steps: int):
+def _update_flops(model, steps: int, data) -> float | None:
+  """XLA FLOPs of one local SGD step of `model` x `steps`."""
+  params = model.init(jax.random.key(0), data['x'][:1])['params']
+  step = hardware.train_step_flops(
+      train.classification_loss(model), params, {},
+      (_BATCH.value,) + tuple(data['x'].shape[1:]), optax.sgd(0.05))
+  return hardware.scaled(step, steps)
+
+
+def _measure(name, model, steps: int, peak_gflops: float):
   data = _client(steps * _BATCH.value)
   runs = {variant: _compiled(model, steps, variant, data)
           for variant in ('scan_native', 'unroll_native', 'scan_im2col')}
@@ -105,10 +126,14 @@ def _measure(name, model, steps: int):
       start = time.perf_counter()
       jax.block_until_ready(fn())
       times[loop].append(time.perf_counter() - start)
-  row = {'model': name, 'steps': steps, 'batch_size': _BATCH.value}
+  flops = _update_flops(model, steps, data)
+  row = {'model': name, 'steps': steps, 'batch_size': _BATCH.value,
+         'update_gflop': None if flops is None else flops / 1e9}
   for loop in runs:
     row[f'{loop}_sec'] = statistics.median(times[loop][1:])
     row[f'{loop}_compile_sec'] = runs[loop][1]
+    row[f'{loop}_achieved'] = hardware.timed(flops, row[f'{loop}_sec'],
+                                             peak_gflops)
   row['scan_over_unroll'] = row['scan_native_sec'] / row['unroll_native_sec']
   row['unroll_over_im2col'] = (row['unroll_native_sec'] /
                                row['scan_im2col_sec'])
@@ -116,19 +141,49 @@ def _measure(name, model, steps: int):
   return row
 
 
+def _markdown(out) -> str:
+  rows = []
+  for r in out['rows']:
+    row = {'model': r['model'], 'steps': r['steps'],
+           'GFLOP': hardware.table_columns(r['scan_native_achieved'])['GFLOP']}
+    for loop in ('scan_native', 'unroll_native', 'scan_im2col'):
+      cells = hardware.table_columns(r[f'{loop}_achieved'])
+      row[f'{loop} s'] = r[f'{loop}_sec']
+      row[f'{loop} GFLOP/s'] = cells['GFLOP/s']
+      row[f'{loop} % of peak'] = cells['% of peak']
+    rows.append(row)
+  peaks = hardware.peak_text(out['matmul_peak_start'], out['matmul_peak_end'])
+  return (f"# One client's update: scan, unroll, im2col ({out['date']}, "
+          f"{out['backend']}, {out['cpu_count']} CPUs)\n\nBatch "
+          f"{_BATCH.value}; median of {_REPEATS.value} calls. GFLOP: XLA's "
+          f'FLOPs of one step x steps. {peaks}\n\n'
+          f'{metric_writer.markdown_table(rows)}\n')
+
+
 def main(argv):
   del argv
+  models_ = _models()
+  unknown = sorted(set(_MODELS.value) - set(models_))
+  if unknown:
+    raise ValueError(f'--models has unknown {unknown}; choose from '
+                     f'{sorted(models_)}.')
   load_start = [round(v, 2) for v in os.getloadavg()]
-  rows = [_measure(name, model, int(s))
-          for name, model in _models().items() for s in _STEPS.value]
+  peak_start = hardware.matmul_peak()
+  rows = [_measure(name, models_[name], int(s), peak_start['gflops'])
+          for name in _MODELS.value for s in _STEPS.value]
   out = {'date': datetime.datetime.now().isoformat(timespec='seconds'),
          'backend': jax.default_backend(), 'cpu_count': os.cpu_count(),
          'jax': jax.__version__, 'loadavg_start': load_start,
          'loadavg_end': [round(v, 2) for v in os.getloadavg()],
+         'matmul_peak_start': peak_start,
+         'matmul_peak_end': hardware.matmul_peak(),
          'rows': rows}
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, 'w') as f:
     json.dump(out, f, indent=1)
+  with open(os.path.splitext(_OUT.value)[0] + '.md', 'w') as f:
+    f.write(_markdown(out))
+  print(_markdown(out))
 
 
 if __name__ == '__main__':
