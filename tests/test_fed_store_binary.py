@@ -107,7 +107,8 @@ def test_store_run_equals_the_same_clients_in_memory(store_dir, tmp_path):
 def test_rounds_read_only_the_cohort_and_eval_only_held_out(
     store_dir, tmp_path, monkeypatch):
   gathered, read = [], []
-  gather, client = client_store.ClientStore.gather, client_store.ClientStore.client
+  gather = client_store.ClientStore.gather
+  client = client_store.ClientStore.client
 
   def spy_gather(self, client_ids, *args, **kwargs):
     gathered.append(np.asarray(client_ids).tolist())
