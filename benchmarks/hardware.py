@@ -128,4 +128,4 @@ def peak_text(start: dict[str, Any] | None, end: dict[str, Any] | None) -> str:
   return (f"Matmul peak {rates} GFLOP/s ({found[0]['n']} x {found[0]['n']} "
           f"float32 on {found[0]['device']}; "
           f"{'start / end' if len(found) == 2 else 'one measure'} of the run; "
-          '% of peak is against the start).')
+          'the fraction of peak is against the start).')

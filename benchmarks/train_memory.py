@@ -17,7 +17,10 @@ device holds for inference anyway):
 each with stock `jax.nn.relu` (XLA keeps a float32 per ReLU value for the
 backward pass) and with 1-bit ReLU masks (`sparse_updates.compact_relu`).
 Step time: median over repeats, full and bias-only interleaved within each
-repeat so that load changes hit both alike. Upload: trainable bytes a
+repeat so that load changes hit both alike, with XLA's FLOPs of the step
+(`gflop`), achieved GFLOP/s at the median and its fraction of a 1024 x 1024
+float32 matmul's GFLOP/s measured at the start and end of the same run
+(`benchmarks.hardware`). Upload: trainable bytes a
 federated client sends per round (`ondevice.cost.bytes_of_trainable`).
 
 Goals (issue 5): bias-only at least 5x less training memory than full, and
@@ -48,6 +51,7 @@ import jax
 import numpy as np
 import optax
 
+from benchmarks import hardware
 from ondevice import cost
 from ondevice import metric_writer
 from ondevice import models
@@ -188,7 +192,7 @@ def upload_rows(name: str) -> list[dict[str, Any]]:
   return rows
 
 
-def measure_time(name: str) -> list[dict[str, Any]]:
+def measure_time(name: str, peak_gflops: float) -> list[dict[str, Any]]:
   """Median step time of full and bias-only, interleaved per repeat."""
   model, params, shape, classes = build(name)
   batch = _batch(shape, _TIME_BATCH.value, classes)
@@ -199,10 +203,11 @@ def measure_time(name: str) -> list[dict[str, Any]]:
       step = jax.jit(step)
       state, _ = step(state, batch, jax.random.key(0))  # Compile, warm up.
       jax.block_until_ready(state)
-      runs[label, tag] = [step, state, []]
+      flops = hardware.compiled_flops(step, state, batch, jax.random.key(0))
+      runs[label, tag] = [step, state, [], flops]
   for repeat in range(_REPEATS.value):
     for key, run in runs.items():
-      step, state, times = run
+      step, state, times, _ = run
       start = time.perf_counter()
       for i in range(_ITERS.value):
         state, metrics = step(state, batch, jax.random.key(repeat * 100 + i))
@@ -210,11 +215,13 @@ def measure_time(name: str) -> list[dict[str, Any]]:
       times.append((time.perf_counter() - start) / _ITERS.value)
       run[1] = state
   rows = []
-  for (label, tag), (_, _, times) in runs.items():
+  for (label, tag), (_, _, times, flops) in runs.items():
     rows.append({'model': name, 'scheme': label, 'relu': tag,
                  'batch': _TIME_BATCH.value,
                  'median_ms': round(1e3 * statistics.median(times), 1),
-                 'min_ms': round(1e3 * min(times), 1)})
+                 'min_ms': round(1e3 * min(times), 1),
+                 **hardware.timed(flops, statistics.median(times),
+                                  peak_gflops)})
   return rows
 
 
@@ -248,12 +255,16 @@ def main(argv):
   memory = [row for name in _MODELS.value for row in measure_memory(name)]
   upload = [row for name in _MODELS.value if name != 'ds_cnn_s_lax'
             for row in upload_rows(name)]
-  timing = [row for name in _TIMED.value for row in measure_time(name)]
+  peak_start = hardware.matmul_peak()
+  timing = [row for name in _TIMED.value
+            for row in measure_time(name, peak_start['gflops'])]
+  peak_end = hardware.matmul_peak()
   results = {
       'date': datetime.datetime.now().isoformat(timespec='seconds'),
       'device': jax.devices()[0].device_kind, 'backend': jax.default_backend(),
       'cpu_count': os.cpu_count(), 'platform': platform.platform(),
       'jax': jax.__version__, 'contribution': _CONTRIBUTION.value or None,
+      'matmul_peak_start': peak_start, 'matmul_peak_end': peak_end,
       'memory': memory, 'timing': timing, 'upload': upload,
       'ratios': ratios(memory, timing)}
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
@@ -266,6 +277,9 @@ def main(argv):
         metric_writer.markdown_table(memory), '',
         f'## Step time (batch {_TIME_BATCH.value}, median of '
         f'{_REPEATS.value} x {_ITERS.value} steps)', '',
+        "gflop: XLA's FLOPs of one step; gflops at the median time; "
+        'fraction_of_peak of the matmul peak. '
+        + hardware.peak_text(peak_start, peak_end), '',
         metric_writer.markdown_table(timing), '',
         '## Bytes a client sends per round', '',
         metric_writer.markdown_table(upload), '', '## Ratios', '',
