@@ -12,6 +12,12 @@ mean, and, as a share of a whole round, to the measured time of the round
     python -m benchmarks.secagg_overhead \
         --out=benchmarks/results/secagg/results.json
 
+Each aggregation also reports XLA's FLOPs of its jitted call
+(`benchmarks.hardware`), achieved GFLOP/s at the median and its fraction of
+a 1024 x 1024 float32 matmul's GFLOP/s measured at the start and end of the
+same run. Aggregation is elementwise work and random draws, bound by memory
+and the PRNG rather than by multiply-adds, so expect small fractions.
+
 Secure aggregation draws one mask per pair of clients, so its cost grows as
 C^2 * D for C clients and D parameters (`secure_aggregation.py`).
 """
@@ -27,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import hardware
 from benchmarks import outputs
 from configs import fed_kws
 from fedjax_ext import privacy
@@ -74,7 +81,8 @@ def aggregators_for(cohort: int) -> dict:
   return {name: jax.jit(fn) for name, fn in fns.items()}
 
 
-def time_cohort(params, cohort: int, repeats: int) -> dict:
+def time_cohort(params, cohort: int, repeats: int,
+                peak_gflops: float) -> dict:
   rng = np.random.default_rng(cohort)
   stacked = {k: jnp.asarray(rng.normal(scale=1e-2, size=(cohort,) + v.shape),
                             jnp.float32) for k, v in params.items()}
@@ -89,7 +97,11 @@ def time_cohort(params, cohort: int, repeats: int) -> dict:
       jax.block_until_ready(fn(stacked, weights, jax.random.key(r)))
       times[name].append(time.perf_counter() - t0)
   median = {name: float(np.median(t)) for name, t in times.items()}
-  return {'cohort': cohort, 'seconds': median,
+  # The jitted calls' executables are cached: no compilation here.
+  achieved = {name: hardware.timed(
+      hardware.compiled_flops(fn, stacked, weights, jax.random.key(0)),
+      median[name], peak_gflops) for name, fn in fns.items()}
+  return {'cohort': cohort, 'seconds': median, 'achieved': achieved,
           'secure_mean_vs_mean': median['secure_mean'] / median['mean'],
           'dp_secure_vs_dp_central': median['dp_secure'] / median['dp_central'],
           'dp_secure_vs_mean': median['dp_secure'] / median['mean']}
@@ -104,13 +116,21 @@ def markdown(results: dict) -> str:
            'SecAgg / mean': r['secure_mean_vs_mean'],
            'DP+SecAgg / DP': r['dp_secure_vs_dp_central']}
           for r in results['secagg_overhead']]
+  flops_rows = [{'cohort': r['cohort'], 'aggregation': name,
+                 **hardware.table_columns(a)}
+                for r in results['secagg_overhead']
+                for name, a in r.get('achieved', {}).items()]
   return '\n'.join([
       '# Secure aggregation overhead per round', '',
       f'Aggregation of {results["num_params"]} parameters (the main job\'s '
       'DS-CNN S) per cohort; medians of interleaved calls, '
       f'{results["machine"]}. Load average at start / end: '
       f'{results["loadavg_start"]} / {results["loadavg_end"]}.', '',
-      metric_writer.markdown_table(rows), ''])
+      metric_writer.markdown_table(rows), '',
+      "XLA's FLOPs of each aggregation and the rate achieved at its median "
+      'time. ' + hardware.peak_text(results.get('matmul_peak_start'),
+                                   results.get('matmul_peak_end')), '',
+      metric_writer.markdown_table(flops_rows), ''])
 
 
 def main(argv):
@@ -118,8 +138,12 @@ def main(argv):
   logs.setup_experiment_logging()
   load_start = os.getloadavg()
   params = main_job_params()
-  rows = [time_cohort(params, int(c), _REPEATS.value) for c in _COHORTS.value]
+  peak_start = hardware.matmul_peak()
+  rows = [time_cohort(params, int(c), _REPEATS.value, peak_start['gflops'])
+          for c in _COHORTS.value]
   results = {'secagg_overhead': rows,
+             'matmul_peak_start': peak_start,
+             'matmul_peak_end': hardware.matmul_peak(),
              'num_params': int(sum(v.size for v in params.values())),
              'machine': f'{os.cpu_count()} CPU cores, {jax.default_backend()}',
              'loadavg_start': [round(x, 2) for x in load_start],
