@@ -93,6 +93,13 @@ _COHORT = flags.DEFINE_integer('cohort_size', 0, 'Clients per round (0: '
                                "the config's).")
 _LOCAL_STEPS = flags.DEFINE_integer('local_steps', 0, 'Local steps per '
                                     "client (0: the config's).")
+_CLIENT_LR = flags.DEFINE_float(
+    'client_learning_rate', 0.01,
+    'Client SGD rate. From the pre-trained init 0.05 (the config\'s rate '
+    'from scratch) diverges within 8 local steps (batch loss 0.01 -> 12); '
+    '0.01 is the study\'s fine-tuning rate.')
+_INITS = flags.DEFINE_list(
+    'inits', [], 'Inits to evaluate (labels as in results.md); empty: all.')
 _K_VALUES = flags.DEFINE_list('k', ['1', '5'], 'Enrollment clips per keyword.')
 _RUNS = flags.DEFINE_list('runs', ['fedavg', 'per_fedavg', 'fed_reptile',
                                    'per_fedavg_composed'],
@@ -146,6 +153,7 @@ def fed_config(base: ml_collections.ConfigDict, fs, run: str, init: str,
   config.model, config.norm = fs.model, fs.norm
   config.model_kwargs = ml_collections.ConfigDict(fs.model_kwargs.to_dict())
   config.init = init
+  config.client_learning_rate = _CLIENT_LR.value
   config.algorithm.name = algorithm
   config.personalize.enabled = False
   config.dp.enabled = False
@@ -265,6 +273,11 @@ def build_inits(fs, fed_configs, workdir: str, setup, glob, replay,
     inits[name] = Init(state, finetune, setup.model, plain)
   inits.update(central_meta_inits(fs, _FEWSHOT_WORKDIR.value, setup, glob,
                                   replay, finetune))
+  if _INITS.value:
+    unknown = sorted(set(_INITS.value) - set(inits))
+    if unknown:
+      raise ValueError(f'--inits {unknown} are not among {sorted(inits)}.')
+    inits = {k: v for k, v in inits.items() if k in _INITS.value}
   return inits
 
 
