@@ -155,6 +155,8 @@ def fed_config(base: ml_collections.ConfigDict, fs, run: str, init: str,
   config.model_kwargs = ml_collections.ConfigDict(fs.model_kwargs.to_dict())
   config.init = init
   config.client_learning_rate = _CLIENT_LR.value
+  # Per-FedAvg's inner (personalisation) step: the study's fine-tuning rate.
+  config.algorithm.per_fedavg.alpha = fs.personalize.learning_rate
   config.algorithm.name = algorithm
   config.personalize.enabled = False
   config.dp.enabled = False
