@@ -1,0 +1,90 @@
+"""Tests of benchmarks/dp_curve.py: noise calibration, merging, store shards."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from benchmarks import dp_curve
+from fedjax_ext import privacy
+from ondevice.data import client_store
+from ondevice.data import speech_keywords
+
+
+def _epsilon(z, cohort, population, rounds, delta):
+  """The training's accountant, as experiment.py builds it."""
+  return privacy.epsilon_curve(z, cohort, population, delta)(rounds)
+
+
+@pytest.mark.parametrize('target', [4.0])
+def test_calibrated_noise_is_the_smallest_within_target(target):
+  cohort, population, rounds, delta = 10, 180, 5, 1 / 200
+  z = dp_curve.calibrate_noise(target, cohort, population, rounds, delta)
+  assert _epsilon(z, cohort, population, rounds, delta) <= target
+  # A multiplier 0.1% smaller spends more than the target.
+  assert _epsilon(z * 0.999, cohort, population, rounds, delta) > target
+  # The same value as dp-accounting's own composition of the same event.
+  direct = privacy.compute_epsilon(z, cohort / population, rounds, delta,
+                                   sampling='without_replacement',
+                                   population_size=population)
+  assert direct == pytest.approx(_epsilon(z, cohort, population, rounds,
+                                          delta), rel=1e-6)
+
+
+def test_merge_keeps_existing_keys(tmp_path):
+  path = os.path.join(tmp_path, 'results.json')
+  with open(path, 'w') as f:
+    json.dump({'peak_host_mb_10k': 571.0, 'populations': [160, 10000],
+               'dp_curve': [{'epsilon': 1.0, 'accuracy': 0.1}]}, f)
+  merged = dp_curve.merge_results(path, {
+      'dp_curve': [{'epsilon': 8.0, 'noise_multiplier': 0.5,
+                    'accuracy': 0.8}],
+      'synthesis_clips_per_second': 300.0})
+  assert merged == {
+      'peak_host_mb_10k': 571.0, 'populations': [160, 10000],
+      'dp_curve': [{'epsilon': 8.0, 'noise_multiplier': 0.5,
+                    'accuracy': 0.8}],
+      'synthesis_clips_per_second': 300.0}
+  assert dp_curve.merge_results(os.path.join(tmp_path, 'none.json'),
+                                {'a': 1}) == {'a': 1}
+
+
+def test_merge_markdown_replaces_only_the_dp_section(tmp_path):
+  path = os.path.join(tmp_path, 'results.md')
+  with open(path, 'w') as f:
+    f.write('# Round cost\n\ntable\n\n' + dp_curve.DP_SECTION + '\n\nold\n')
+  text = dp_curve.merge_markdown(path, dp_curve.DP_SECTION + '\n\nnew\n')
+  assert text == ('# Round cost\n\ntable\n\n' + dp_curve.DP_SECTION +
+                  '\n\nnew\n')
+
+
+def test_shard_matches_speech_keywords_and_store_round_trips(tmp_path):
+  config = dp_curve.corpus_config(num_speakers=3, utterances_per_word=1)
+  make_shard = dp_curve.make_shard_fn(config, speakers_per_shard=2)
+  shard = make_shard(0)
+  assert [c['id'] for c in shard] == [0, 1]
+  # Words yes..go are labels 0..9; bed and bird are both 'unknown' (10).
+  expected_y = np.array(list(range(10)) + [10, 10])
+  for index, client in enumerate(shard):
+    clips = speech_keywords.synthesize_speaker(config, index)
+    np.testing.assert_array_equal(
+        client['x'], speech_keywords.log_mel_int16(clips['waveform']))
+    np.testing.assert_array_equal(client['y'], expected_y)
+  assert [c['id'] for c in make_shard(1)] == [2]
+
+  stats = {'clips': 0, 'seconds': 0.0}
+  store = client_store.build_store(
+      os.path.join(tmp_path, 'store'), 2,
+      dp_curve.make_shard_fn(config, 2, stats=stats),
+      feature_shape=dp_curve.FEATURE_SHAPE,
+      class_names=dp_curve.CLASS_NAMES,
+      quantizer=client_store.Quantizer.from_range(
+          np.full(40, dp_curve.LOG_MEL_RANGE[0]),
+          np.full(40, dp_curve.LOG_MEL_RANGE[1])))
+  assert stats['clips'] == 3 * 12 and store.num_clients == 3
+  step = (dp_curve.LOG_MEL_RANGE[1] - dp_curve.LOG_MEL_RANGE[0]) / 65535
+  np.testing.assert_allclose(store.client(1)['x'], shard[1]['x'],
+                             atol=step / 2 + 1e-5)
+  np.testing.assert_array_equal(store.client(1)['y'], expected_y)
