@@ -439,9 +439,10 @@ def versus_table(block: Mapping[str, Any]) -> str:
 def markdown(results: Mapping[str, Any], ks) -> str:
   lines = ['# Personalised accuracy of federated and meta-learned inits', '',
            'Users and central global model of the few-shot outlier study; '
-           'every init adapted on K clips per keyword (plus replay) and '
-           'scored on the user\'s other clips; mean ± SE over users. '
-           f'{results["personalized_date"]}.', '']
+           'every init adapted on K clips per keyword (plus '
+           f'{results["personalized_setup"]["replay_per_word"]} replayed '
+           'clips per other word) and scored on the user\'s other clips; '
+           f'mean ± SE over users. {results["personalized_date"]}.', '']
   for k in ks:
     block = results[f'personalized_k{k}']
     lines += [f'## K = {k}', '', k_table(block,
