@@ -61,12 +61,16 @@ LOG_MEL_RANGE = (-16.0, 8.0)   # int16 quantiser range of every mel bin
 FEATURE_SHAPE = (98, 40)
 DP_SECTION = '## DP federated KWS against epsilon'
 
+# 'workdir', 'smoke' and 'local_steps' are also flags of other benchmarks:
+# they allow override so that tests can import both modules in one process.
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/dp_curve',
-                               'Store, runs and (with --smoke) results.')
+                               'Store, runs and (with --smoke) results.',
+    allow_override=True)
 _OUT_DIR = flags.DEFINE_string('out_dir', 'benchmarks/results/scale',
                                'results.json / results.md to merge into.')
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny sizes; writes only under '
-                           '--workdir.')
+                           '--workdir.',
+    allow_override=True)
 _NUM_SPEAKERS = flags.DEFINE_integer('num_speakers', 10000, 'Speakers.')
 _UTTERANCES = flags.DEFINE_integer('utterances_per_word', 2,
                                    'Clips of each word per speaker.')
@@ -82,7 +86,8 @@ _EPSILONS = flags.DEFINE_list('epsilons', ['2', '4', '8'],
                               'Target epsilons of the DP runs.')
 _CLIP_NORM = flags.DEFINE_float('clip_norm', 1.0, 'DP clip norm.')
 _CHANNELS = flags.DEFINE_integer('channels', 16, 'DS-CNN width.')
-_LOCAL_STEPS = flags.DEFINE_integer('local_steps', 4, 'Local SGD steps.')
+_LOCAL_STEPS = flags.DEFINE_integer('local_steps', 4, 'Local SGD steps.',
+    allow_override=True)
 
 
 def corpus_config(num_speakers: int, utterances_per_word: int,

@@ -74,6 +74,8 @@ from ondevice import metric_writer
 from ondevice.data import registry
 import quantized_training
 
+# 'workdir', 'smoke' and 'local_steps' are also flags of other benchmarks:
+# they allow override so that tests can import both modules in one process.
 _FEWSHOT_CONFIG = flags.DEFINE_string(
     'fewshot_config', 'configs/few_shot_kws.py:backbone=ds_cnn_s,outliers',
     'The few-shot study config (file:arg) run in --fewshot_workdir.')
@@ -84,7 +86,8 @@ _FED_CONFIG = flags.DEFINE_string(
     'fed_config', 'configs/fed_personalize_kws.py', 'Federated config.')
 _WORKDIR = flags.DEFINE_string(
     'workdir', '/work/runs/fed_personalize',
-    'One folder per federated run; per_user.json.')
+    'One folder per federated run; per_user.json.',
+    allow_override=True)
 _OUT = flags.DEFINE_string(
     'out', 'benchmarks/results/fed_personalize/results.json',
     'results.json to merge into (ignored with --smoke: <workdir>/results).')
@@ -92,7 +95,8 @@ _NUM_ROUNDS = flags.DEFINE_integer('num_rounds', 100, 'Federated rounds.')
 _COHORT = flags.DEFINE_integer('cohort_size', 0, 'Clients per round (0: '
                                "the config's).")
 _LOCAL_STEPS = flags.DEFINE_integer('local_steps', 0, 'Local steps per '
-                                    "client (0: the config's).")
+                                    "client (0: the config's).",
+    allow_override=True)
 _CLIENT_LR = flags.DEFINE_float(
     'client_learning_rate', 0.001,
     'Client SGD rate. From the pre-trained init the config\'s 0.05 (its '
@@ -106,7 +110,8 @@ _RUNS = flags.DEFINE_list('runs', ['fedavg', 'per_fedavg', 'fed_reptile',
                                    'per_fedavg_composed'],
                           'Federated runs (a subset for a partial rerun).')
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Smoke sizes; writes only under '
-                           '--workdir.')
+                           '--workdir.',
+    allow_override=True)
 
 # Federated run -> (algorithm, composed?); float runs train and send every
 # leaf in float32.
