@@ -25,43 +25,22 @@ own clients; the cohort size must be a multiple of the process count.
 import ml_collections
 
 from configs import common
+from configs import fed_kws
 from fedjax_ext import distributed
 from fedjax_ext import training
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The main job's recipe (configs/fed_kws.py) on a client store."""
   args = common.parse_arg(arg, smoke=False)
-  config = ml_collections.ConfigDict()
+  config = fed_kws.get_config()
   config.data = ml_collections.ConfigDict(dict(
       name='client_store', store='', eval_clients=40))
-  config.model = 'ds_cnn_s'
-  config.norm = 'batch'
-  config.model_kwargs = ml_collections.ConfigDict({'first_stride': (4, 4)})
-  config.quant = 'none'
-  config.trainable = training.trainable_options('full')
-  config.algorithm = training.algorithm_options('fedadam')
-  config.server_learning_rate = 0.03
-  config.client_learning_rate = 0.05
-  config.client_momentum = 0.9
-  config.local = ml_collections.ConfigDict(dict(
-      batch_size=8, num_steps=16, num_epochs=0, loop='auto', conv='auto',
-      last_batch='mask'))
-  config.cohort_size = 10
-  config.weighted_sampling = False
-  config.max_examples_per_client = 128
-  config.num_rounds = 150
-  config.dropout_rate = 0.0
-  config.execution = 'auto'  # 'sharded' whenever several processes run.
-  config.aggregator = training.aggregator_options('mean')
-  config.compression = training.compression_options('none')
-  config.dp = training.dp_options()
-  config.secure_aggregation = training.secure_aggregation_options()
+  # A store's clients are its own partition; held-out users are its last
+  # eval_clients, evaluated by the server model.
+  del config['partition']
+  del config['personalize']
   config.distributed = distributed.options()
-  config.init = ''
-  config.eval_every = 10
-  config.eval_batch_size = 512
-  config.checkpoint_every = 50
-  config.seed = 0
 
   if args.smoke:
     config.data.eval_clients = 4
