@@ -141,13 +141,9 @@ def _check_secure_aggregation(config) -> None:
     raise ValueError('config.secure_aggregation.enabled needs '
                      'config.cohort_size >= 2: a masked sum of one client is '
                      f'that client\'s update; got {config.cohort_size}.')
-  aggregator = _chosen(config, 'aggregator', 'mean').name
-  if aggregators.AGGREGATORS[aggregator] is not aggregators.weighted_mean:
-    raise ValueError(
-        f'config.aggregator.name={aggregator!r} with '
-        'config.secure_aggregation.enabled: the server sees only the sum of '
-        "the updates, so only 'mean' can be computed; set "
-        "config.aggregator.name='mean'.")
+  _require_mean(config, 'config.secure_aggregation.enabled: the server sees '
+                'only the sum of the updates, so only the mean can be '
+                'computed', "set config.aggregator.name='mean'")
   if config.get('norm', None) == 'batch' and not _dp_enabled(config):
     raise ValueError(
         "config.norm='batch' with config.secure_aggregation.enabled and no "
@@ -377,6 +373,14 @@ def _check_execution(config) -> None:
                      'execution vmap, chunked or auto.')
 
 
+def _require_mean(config, why: str, fix: str) -> None:
+  """Raises unless config.aggregator is the (weighted) mean."""
+  aggregator = _chosen(config, 'aggregator', 'mean').name
+  if aggregators.AGGREGATORS[aggregator] is not aggregators.weighted_mean:
+    raise ValueError(f'config.aggregator.name={aggregator!r} with {why}; '
+                     f'{fix}.')
+
+
 def _dp_enabled(config) -> bool:
   return _enabled(config, 'dp')
 
@@ -392,13 +396,10 @@ def _check_dp(config) -> None:
     raise ValueError('config.dp.enabled with config.algorithm.name='
                      "'scaffold' is not supported: SCAFFOLD shares control "
                      'variates that DP-FedAvg does not clip.')
-  aggregator = _chosen(config, 'aggregator', 'mean').name
-  if aggregators.AGGREGATORS[aggregator] is not aggregators.weighted_mean:
-    raise ValueError(
-        f'config.aggregator.name={aggregator!r} with config.dp.enabled: '
-        'DP-FedAvg replaces the aggregator by its clipped, noised mean, and '
-        'its privacy analysis does not cover a robust rule on top; set '
-        "config.aggregator.name='mean' or turn DP off.")
+  _require_mean(config, 'config.dp.enabled: DP-FedAvg replaces the '
+                'aggregator by its clipped, noised mean, and its privacy '
+                'analysis does not cover a robust rule on top',
+                "set config.aggregator.name='mean' or turn DP off")
   if config.get('weighted_sampling', False):
     raise ValueError(
         'config.weighted_sampling=True with config.dp.enabled: the privacy '
