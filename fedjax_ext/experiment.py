@@ -17,9 +17,14 @@ a client store on disk read one cohort at a time: `store_clients`); with
 (`fedjax_ext.distributed`).
 
 metrics.jsonl has one row per round: train_loss, train_accuracy,
-bytes_per_client, num_aggregated, num_nonfinite_clients, num_dropped, with
-test_loss and test_accuracy every `eval_every` rounds, and under DP the round's
-clip norm (dp_clip_norm), the update noise std (dp_noise_std) and the epsilon
+bytes_per_client, num_aggregated, num_nonfinite_clients, num_dropped, the L2
+norm of the aggregate client update, noise included, that the server
+optimiser receives (update_norm),
+with test_loss and test_accuracy every `eval_every` rounds, and under DP the
+round's clip norm (dp_clip_norm), the update noise std (dp_noise_std), the
+noised fraction of the cohort whose update was under the clip
+(dp_unclipped_fraction: the released count of adaptive clipping, which tells
+whether the clip norm suits the updates) and the epsilon
 spent so far (dp_epsilon; left out when the noise multiplier is 0, where no
 finite epsilon exists, and null in final_metrics.json). The skipped and
 dropped client counts are loop counters, checkpointed with the server state,
@@ -69,7 +74,9 @@ _LOGGED = {'train_loss': 'train_loss', 'train_accuracy': 'train_accuracy',
            'num_nonfinite_clients': 'num_nonfinite_clients',
            'num_dropped': 'num_dropped',
            'aggregator/dp_clip_norm': 'dp_clip_norm',
-           'aggregator/dp_noise_std': 'dp_noise_std'}
+           'aggregator/dp_noise_std': 'dp_noise_std',
+           'aggregator/dp_unclipped_fraction': 'dp_unclipped_fraction',
+           'update_norm': 'update_norm'}
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

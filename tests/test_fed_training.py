@@ -271,3 +271,36 @@ def test_dp_without_noise_writes_epsilon_as_null(tmp_path):
     rows = [json.loads(line, parse_constant=reject) for line in f]
   assert all('dp_epsilon' not in row and row['dp_noise_std'] == 0.0
              for row in rows)
+
+
+def _rows(path):
+  with open(path / 'metrics.jsonl') as f:
+    return [json.loads(line) for line in f]
+
+
+def test_logged_update_norm_is_the_server_step_of_fedavg(tmp_path):
+  # FedAvg with server rate 1 adds the aggregate to the params, so the norm
+  # logged for round 2 is the distance between the round-1 and round-2 models.
+  one = training.train_and_evaluate(_config(num_rounds=1), str(tmp_path / 'a'),
+                                    datasets=_data())['state'].params
+  two = training.train_and_evaluate(_config(num_rounds=2), str(tmp_path / 'b'),
+                                    datasets=_data())['state'].params
+  step = np.sqrt(sum(np.sum((np.asarray(b) - np.asarray(a)) ** 2)
+                     for a, b in zip(jax.tree.leaves(one),
+                                     jax.tree.leaves(two))))
+  assert step > 0
+  assert _rows(tmp_path / 'b')[1]['update_norm'] == pytest.approx(step,
+                                                                  rel=1e-4)
+
+
+@pytest.mark.parametrize('clip_norm,fraction', [(1e6, 1.0), (1e-6, 0.0)])
+def test_logged_unclipped_fraction_counts_clients_under_the_clip(
+    tmp_path, clip_norm, fraction):
+  config = _config(num_rounds=2)
+  config.dp.enabled = True
+  config.dp.noise_multiplier = 0.5
+  config.dp.clip_norm = clip_norm
+  config.dp.clipped_count_stddev = 0.0  # The released count is exact.
+  training.train_and_evaluate(config, str(tmp_path), datasets=_data())
+  assert [row['dp_unclipped_fraction'] for row in _rows(tmp_path)] == [
+      fraction, fraction]
