@@ -11,7 +11,8 @@ r"""DP-FedAvg keyword spotting against epsilon on a large eSpeak population.
    Synthesis clips per second (clips kept, eSpeak calls for the words not kept
    included in the time) are recorded.
 2. Runs federated KWS on that store (`fedjax_ext.experiment.run`,
-   configs/fed_store.py: DS-CNN with batch norm, FedAdam; overridden: width
+   configs/fed_store.py: DS-CNN, `--norm` (group by default); overridden:
+   the server optimiser `--algorithm` (FedAvgM by default), its rates, width
    `--channels`, `--local_steps`, cohort `--cohort`, `--rounds`):
    one run without DP and one per `--epsilons` target with delta =
    1 / num_speakers, each with the smallest noise multiplier whose epsilon
@@ -29,7 +30,7 @@ The defaults (10,000 speakers x 24 clips, cohort 100, 150 rounds, epsilons
 2, 4, 8: four runs) are sized to take about half an hour on 2 CPU cores;
 about half of it is synthesis, which a rerun skips.
 
-`--smoke` (200 speakers, cohort 10, 5 rounds, epsilons 4 and 8) writes only
+`--smoke` (60 speakers, cohort 10, 4 rounds, epsilons 4 and 8) writes only
 under `--workdir`.
 """
 from __future__ import annotations
@@ -60,6 +61,8 @@ CLASS_NAMES = KEYWORDS + ('_unknown_',)
 LOG_MEL_RANGE = (-16.0, 8.0)   # int16 quantiser range of every mel bin
 FEATURE_SHAPE = (98, 40)
 DP_SECTION = '## DP federated KWS against epsilon'
+ALGORITHM_NAMES = {'fedavg': 'FedAvg', 'fedavgm': 'FedAvgM (server momentum '
+                   '0.9)', 'fedadam': 'FedAdam'}
 
 # 'workdir', 'smoke' and 'local_steps' are also flags of other benchmarks:
 # they allow override so that tests can import both modules in one process.
@@ -91,6 +94,18 @@ _NORM = flags.DEFINE_enum(
     'and noises with the weights, the DP runs stayed at chance (train '
     'accuracy 0.08 after 40 rounds at epsilon 4) while the run without DP '
     'learned (0.70).')
+_ALGORITHM = flags.DEFINE_enum(
+    'algorithm', 'fedavgm', ['fedavg', 'fedavgm', 'fedadam'],
+    'Server optimiser. FedAdam divides every coordinate of the aggregate by '
+    'its running RMS, which under DP is mostly the noise, so each noisy '
+    'coordinate becomes a step of full size: at epsilon 4 and 8 FedAdam '
+    'stayed at chance. FedAvgM (server SGD with momentum 0.9, as in McMahan '
+    'et al. 2018) averages the noise out over rounds.')
+_SERVER_LR = flags.DEFINE_float(
+    'server_learning_rate', None,
+    'Server rate; default 1.0 for fedavg and fedavgm, 0.03 for fedadam.')
+_CLIENT_LR = flags.DEFINE_float('client_learning_rate', 0.05,
+                                'Client momentum-SGD rate.')
 _CHANNELS = flags.DEFINE_integer('channels', 16, 'DS-CNN width.')
 _LOCAL_STEPS = flags.DEFINE_integer('local_steps', 4, 'Local SGD steps.',
     allow_override=True)
@@ -192,21 +207,36 @@ def calibrate_noise(target_epsilon: float, cohort_size: int,
   return hi
 
 
+DEFAULT_SERVER_LR = {'fedavg': 1.0, 'fedavgm': 1.0, 'fedadam': 0.03}
+
+
+def server_learning_rate() -> float:
+  """--server_learning_rate, or the default of --algorithm."""
+  if _SERVER_LR.value is not None:
+    return _SERVER_LR.value
+  return DEFAULT_SERVER_LR[_ALGORITHM.value]
+
+
 def run_config(store_root: str, eval_speakers: int, cohort: int, rounds: int,
                channels: int, local_steps: int, smoke: bool):
   """configs/fed_store.py with the model and schedule of this benchmark."""
   # pylint: disable=g-import-not-at-top
   import ml_collections
   from configs import fed_store
+  from fedjax_ext import training
   # pylint: enable=g-import-not-at-top
   config = fed_store.get_config('')
   config.data.store = store_root
   config.data.eval_clients = eval_speakers
-  # The model and optimisers of fed_store (FedAdam), with --norm, at a
-  # width and local step count whose round at cohort 100 is cheap on a CPU.
+  # fed_store's recipe with --norm and the server optimiser of --algorithm,
+  # at a width and local step count whose round at cohort 100 is cheap on
+  # a CPU.
   config.model_kwargs = ml_collections.ConfigDict(
       {'channels': channels, 'first_stride': (4, 4)})
   config.norm = _NORM.value
+  config.algorithm = training.algorithm_options(_ALGORITHM.value)
+  config.server_learning_rate = server_learning_rate()
+  config.client_learning_rate = _CLIENT_LR.value
   config.local.batch_size = 8
   config.local.num_steps = local_steps
   config.max_examples_per_client = 32
@@ -293,8 +323,11 @@ def dp_markdown(detail: Mapping[str, Any], curve: Sequence[Mapping[str, Any]],
       f"speakers (one client each; the last {s['eval_speakers']} held out "
       f"for evaluation), words {', '.join(KEYWORDS)} + unknown "
       f"({', '.join(UNKNOWN_WORDS)}), {s['utterances_per_word']} clips of "
-      f"each word per speaker, int16 log-mel in a client store. FedAdam "
-      f"(server lr 0.03; clients: momentum SGD lr 0.05) of {s['model']} ({s['num_params']} params), cohort {s['cohort']}, "
+      f"each word per speaker, int16 log-mel in a client store. "
+      f"{ALGORITHM_NAMES[s['algorithm']]} (server lr "
+      f"{s['server_learning_rate']:g}; clients: momentum SGD lr "
+      f"{s['client_learning_rate']:g}) of {s['model']} "
+      f"({s['num_params']} params), cohort {s['cohort']}, "
       f"{s['local_steps']} local steps of batch 8, {s['rounds']} rounds. DP: "
       f"clip {s['clip_norm']}, delta 1/{s['num_speakers']}, noise multiplier "
       'calibrated so that the RDP epsilon of cohorts drawn without '
@@ -341,8 +374,8 @@ def plot(path: str, curve: Sequence[Mapping[str, Any]], no_dp: float) -> None:
 def _sizes() -> dict[str, Any]:
   """The flags' sizes, or the smoke sizes."""
   if _SMOKE.value:
-    return dict(num_speakers=200, speakers_per_shard=50, eval_speakers=20,
-                cohort=10, rounds=5, epsilons=[4.0, 8.0])
+    return dict(num_speakers=60, speakers_per_shard=20, eval_speakers=10,
+                cohort=10, rounds=4, epsilons=[4.0, 8.0])
   return dict(num_speakers=_NUM_SPEAKERS.value,
               speakers_per_shard=_PER_SHARD.value,
               eval_speakers=_EVAL_SPEAKERS.value, cohort=_COHORT.value,
@@ -368,14 +401,15 @@ def _runs(sizes, store, base_config) -> tuple[dict, list]:
   workdir, population = _WORKDIR.value, store.num_clients - sizes[
       'eval_speakers']
   delta = 1.0 / sizes['num_speakers']
-  runs = 'runs' if _NORM.value == 'batch' else f'runs_{_NORM.value}'
-  no_dp = run_once(base_config, os.path.join(workdir, runs, 'no_dp'))
+  no_dp = run_once(base_config,
+                   os.path.join(workdir, run_set_name(dp=False), 'no_dp'))
   curve = []
   for target in sizes['epsilons']:
     z = calibrate_noise(target, sizes['cohort'], population, sizes['rounds'],
                         delta)
     record = run_once(with_dp(base_config, z, _CLIP_NORM.value, delta),
-                      os.path.join(workdir, runs, f'eps_{target:g}'))
+                      os.path.join(workdir, run_set_name(dp=True),
+                                   f'eps_{target:g}'))
     m = record['metrics']
     if m['dp_epsilon'] > target:
       raise RuntimeError(f'The run at target epsilon {target} spent '
@@ -388,6 +422,16 @@ def _runs(sizes, store, base_config) -> tuple[dict, list]:
     logging.info('epsilon %g: z %.4f, accuracy %.4f.', target, z,
                  m['test_accuracy'])
   return no_dp, curve
+
+
+def run_set_name(dp: bool) -> str:
+  """The directory of this flag setting's runs (earlier names kept)."""
+  name = 'runs' if _NORM.value == 'batch' else f'runs_{_NORM.value}'
+  if _ALGORITHM.value != 'fedadam':
+    name += (f'_{_ALGORITHM.value}_slr{server_learning_rate():g}'
+             f'_clr{_CLIENT_LR.value:g}')
+    name += f'_clip{_CLIP_NORM.value:g}' if dp else ''
+  return name
 
 
 def _check(sizes: Mapping[str, Any]) -> None:
@@ -429,7 +473,9 @@ def main(argv):
       'setup': {**sizes, 'utterances_per_word': _UTTERANCES.value,
                 'model': f'ds_cnn_s (channels {_CHANNELS.value}, first '
                          f'stride 4x4, {_NORM.value} norm)',
-                'algorithm': 'fedadam',
+                'algorithm': _ALGORITHM.value,
+                'server_learning_rate': server_learning_rate(),
+                'client_learning_rate': _CLIENT_LR.value,
                 'num_params': m['num_params'], 'local_steps':
                 _LOCAL_STEPS.value, 'clip_norm': _CLIP_NORM.value,
                 'delta': 1.0 / sizes['num_speakers'],

@@ -88,3 +88,31 @@ def test_shard_matches_speech_keywords_and_store_round_trips(tmp_path):
   np.testing.assert_allclose(store.client(1)['x'], shard[1]['x'],
                              atol=step / 2 + 1e-5)
   np.testing.assert_array_equal(store.client(1)['y'], expected_y)
+
+
+def test_smoke_run_writes_a_curve_within_its_targets(tmp_path):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver(smoke=True, workdir=str(tmp_path), num_workers=1):
+    dp_curve.main([])
+  with open(tmp_path / 'results' / 'results.json') as f:
+    results = json.load(f)
+  detail = results['dp_curve_detail']
+  # FedAvgM by default; its runs live apart from the FedAdam runs.
+  assert detail['setup']['algorithm'] == 'fedavgm'
+  assert detail['setup']['server_learning_rate'] == 1.0
+  assert [r['epsilon'] for r in results['dp_curve']] == [4.0, 8.0]
+  for row in detail['runs']:
+    assert row['run_epsilon'] <= row['epsilon']
+  # More noise buys the smaller epsilon.
+  z4, z8 = (r['noise_multiplier'] for r in results['dp_curve'])
+  assert z4 > z8 > 0
+  assert 0.0 <= detail['no_dp_accuracy'] <= 1.0
+  assert sorted(os.listdir(tmp_path)) == [
+      'results', 'runs_group_fedavgm_slr1_clr0.05',
+      'runs_group_fedavgm_slr1_clr0.05_clip1', 'store', 'synthesis.json']
+  assert results['synthesis_clips_per_second'] > 0
+  with open(tmp_path / 'results' / 'results.md') as f:
+    assert 'FedAvgM (server momentum 0.9) (server lr 1;' in f.read()
