@@ -19,10 +19,14 @@ r"""DP-FedAvg keyword spotting against epsilon on a large eSpeak population.
    after `--rounds` rounds (the RDP accountant of the training,
    `privacy.epsilon_curve`, cohorts drawn without replacement from the
    training clients) is <= the target. Each run has its own workdir under
-   `--workdir`/runs; a finished run is reused.
-3. Merges `dp_curve`, `dp_curve_detail` and `synthesis_clips_per_second` into
-   `--out_dir`/results.json (every other key kept), rewrites the DP section
-   of results.md, and plots accuracy against epsilon (dp_curve.png).
+   `--workdir`/<settings>/cohort_<m>_rounds_<T>/; a finished run is
+   reused.
+3. Sets this cohort's rows of `dp_curve` (cohort, epsilon, noise multiplier,
+   accuracy, no-DP accuracy) and `dp_curve_detail.by_cohort`, and
+   `synthesis_clips_per_second`, in `--out_dir`/results.json (every other
+   key and other cohorts' rows kept: run once per `--cohort`), rewrites the
+   DP section of results.md and plots accuracy against epsilon, one line per
+   cohort (dp_curve.png).
 
     python -m benchmarks.dp_curve --workdir=/tmp/dp_curve
 
@@ -87,7 +91,13 @@ _COHORT = flags.DEFINE_integer('cohort', 100, 'Clients per round.')
 _ROUNDS = flags.DEFINE_integer('rounds', 150, 'Rounds of every run.')
 _EPSILONS = flags.DEFINE_list('epsilons', ['2', '4', '8'],
                               'Target epsilons of the DP runs.')
-_CLIP_NORM = flags.DEFINE_float('clip_norm', 1.0, 'DP clip norm.')
+_CLIP_NORM = flags.DEFINE_float('clip_norm', 1.0, 'DP clip norm (the '
+                                'initial one with --adaptive_clip).')
+_ADAPTIVE = flags.DEFINE_bool(
+    'adaptive_clip', False,
+    'Adaptive clipping (Andrew et al. 2021) at the median update norm: the '
+    'clip follows the client update norms, which grow as the model leaves '
+    'its early plateau; part of the noise budget privatises the count.')
 _NORM = flags.DEFINE_enum(
     'norm', 'group', ['batch', 'group'],
     'The model\'s normalisation. With batch norm, whose statistics DP clips '
@@ -247,13 +257,16 @@ def run_config(store_root: str, eval_speakers: int, cohort: int, rounds: int,
   return config
 
 
-def with_dp(config, noise_multiplier: float, clip_norm: float, delta: float):
-  """A copy of `config` with fixed-clip DP-FedAvg on."""
+def with_dp(config, noise_multiplier: float, clip_norm: float, delta: float,
+            adaptive: bool = False):
+  """A copy of `config` with DP-FedAvg on (fixed or adaptive clip; the
+  adaptive one tracks the median update norm)."""
   config = config.copy_and_resolve_references()
   config.dp.enabled = True
   config.dp.noise_multiplier = float(noise_multiplier)
   config.dp.clip_norm = float(clip_norm)
-  config.dp.adaptive = False
+  config.dp.adaptive = bool(adaptive)
+  config.dp.target_quantile = 0.5
   config.dp.delta = float(delta)
   return config
 
@@ -313,59 +326,107 @@ def merge_markdown(path: str, section: str) -> str:
   return (text + '\n\n' if text else '') + section
 
 
-def dp_markdown(detail: Mapping[str, Any], curve: Sequence[Mapping[str, Any]],
+def merge_cohort(results: Mapping[str, Any], cohort: int,
+                 detail: Mapping[str, Any], curve: Sequence[Mapping[str, Any]]
+                 ) -> dict[str, Any]:
+  """`dp_curve` and `dp_curve_detail` with this cohort's runs set.
+
+  Rows of other cohorts are kept, so a curve at cohort 100 and one at 500
+  come from two invocations; rows without a cohort (an earlier layout) are
+  dropped with their detail.
+  """
+  by_cohort = dict(results.get('dp_curve_detail', {}).get('by_cohort', {}))
+  by_cohort[str(cohort)] = dict(detail)
+  rows = [r for r in results.get('dp_curve', [])
+          if 'cohort' in r and r['cohort'] != cohort]
+  rows += [{'cohort': cohort, 'epsilon': r['epsilon'],
+            'noise_multiplier': r['noise_multiplier'],
+            'accuracy': r['accuracy'],
+            'no_dp_accuracy': detail['no_dp_accuracy']} for r in curve]
+  rows.sort(key=lambda r: (r['cohort'], r['epsilon']))
+  return {'dp_curve': rows, 'dp_curve_detail': {'by_cohort': dict(
+      sorted(by_cohort.items(), key=lambda kv: int(kv[0])))}}
+
+
+def gap_at_8(detail: Mapping[str, Any]) -> float | None:
+  """No-DP accuracy minus the best DP accuracy at epsilon <= 8."""
+  best = [r['accuracy'] for r in detail['runs'] if r['epsilon'] <= 8]
+  return detail['no_dp_accuracy'] - max(best) if best else None
+
+
+def _setup_text(s: Mapping[str, Any]) -> str:
+  """One cohort's setup, in words."""
+  return (
+      f"{s['num_speakers']:,} eSpeak speakers (one client each; the last "
+      f"{s['eval_speakers']} held out for evaluation), words "
+      f"{', '.join(KEYWORDS)} + unknown ({', '.join(UNKNOWN_WORDS)}), "
+      f"{s['utterances_per_word']} clips of each word per speaker, int16 "
+      f"log-mel in a client store. {ALGORITHM_NAMES[s['algorithm']]} "
+      f"(server lr {s['server_learning_rate']:g}; clients: momentum SGD lr "
+      f"{s['client_learning_rate']:g}, {s['local_steps']} local steps of "
+      f"batch 8) of {s['model']} ({s['num_params']} params), "
+      f"{s['rounds']} rounds. DP: "
+      + (f"adaptive clip (median, from {s['clip_norm']:g})"
+         if s.get('adaptive_clip') else f"fixed clip {s['clip_norm']:g}")
+      + f", delta "
+      f"1/{s['num_speakers']}, noise multiplier calibrated so that the RDP "
+      'epsilon of cohorts drawn without replacement (the accountant of the '
+      'training) is <= the target.')
+
+
+def dp_markdown(by_cohort: Mapping[str, Mapping[str, Any]],
                 clips_per_second: float | None) -> str:
-  """The DP section of results.md."""
-  s = detail['setup']
-  lines = [
-      DP_SECTION, '',
-      f"Generated {detail['generated']}. {s['num_speakers']:,} eSpeak "
-      f"speakers (one client each; the last {s['eval_speakers']} held out "
-      f"for evaluation), words {', '.join(KEYWORDS)} + unknown "
-      f"({', '.join(UNKNOWN_WORDS)}), {s['utterances_per_word']} clips of "
-      f"each word per speaker, int16 log-mel in a client store. "
-      f"{ALGORITHM_NAMES[s['algorithm']]} (server lr "
-      f"{s['server_learning_rate']:g}; clients: momentum SGD lr "
-      f"{s['client_learning_rate']:g}) of {s['model']} "
-      f"({s['num_params']} params), cohort {s['cohort']}, "
-      f"{s['local_steps']} local steps of batch 8, {s['rounds']} rounds. DP: "
-      f"clip {s['clip_norm']}, delta 1/{s['num_speakers']}, noise multiplier "
-      'calibrated so that the RDP epsilon of cohorts drawn without '
-      'replacement (the accountant of the training) is <= the target.', '',
-      '| target epsilon | noise multiplier | run epsilon | accuracy | '
-      'wall s |', '|---|---|---|---|---|',
-      f"| no DP | 0 | inf | {detail['no_dp_accuracy']:.4f} | "
-      f"{detail['no_dp_wall_seconds']:.0f} |"]
-  for row in curve:
-    lines.append(f"| {row['epsilon']:g} | {row['noise_multiplier']:.4f} | "
-                 f"{row['run_epsilon']:.3f} | {row['accuracy']:.4f} | "
-                 f"{row['wall_seconds']:.0f} |")
-  best = [r for r in curve if r['epsilon'] <= 8]
-  gap = (detail['no_dp_accuracy'] - max(r['accuracy'] for r in best)
-         if best else None)
+  """The DP section of results.md: one table row per run, every cohort."""
+  lines = [DP_SECTION, '']
+  for cohort, detail in by_cohort.items():
+    lines += [f"**Cohort {cohort}** (generated {detail['generated']}): "
+              + _setup_text(detail['setup']), '']
+  lines += ['| cohort | target epsilon | noise multiplier | noise std of the '
+            'mean | run epsilon | accuracy | wall s |',
+            '|---|---|---|---|---|---|---|']
+  for cohort, detail in by_cohort.items():
+    lines.append(f"| {cohort} | no DP | 0 | 0 | inf | "
+                 f"{detail['no_dp_accuracy']:.4f} | "
+                 f"{detail['no_dp_wall_seconds']:.0f} |")
+    clip = detail['setup']['clip_norm']
+    for row in detail['runs']:
+      std = ('adaptive' if detail['setup'].get('adaptive_clip') else
+             f"{row['noise_multiplier'] * clip / int(cohort):.5f}")
+      lines.append(
+          f"| {cohort} | {row['epsilon']:g} | {row['noise_multiplier']:.4f} "
+          f"| {std} | "
+          f"{row['run_epsilon']:.3f} | {row['accuracy']:.4f} | "
+          f"{row['wall_seconds']:.0f} |")
   lines += ['', f"Synthesis: {clips_per_second or float('nan'):.0f} clips/s "
             '(clips kept; the eSpeak calls of the words not kept are in the '
             'time).', '']
-  if gap is not None:
-    lines += [f"- DP at epsilon <= 8 within {100 * gap:.1f} points of no DP "
-              f"({'met' if gap <= 0.05 else 'NOT met'}: <= 5 points).", '']
-  return '\n'.join(lines)
+  for cohort, detail in by_cohort.items():
+    gap = gap_at_8(detail)
+    if gap is not None:
+      lines.append(f"- Cohort {cohort}: DP at epsilon <= 8 within "
+                   f"{100 * gap:.1f} points of no DP "
+                   f"({'met' if gap <= 0.05 else 'NOT met'}: <= 5 points).")
+  return '\n'.join(lines + [''])
 
 
-def plot(path: str, curve: Sequence[Mapping[str, Any]], no_dp: float) -> None:
-  """Accuracy against epsilon, with the no-DP accuracy as a line."""
+def plot(path: str, by_cohort: Mapping[str, Mapping[str, Any]]) -> None:
+  """Accuracy against epsilon per cohort, each with its no-DP accuracy."""
   # pylint: disable=g-import-not-at-top
   import matplotlib
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
   # pylint: enable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  ax.plot([r['epsilon'] for r in curve], [r['accuracy'] for r in curve], 'o-',
-          label='DP-FedAvg')
-  ax.axhline(no_dp, color='k', ls='--', label='no DP')
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for i, (cohort, detail) in enumerate(by_cohort.items()):
+    color = f'C{i}'
+    runs = detail['runs']
+    ax.plot([r['epsilon'] for r in runs], [r['accuracy'] for r in runs],
+            'o-', color=color, label=f'DP-FedAvg, cohort {cohort}')
+    ax.axhline(detail['no_dp_accuracy'], color=color, ls='--',
+               label=f'no DP, cohort {cohort}')
   ax.set_xlabel('epsilon (delta = 1 / population)')
   ax.set_ylabel('test accuracy')
-  ax.legend()
+  ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -401,15 +462,17 @@ def _runs(sizes, store, base_config) -> tuple[dict, list]:
   workdir, population = _WORKDIR.value, store.num_clients - sizes[
       'eval_speakers']
   delta = 1.0 / sizes['num_speakers']
-  no_dp = run_once(base_config,
-                   os.path.join(workdir, run_set_name(dp=False), 'no_dp'))
+  cohort_dir = f"cohort_{sizes['cohort']}_rounds_{sizes['rounds']}"
+  no_dp = run_once(base_config, os.path.join(
+      workdir, run_set_name(dp=False), cohort_dir, 'no_dp'))
   curve = []
   for target in sizes['epsilons']:
     z = calibrate_noise(target, sizes['cohort'], population, sizes['rounds'],
                         delta)
-    record = run_once(with_dp(base_config, z, _CLIP_NORM.value, delta),
+    record = run_once(with_dp(base_config, z, _CLIP_NORM.value, delta,
+                              _ADAPTIVE.value),
                       os.path.join(workdir, run_set_name(dp=True),
-                                   f'eps_{target:g}'))
+                                   cohort_dir, f'eps_{target:g}'))
     m = record['metrics']
     if m['dp_epsilon'] > target:
       raise RuntimeError(f'The run at target epsilon {target} spent '
@@ -431,6 +494,7 @@ def run_set_name(dp: bool) -> str:
     name += (f'_{_ALGORITHM.value}_slr{server_learning_rate():g}'
              f'_clr{_CLIENT_LR.value:g}')
     name += f'_clip{_CLIP_NORM.value:g}' if dp else ''
+    name += '_adaptive' if dp and _ADAPTIVE.value else ''
   return name
 
 
@@ -461,8 +525,25 @@ def main(argv):
                     sizes['rounds'], _CHANNELS.value, _LOCAL_STEPS.value,
                     _SMOKE.value)
   no_dp, curve = _runs(sizes, store, base)
+  detail = _detail(sizes, store, no_dp, curve)
+  out_dir = os.path.join(workdir, 'results') if _SMOKE.value else (
+      _OUT_DIR.value)
+  os.makedirs(out_dir, exist_ok=True)
+  out = os.path.join(out_dir, 'results.json')
+  results = merge_results(out, {})
+  new = merge_cohort(results, sizes['cohort'], detail, curve)
+  new['synthesis_clips_per_second'] = clips_per_second
+  by_cohort = new['dp_curve_detail']['by_cohort']
+  outputs.write(out, merge_results(out, new), merge_markdown(
+      os.path.join(out_dir, 'results.md'),
+      dp_markdown(by_cohort, clips_per_second)))
+  plot(os.path.join(out_dir, 'dp_curve.png'), by_cohort)
+
+
+def _detail(sizes, store, no_dp, curve) -> dict[str, Any]:
+  """What results.json records of one cohort's runs."""
   m = no_dp['metrics']
-  detail = {
+  return {
       'no_dp_accuracy': m['test_accuracy'],
       'no_dp_wall_seconds': no_dp['wall_seconds'],
       'no_dp_train_seconds': m['train_seconds'],
@@ -478,20 +559,9 @@ def main(argv):
                 'client_learning_rate': _CLIENT_LR.value,
                 'num_params': m['num_params'], 'local_steps':
                 _LOCAL_STEPS.value, 'clip_norm': _CLIP_NORM.value,
+                'adaptive_clip': _ADAPTIVE.value,
                 'delta': 1.0 / sizes['num_speakers'],
                 'store_examples': store.num_examples}}
-  new = {'dp_curve': [{k: r[k] for k in ('epsilon', 'noise_multiplier',
-                                         'accuracy')} for r in curve],
-         'dp_curve_detail': detail,
-         'synthesis_clips_per_second': clips_per_second}
-  out_dir = os.path.join(workdir, 'results') if _SMOKE.value else (
-      _OUT_DIR.value)
-  os.makedirs(out_dir, exist_ok=True)
-  out = os.path.join(out_dir, 'results.json')
-  outputs.write(out, merge_results(out, new), merge_markdown(
-      os.path.join(out_dir, 'results.md'),
-      dp_markdown(detail, curve, clips_per_second)))
-  plot(os.path.join(out_dir, 'dp_curve.png'), curve, detail['no_dp_accuracy'])
 
 
 if __name__ == '__main__':

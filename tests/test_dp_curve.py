@@ -101,9 +101,10 @@ def test_smoke_run_writes_a_curve_within_its_targets(tmp_path):
     results = json.load(f)
   detail = results['dp_curve_detail']
   # FedAvgM by default; its runs live apart from the FedAdam runs.
+  assert [(r['cohort'], r['epsilon']) for r in results['dp_curve']] == [
+      (10, 4.0), (10, 8.0)]
+  detail = detail['by_cohort']['10']
   assert detail['setup']['algorithm'] == 'fedavgm'
-  assert detail['setup']['server_learning_rate'] == 1.0
-  assert [r['epsilon'] for r in results['dp_curve']] == [4.0, 8.0]
   for row in detail['runs']:
     assert row['run_epsilon'] <= row['epsilon']
   # More noise buys the smaller epsilon.
@@ -113,6 +114,37 @@ def test_smoke_run_writes_a_curve_within_its_targets(tmp_path):
   assert sorted(os.listdir(tmp_path)) == [
       'results', 'runs_group_fedavgm_slr1_clr0.05',
       'runs_group_fedavgm_slr1_clr0.05_clip1', 'store', 'synthesis.json']
+  assert os.listdir(tmp_path / 'runs_group_fedavgm_slr1_clr0.05') == [
+      'cohort_10_rounds_4']
   assert results['synthesis_clips_per_second'] > 0
   with open(tmp_path / 'results' / 'results.md') as f:
-    assert 'FedAvgM (server momentum 0.9) (server lr 1;' in f.read()
+    text = f.read()
+  assert 'FedAvgM (server momentum 0.9) (server lr 1;' in text
+  assert '**Cohort 10**' in text
+
+
+def _detail(no_dp, accuracies):
+  return {'no_dp_accuracy': no_dp, 'generated': 'g', 'runs': [
+      {'epsilon': e, 'noise_multiplier': 1.0 / e, 'accuracy': a}
+      for e, a in accuracies]}
+
+
+def test_merge_cohort_replaces_its_own_rows_and_keeps_the_others():
+  earlier = dp_curve.merge_cohort({}, 500, _detail(0.7, [(8.0, 0.66)]),
+                                  _detail(0.7, [(8.0, 0.66)])['runs'])
+  # A row of the earlier single-cohort layout, and this cohort's old row.
+  earlier['dp_curve'].append({'epsilon': 4.0, 'accuracy': 0.1})
+  earlier = dp_curve.merge_cohort(earlier, 100, _detail(0.6, [(8.0, 0.1)]),
+                                  _detail(0.6, [(8.0, 0.1)])['runs'])
+  detail = _detail(0.6, [(4.0, 0.5), (8.0, 0.55)])
+  merged = dp_curve.merge_cohort(earlier, 100, detail, detail['runs'])
+  assert [(r['cohort'], r['epsilon'], r['accuracy'], r['no_dp_accuracy'])
+          for r in merged['dp_curve']] == [
+              (100, 4.0, 0.5, 0.6), (100, 8.0, 0.55, 0.6),
+              (500, 8.0, 0.66, 0.7)]
+  assert list(merged['dp_curve_detail']['by_cohort']) == ['100', '500']
+  # 0.6 - 0.55 and 0.7 - 0.66, in accuracy (not points).
+  by_cohort = merged['dp_curve_detail']['by_cohort']
+  assert dp_curve.gap_at_8(by_cohort['100']) == pytest.approx(0.05)
+  assert dp_curve.gap_at_8(by_cohort['500']) == pytest.approx(0.04)
+  assert dp_curve.gap_at_8(_detail(0.6, [(16.0, 0.6)])) is None
