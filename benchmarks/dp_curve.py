@@ -30,9 +30,13 @@ r"""DP-FedAvg keyword spotting against epsilon on a large eSpeak population.
 
     python -m benchmarks.dp_curve --workdir=/tmp/dp_curve
 
-The defaults (10,000 speakers x 24 clips, cohort 100, 150 rounds, epsilons
-2, 4, 8: four runs) are sized to take about half an hour on 2 CPU cores;
-about half of it is synthesis, which a rerun skips.
+The defaults (10,000 speakers x 24 clips, cohort 100, 300 rounds, FedAvgM,
+adaptive clipping, epsilons 2, 4, 8: four runs of about 9 minutes each on 2
+CPU cores) follow synthesis (about 7 minutes, skipped by a rerun). The
+cohort-500 rows of benchmarks/results/scale came from a second invocation:
+
+    python -m benchmarks.dp_curve --workdir=/tmp/dp_curve --cohort=500 \
+        --rounds=80 --epsilons=8 --noadaptive_clip
 
 `--smoke` (60 speakers, cohort 10, 4 rounds, epsilons 4 and 8) writes only
 under `--workdir`.
@@ -88,13 +92,13 @@ _NUM_WORKERS = flags.DEFINE_integer('num_workers', 2,
 _EVAL_SPEAKERS = flags.DEFINE_integer('eval_speakers', 200,
                                       'Last speakers held out for eval.')
 _COHORT = flags.DEFINE_integer('cohort', 100, 'Clients per round.')
-_ROUNDS = flags.DEFINE_integer('rounds', 150, 'Rounds of every run.')
+_ROUNDS = flags.DEFINE_integer('rounds', 300, 'Rounds of every run.')
 _EPSILONS = flags.DEFINE_list('epsilons', ['2', '4', '8'],
                               'Target epsilons of the DP runs.')
-_CLIP_NORM = flags.DEFINE_float('clip_norm', 1.0, 'DP clip norm (the '
+_CLIP_NORM = flags.DEFINE_float('clip_norm', 0.5, 'DP clip norm (the '
                                 'initial one with --adaptive_clip).')
 _ADAPTIVE = flags.DEFINE_bool(
-    'adaptive_clip', False,
+    'adaptive_clip', True,
     'Adaptive clipping (Andrew et al. 2021) at the median update norm: the '
     'clip follows the client update norms, which grow as the model leaves '
     'its early plateau; part of the noise budget privatises the count.')
@@ -114,9 +118,14 @@ _ALGORITHM = flags.DEFINE_enum(
 _SERVER_LR = flags.DEFINE_float(
     'server_learning_rate', None,
     'Server rate; default 1.0 for fedavg and fedavgm, 0.03 for fedadam.')
-_CLIENT_LR = flags.DEFINE_float('client_learning_rate', 0.05,
-                                'Client momentum-SGD rate.')
+_CLIENT_LR = flags.DEFINE_float(
+    'client_learning_rate', 0.2,
+    'Client momentum-SGD rate. At 0.05 the server model of FedAvgM sat at '
+    'chance for 48 rounds; at 0.2 it was above chance by round 32.')
 _CHANNELS = flags.DEFINE_integer('channels', 16, 'DS-CNN width.')
+_SEED = flags.DEFINE_integer(
+    'seed', 0, 'config.seed of every run (init, cohorts, noise); a seed > 0 '
+    'writes its runs and results.json rows apart from seed 0.')
 _LOCAL_STEPS = flags.DEFINE_integer('local_steps', 4, 'Local SGD steps.',
     allow_override=True)
 
@@ -247,6 +256,7 @@ def run_config(store_root: str, eval_speakers: int, cohort: int, rounds: int,
   config.algorithm = training.algorithm_options(_ALGORITHM.value)
   config.server_learning_rate = server_learning_rate()
   config.client_learning_rate = _CLIENT_LR.value
+  config.seed = _SEED.value
   config.local.batch_size = 8
   config.local.num_steps = local_steps
   config.max_examples_per_client = 32
@@ -326,26 +336,32 @@ def merge_markdown(path: str, section: str) -> str:
   return (text + '\n\n' if text else '') + section
 
 
-def merge_cohort(results: Mapping[str, Any], cohort: int,
-                 detail: Mapping[str, Any], curve: Sequence[Mapping[str, Any]]
-                 ) -> dict[str, Any]:
-  """`dp_curve` and `dp_curve_detail` with this cohort's runs set.
+def run_key(cohort: int, seed: int = 0) -> str:
+  """The `dp_curve_detail.by_cohort` key of a cohort's runs at a seed."""
+  return str(cohort) if not seed else f'{cohort}, seed {seed}'
 
-  Rows of other cohorts are kept, so a curve at cohort 100 and one at 500
-  come from two invocations; rows without a cohort (an earlier layout) are
-  dropped with their detail.
+
+def merge_cohort(results: Mapping[str, Any], cohort: int,
+                 detail: Mapping[str, Any], curve: Sequence[Mapping[str, Any]],
+                 seed: int = 0) -> dict[str, Any]:
+  """`dp_curve` and `dp_curve_detail` with this cohort's (and seed's) runs.
+
+  Rows of other cohorts and seeds are kept, so a curve at cohort 100 and one
+  at 500 come from two invocations; rows without a cohort (an earlier
+  layout) are dropped with their detail.
   """
   by_cohort = dict(results.get('dp_curve_detail', {}).get('by_cohort', {}))
-  by_cohort[str(cohort)] = dict(detail)
-  rows = [r for r in results.get('dp_curve', [])
-          if 'cohort' in r and r['cohort'] != cohort]
-  rows += [{'cohort': cohort, 'epsilon': r['epsilon'],
+  by_cohort[run_key(cohort, seed)] = dict(detail, cohort=cohort, seed=seed)
+  rows = [r for r in results.get('dp_curve', []) if 'cohort' in r and (
+      r['cohort'], r.get('seed', 0)) != (cohort, seed)]
+  rows += [{'cohort': cohort, 'seed': seed, 'epsilon': r['epsilon'],
             'noise_multiplier': r['noise_multiplier'],
             'accuracy': r['accuracy'],
             'no_dp_accuracy': detail['no_dp_accuracy']} for r in curve]
-  rows.sort(key=lambda r: (r['cohort'], r['epsilon']))
+  rows.sort(key=lambda r: (r['cohort'], r.get('seed', 0), r['epsilon']))
+  order = lambda kv: (kv[1].get('cohort', 0), kv[1].get('seed', 0))
   return {'dp_curve': rows, 'dp_curve_detail': {'by_cohort': dict(
-      sorted(by_cohort.items(), key=lambda kv: int(kv[0])))}}
+      sorted(by_cohort.items(), key=order))}}
 
 
 def gap_at_8(detail: Mapping[str, Any]) -> float | None:
@@ -391,7 +407,7 @@ def dp_markdown(by_cohort: Mapping[str, Mapping[str, Any]],
     clip = detail['setup']['clip_norm']
     for row in detail['runs']:
       std = ('adaptive' if detail['setup'].get('adaptive_clip') else
-             f"{row['noise_multiplier'] * clip / int(cohort):.5f}")
+             f"{row['noise_multiplier'] * clip / detail['cohort']:.5f}")
       lines.append(
           f"| {cohort} | {row['epsilon']:g} | {row['noise_multiplier']:.4f} "
           f"| {std} | "
@@ -416,17 +432,19 @@ def plot(path: str, by_cohort: Mapping[str, Mapping[str, Any]]) -> None:
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
   # pylint: enable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
   for i, (cohort, detail) in enumerate(by_cohort.items()):
-    color = f'C{i}'
-    runs = detail['runs']
+    color = f'C{i}'  # `cohort` is the run key: '100' or '100, seed 1'.
+    runs, s = detail['runs'], detail['setup']
+    name = (f"cohort {cohort}, {s['rounds']} rounds, "
+            f"{'adaptive' if s.get('adaptive_clip') else 'fixed'} clip")
     ax.plot([r['epsilon'] for r in runs], [r['accuracy'] for r in runs],
-            'o-', color=color, label=f'DP-FedAvg, cohort {cohort}')
+            'o-', color=color, label=f'DP-FedAvg, {name}')
     ax.axhline(detail['no_dp_accuracy'], color=color, ls='--',
-               label=f'no DP, cohort {cohort}')
+               label=f'no DP, {name}')
   ax.set_xlabel('epsilon (delta = 1 / population)')
   ax.set_ylabel('test accuracy')
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -462,7 +480,8 @@ def _runs(sizes, store, base_config) -> tuple[dict, list]:
   workdir, population = _WORKDIR.value, store.num_clients - sizes[
       'eval_speakers']
   delta = 1.0 / sizes['num_speakers']
-  cohort_dir = f"cohort_{sizes['cohort']}_rounds_{sizes['rounds']}"
+  cohort_dir = f"cohort_{sizes['cohort']}_rounds_{sizes['rounds']}" + (
+      f'_seed_{_SEED.value}' if _SEED.value else '')
   no_dp = run_once(base_config, os.path.join(
       workdir, run_set_name(dp=False), cohort_dir, 'no_dp'))
   curve = []
@@ -531,7 +550,7 @@ def main(argv):
   os.makedirs(out_dir, exist_ok=True)
   out = os.path.join(out_dir, 'results.json')
   results = merge_results(out, {})
-  new = merge_cohort(results, sizes['cohort'], detail, curve)
+  new = merge_cohort(results, sizes['cohort'], detail, curve, _SEED.value)
   new['synthesis_clips_per_second'] = clips_per_second
   by_cohort = new['dp_curve_detail']['by_cohort']
   outputs.write(out, merge_results(out, new), merge_markdown(

@@ -112,15 +112,17 @@ def test_smoke_run_writes_a_curve_within_its_targets(tmp_path):
   assert z4 > z8 > 0
   assert 0.0 <= detail['no_dp_accuracy'] <= 1.0
   assert sorted(os.listdir(tmp_path)) == [
-      'results', 'runs_group_fedavgm_slr1_clr0.05',
-      'runs_group_fedavgm_slr1_clr0.05_clip1', 'store', 'synthesis.json']
-  assert os.listdir(tmp_path / 'runs_group_fedavgm_slr1_clr0.05') == [
+      'results', 'runs_group_fedavgm_slr1_clr0.2',
+      'runs_group_fedavgm_slr1_clr0.2_clip0.5_adaptive', 'store',
+      'synthesis.json']
+  assert os.listdir(tmp_path / 'runs_group_fedavgm_slr1_clr0.2') == [
       'cohort_10_rounds_4']
   assert results['synthesis_clips_per_second'] > 0
   with open(tmp_path / 'results' / 'results.md') as f:
     text = f.read()
   assert 'FedAvgM (server momentum 0.9) (server lr 1;' in text
   assert '**Cohort 10**' in text
+  assert 'adaptive clip (median, from 0.5)' in text
 
 
 def _detail(no_dp, accuracies):
@@ -148,3 +150,12 @@ def test_merge_cohort_replaces_its_own_rows_and_keeps_the_others():
   assert dp_curve.gap_at_8(by_cohort['100']) == pytest.approx(0.05)
   assert dp_curve.gap_at_8(by_cohort['500']) == pytest.approx(0.04)
   assert dp_curve.gap_at_8(_detail(0.6, [(16.0, 0.6)])) is None
+  # Another seed of cohort 100 sits beside seed 0, not over it.
+  seeded = dp_curve.merge_cohort(merged, 100, _detail(0.5, [(8.0, 0.4)]),
+                                 _detail(0.5, [(8.0, 0.4)])['runs'], seed=1)
+  assert [(r['cohort'], r['seed'], r['epsilon'], r['accuracy'])
+          for r in seeded['dp_curve']] == [
+              (100, 0, 4.0, 0.5), (100, 0, 8.0, 0.55), (100, 1, 8.0, 0.4),
+              (500, 0, 8.0, 0.66)]
+  assert list(seeded['dp_curve_detail']['by_cohort']) == [
+      '100', '100, seed 1', '500']
