@@ -72,13 +72,18 @@ DP_SECTION = '## DP federated KWS against epsilon'
 ALGORITHM_NAMES = {'fedavg': 'FedAvg', 'fedavgm': 'FedAvgM (server momentum '
                    '0.9)', 'fedadam': 'FedAdam'}
 
-# 'workdir', 'smoke' and 'local_steps' are also flags of other benchmarks:
-# they allow override so that tests can import both modules in one process.
+# 'workdir', 'smoke', 'local_steps', 'client_learning_rate', 'rounds' and
+# 'out_dir' are also flags of other benchmarks: they allow override so that
+# tests can import these modules in one process. The last module imported
+# then sets the shared flag's default, so in-process callers of main() pass
+# these flags explicitly (the command line is unaffected: it imports one
+# benchmark).
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/dp_curve',
                                'Store, runs and (with --smoke) results.',
     allow_override=True)
 _OUT_DIR = flags.DEFINE_string('out_dir', 'benchmarks/results/scale',
-                               'results.json / results.md to merge into.')
+                               'results.json / results.md to merge into.',
+                               allow_override=True)
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny sizes; writes only under '
                            '--workdir.',
     allow_override=True)
@@ -92,7 +97,8 @@ _NUM_WORKERS = flags.DEFINE_integer('num_workers', 2,
 _EVAL_SPEAKERS = flags.DEFINE_integer('eval_speakers', 200,
                                       'Last speakers held out for eval.')
 _COHORT = flags.DEFINE_integer('cohort', 100, 'Clients per round.')
-_ROUNDS = flags.DEFINE_integer('rounds', 300, 'Rounds of every run.')
+_ROUNDS = flags.DEFINE_integer('rounds', 300, 'Rounds of every run.',
+                               allow_override=True)
 _EPSILONS = flags.DEFINE_list('epsilons', ['2', '4', '8'],
                               'Target epsilons of the DP runs.')
 _CLIP_NORM = flags.DEFINE_float('clip_norm', 0.5, 'DP clip norm (the '
@@ -121,7 +127,8 @@ _SERVER_LR = flags.DEFINE_float(
 _CLIENT_LR = flags.DEFINE_float(
     'client_learning_rate', 0.2,
     'Client momentum-SGD rate. At 0.05 the server model of FedAvgM sat at '
-    'chance for 48 rounds; at 0.2 it was above chance by round 32.')
+    'chance for 48 rounds; at 0.2 it was above chance by round 32.',
+    allow_override=True)
 _CHANNELS = flags.DEFINE_integer('channels', 16, 'DS-CNN width.')
 _SEED = flags.DEFINE_integer(
     'seed', 0, 'config.seed of every run (init, cohorts, noise); a seed > 0 '
