@@ -487,18 +487,14 @@ def _runs(sizes, store, base_config) -> tuple[dict, list]:
   workdir, population = _WORKDIR.value, store.num_clients - sizes[
       'eval_speakers']
   delta = 1.0 / sizes['num_speakers']
-  cohort_dir = f"cohort_{sizes['cohort']}_rounds_{sizes['rounds']}" + (
-      f'_seed_{_SEED.value}' if _SEED.value else '')
-  no_dp = run_once(base_config, os.path.join(
-      workdir, run_set_name(dp=False), cohort_dir, 'no_dp'))
+  no_dp = run_once(base_config, run_dir(workdir, sizes, None))
   curve = []
   for target in sizes['epsilons']:
     z = calibrate_noise(target, sizes['cohort'], population, sizes['rounds'],
                         delta)
     record = run_once(with_dp(base_config, z, _CLIP_NORM.value, delta,
                               _ADAPTIVE.value),
-                      os.path.join(workdir, run_set_name(dp=True),
-                                   cohort_dir, f'eps_{target:g}'))
+                      run_dir(workdir, sizes, target))
     m = record['metrics']
     if m['dp_epsilon'] > target:
       raise RuntimeError(f'The run at target epsilon {target} spent '
@@ -513,15 +509,25 @@ def _runs(sizes, store, base_config) -> tuple[dict, list]:
   return no_dp, curve
 
 
-def run_set_name(dp: bool) -> str:
-  """The directory of this flag setting's runs (earlier names kept)."""
+def run_dir(workdir: str, sizes: Mapping[str, Any],
+            epsilon: float | None) -> str:
+  """The workdir of one run: the no-DP run (`epsilon` None) or a DP run.
+
+  <settings>/cohort_<m>_rounds_<T>[_seed_<s>]/(no_dp | eps_<epsilon>), where
+  <settings> names the flags that change the run (the clip only for DP runs,
+  so every DP setting shares one no-DP run); earlier names are kept.
+  """
   name = 'runs' if _NORM.value == 'batch' else f'runs_{_NORM.value}'
   if _ALGORITHM.value != 'fedadam':
     name += (f'_{_ALGORITHM.value}_slr{server_learning_rate():g}'
              f'_clr{_CLIENT_LR.value:g}')
-    name += f'_clip{_CLIP_NORM.value:g}' if dp else ''
-    name += '_adaptive' if dp and _ADAPTIVE.value else ''
-  return name
+    if epsilon is not None:
+      name += f'_clip{_CLIP_NORM.value:g}'
+      name += '_adaptive' if _ADAPTIVE.value else ''
+  cohort = f"cohort_{sizes['cohort']}_rounds_{sizes['rounds']}" + (
+      f'_seed_{_SEED.value}' if _SEED.value else '')
+  leaf = 'no_dp' if epsilon is None else f'eps_{epsilon:g}'
+  return os.path.join(workdir, name, cohort, leaf)
 
 
 def _check(sizes: Mapping[str, Any]) -> None:
@@ -557,10 +563,11 @@ def main(argv):
   os.makedirs(out_dir, exist_ok=True)
   out = os.path.join(out_dir, 'results.json')
   results = merge_results(out, {})
-  new = merge_cohort(results, sizes['cohort'], detail, curve, _SEED.value)
-  new['synthesis_clips_per_second'] = clips_per_second
-  by_cohort = new['dp_curve_detail']['by_cohort']
-  outputs.write(out, merge_results(out, new), merge_markdown(
+  results.update(merge_cohort(results, sizes['cohort'], detail, curve,
+                              _SEED.value))
+  results['synthesis_clips_per_second'] = clips_per_second
+  by_cohort = results['dp_curve_detail']['by_cohort']
+  outputs.write(out, results, merge_markdown(
       os.path.join(out_dir, 'results.md'),
       dp_markdown(by_cohort, clips_per_second)))
   plot(os.path.join(out_dir, 'dp_curve.png'), by_cohort)

@@ -74,14 +74,16 @@ def markdown(results: dict[str, Any]) -> str:
            '| run | steps evaluated | last test accuracy | best | '
            'train accuracy at the last evaluation | train examples |',
            '|---|---|---|---|---|---|']
+  def number(x):  # 0.0 is a result; only a missing value is blank.
+    return '' if x is None else f'{x:.4f}'
+
   for label, run in results['runs'].items():
     last = run['curve'][-1] if run['curve'] else {}
     examples = (run['final'] or {}).get('num_train_examples', '')
     lines.append(f"| {label} | {last.get('step', '')} | "
-                 f"{run['last_test_accuracy'] or float('nan'):.4f} | "
-                 f"{run['best_test_accuracy'] or float('nan'):.4f} | "
-                 f"{last.get('train_accuracy') or float('nan'):.4f} | "
-                 f'{examples} |')
+                 f"{number(run['last_test_accuracy'])} | "
+                 f"{number(run['best_test_accuracy'])} | "
+                 f"{number(last.get('train_accuracy'))} | {examples} |")
   return '\n'.join(lines + [''])
 
 

@@ -17,15 +17,14 @@ a client store on disk read one cohort at a time: `store_clients`); with
 (`fedjax_ext.distributed`).
 
 metrics.jsonl has one row per round: train_loss, train_accuracy,
-bytes_per_client, num_aggregated, num_nonfinite_clients, num_dropped, the L2
-norm of the aggregate client update, noise included, that the server
-optimiser receives (update_norm),
-with test_loss and test_accuracy every `eval_every` rounds, and under DP the
-round's clip norm (dp_clip_norm), the update noise std (dp_noise_std), the
-noised fraction of the cohort whose update was under the clip
-(dp_unclipped_fraction: the released count of adaptive clipping, which tells
-whether the clip norm suits the updates) and the epsilon
-spent so far (dp_epsilon; left out when the noise multiplier is 0, where no
+bytes_per_client, num_aggregated, num_nonfinite_clients, num_dropped and
+update_norm (the L2 norm of the aggregate client update, noise included,
+that the server optimiser receives), with test_loss and test_accuracy every
+`eval_every` rounds, and under DP the round's clip norm (dp_clip_norm), the
+update noise std (dp_noise_std), the noised fraction of the cohort whose
+update was under the clip (dp_unclipped_fraction: the released count of
+adaptive clipping, which tells whether the clip norm suits the updates) and
+the epsilon spent so far (dp_epsilon; left out when the noise multiplier is 0, where no
 finite epsilon exists, and null in final_metrics.json). The skipped and
 dropped client counts are loop counters, checkpointed with the server state,
 so a resumed run writes the same files as an uninterrupted one except for the
