@@ -37,7 +37,6 @@ import os
 import statistics
 import time
 
-from absl import app
 from absl import flags
 import flax.linen as nn
 import jax
@@ -45,18 +44,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import cli
 from benchmarks import hardware
 from fedjax_ext import client as client_lib
 from ondevice import metric_writer
 from ondevice import models
 from ondevice import train
 
-_OUT = flags.DEFINE_string('out', 'client_loop.json', 'JSON path.')
-_STEPS = flags.DEFINE_list('steps', ['4', '8', '16'], 'Local step counts.')
-_REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed calls per setting.')
-_BATCH = flags.DEFINE_integer('batch_size', 8, 'Local batch size.')
+FLAGS = flags.FlagValues()
+_OUT = flags.DEFINE_string('out', 'client_loop.json', 'JSON path.',
+                           flag_values=FLAGS)
+_STEPS = flags.DEFINE_list('steps', ['4', '8', '16'], 'Local step counts.',
+                           flag_values=FLAGS)
+_REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed calls per setting.',
+                                flag_values=FLAGS)
+_BATCH = flags.DEFINE_integer('batch_size', 8, 'Local batch size.',
+                              flag_values=FLAGS)
 _MODELS = flags.DEFINE_list('models', ['stock_conv', 'im2col_conv',
-                                      'dense_100k'], 'Models, see above.')
+                                      'dense_100k'], 'Models, see above.',
+                                      flag_values=FLAGS)
 
 
 class StockCNN(nn.Module):
@@ -187,4 +193,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, FLAGS)

@@ -30,22 +30,26 @@ import tempfile
 import time
 from typing import Any
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import optax
 
+from benchmarks import cli
 from benchmarks import hardware
 from configs import fed_kws
 from ondevice import models
 from ondevice import train
 from ondevice.data import speech_keywords
 
-_OUT = flags.DEFINE_string('out', 'client_step_cost.json', 'JSON path.')
-_REPEATS = flags.DEFINE_integer('repeats', 30, 'Timed steps.')
-_PROFILE_STEPS = flags.DEFINE_integer('profile_steps', 10, 'Profiled steps.')
-_TOP = flags.DEFINE_integer('top', 8, 'Ops listed.')
+FLAGS = flags.FlagValues()
+_OUT = flags.DEFINE_string('out', 'client_step_cost.json', 'JSON path.',
+                           flag_values=FLAGS)
+_REPEATS = flags.DEFINE_integer('repeats', 30, 'Timed steps.',
+                                flag_values=FLAGS)
+_PROFILE_STEPS = flags.DEFINE_integer('profile_steps', 10, 'Profiled steps.',
+                                      flag_values=FLAGS)
+_TOP = flags.DEFINE_integer('top', 8, 'Ops listed.', flag_values=FLAGS)
 
 
 def _step_and_inputs():
@@ -162,4 +166,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, FLAGS)

@@ -52,11 +52,11 @@ import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
 
+from benchmarks import cli
 from benchmarks import outputs
 from fedjax_ext import privacy
 from ondevice.data import client_store
@@ -72,69 +72,77 @@ DP_SECTION = '## DP federated KWS against epsilon'
 ALGORITHM_NAMES = {'fedavg': 'FedAvg', 'fedavgm': 'FedAvgM (server momentum '
                    '0.9)', 'fedadam': 'FedAdam'}
 
-# 'workdir', 'smoke', 'local_steps', 'client_learning_rate', 'rounds' and
-# 'out_dir' are also flags of other benchmarks: they allow override so that
-# tests can import these modules in one process. The last module imported
-# then sets the shared flag's default, so in-process callers of main() pass
-# these flags explicitly (the command line is unaffected: it imports one
-# benchmark).
+# This script's own flags (benchmarks/cli.py): other benchmarks define
+# 'workdir', 'rounds' or 'local_steps' too, with other defaults.
+FLAGS = flags.FlagValues()
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/dp_curve',
                                'Store, runs and (with --smoke) results.',
-    allow_override=True)
+                               flag_values=FLAGS)
 _OUT_DIR = flags.DEFINE_string('out_dir', 'benchmarks/results/scale',
                                'results.json / results.md to merge into.',
-                               allow_override=True)
+                               flag_values=FLAGS)
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny sizes; writes only under '
-                           '--workdir.',
-    allow_override=True)
-_NUM_SPEAKERS = flags.DEFINE_integer('num_speakers', 10000, 'Speakers.')
+                           '--workdir.', flag_values=FLAGS)
+_NUM_SPEAKERS = flags.DEFINE_integer('num_speakers', 10000, 'Speakers.',
+                                     flag_values=FLAGS)
 _UTTERANCES = flags.DEFINE_integer('utterances_per_word', 2,
-                                   'Clips of each word per speaker.')
+                                   'Clips of each word per speaker.',
+                                   flag_values=FLAGS)
 _PER_SHARD = flags.DEFINE_integer('speakers_per_shard', 250,
-                                  'Speakers per store shard.')
+                                  'Speakers per store shard.',
+                                  flag_values=FLAGS)
 _NUM_WORKERS = flags.DEFINE_integer('num_workers', 2,
-                                    'Synthesis worker processes.')
+                                    'Synthesis worker processes.',
+                                    flag_values=FLAGS)
 _EVAL_SPEAKERS = flags.DEFINE_integer('eval_speakers', 200,
-                                      'Last speakers held out for eval.')
-_COHORT = flags.DEFINE_integer('cohort', 100, 'Clients per round.')
+                                      'Last speakers held out for eval.',
+                                      flag_values=FLAGS)
+_COHORT = flags.DEFINE_integer('cohort', 100, 'Clients per round.',
+                               flag_values=FLAGS)
 _ROUNDS = flags.DEFINE_integer('rounds', 300, 'Rounds of every run.',
-                               allow_override=True)
+                               flag_values=FLAGS)
 _EPSILONS = flags.DEFINE_list('epsilons', ['2', '4', '8'],
-                              'Target epsilons of the DP runs.')
+                              'Target epsilons of the DP runs.',
+                              flag_values=FLAGS)
 _CLIP_NORM = flags.DEFINE_float('clip_norm', 0.5, 'DP clip norm (the '
-                                'initial one with --adaptive_clip).')
+                                'initial one with --adaptive_clip).',
+                                flag_values=FLAGS)
 _ADAPTIVE = flags.DEFINE_bool(
     'adaptive_clip', True,
     'Adaptive clipping (Andrew et al. 2021) at the median update norm: the '
     'clip follows the client update norms, which grow as the model leaves '
-    'its early plateau; part of the noise budget privatises the count.')
+    'its early plateau; part of the noise budget privatises the count.',
+    flag_values=FLAGS)
 _NORM = flags.DEFINE_enum(
     'norm', 'group', ['batch', 'group'],
     'The model\'s normalisation. With batch norm, whose statistics DP clips '
     'and noises with the weights, the DP runs stayed at chance (train '
     'accuracy 0.08 after 40 rounds at epsilon 4) while the run without DP '
-    'learned (0.70).')
+    'learned (0.70).', flag_values=FLAGS)
 _ALGORITHM = flags.DEFINE_enum(
     'algorithm', 'fedavgm', ['fedavg', 'fedavgm', 'fedadam'],
     'Server optimiser. FedAdam divides every coordinate of the aggregate by '
     'its running RMS, which under DP is mostly the noise, so each noisy '
     'coordinate becomes a step of full size: at epsilon 4 and 8 FedAdam '
     'stayed at chance. FedAvgM (server SGD with momentum 0.9, as in McMahan '
-    'et al. 2018) averages the noise out over rounds.')
+    'et al. 2018) averages the noise out over rounds.', flag_values=FLAGS)
 _SERVER_LR = flags.DEFINE_float(
     'server_learning_rate', None,
-    'Server rate; default 1.0 for fedavg and fedavgm, 0.03 for fedadam.')
+    'Server rate; default 1.0 for fedavg and fedavgm, 0.03 for fedadam.',
+    flag_values=FLAGS)
 _CLIENT_LR = flags.DEFINE_float(
     'client_learning_rate', 0.2,
     'Client momentum-SGD rate. At 0.05 the server model of FedAvgM sat at '
     'chance for 48 rounds; at 0.2 it was above chance by round 32.',
-    allow_override=True)
-_CHANNELS = flags.DEFINE_integer('channels', 16, 'DS-CNN width.')
+    flag_values=FLAGS)
+_CHANNELS = flags.DEFINE_integer('channels', 16, 'DS-CNN width.',
+                                 flag_values=FLAGS)
 _SEED = flags.DEFINE_integer(
     'seed', 0, 'config.seed of every run (init, cohorts, noise); a seed > 0 '
-    'writes its runs and results.json rows apart from seed 0.')
+    'writes its runs and results.json rows apart from seed 0.',
+    flag_values=FLAGS)
 _LOCAL_STEPS = flags.DEFINE_integer('local_steps', 4, 'Local SGD steps.',
-    allow_override=True)
+                                    flag_values=FLAGS)
 
 
 def corpus_config(num_speakers: int, utterances_per_word: int,
@@ -598,4 +606,4 @@ def _detail(sizes, store, no_dp, curve) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, FLAGS)

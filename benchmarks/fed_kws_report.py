@@ -31,13 +31,13 @@ import json
 import os
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import cli
 from benchmarks import hardware
 from configs import fed_kws
 from configs import kws_central
@@ -50,25 +50,35 @@ from ondevice import optim
 from ondevice import train
 from ondevice.data import registry
 
-_MODE = flags.DEFINE_enum('mode', 'report', ['time', 'report'], 'What to do.')
+FLAGS = flags.FlagValues()
+_MODE = flags.DEFINE_enum('mode', 'report', ['time', 'report'], 'What to do.',
+                          flag_values=FLAGS)
 _OVERRIDE = flags.DEFINE_multi_string(
     'override', [], 'key=value on configs/fed_kws.py, e.g. cohort_size=10 '
-    'or local.num_steps=16 (values parsed as JSON, else strings).')
-_ROUNDS = flags.DEFINE_integer('rounds', 10, 'Timed rounds (after warm-up).')
-_STEPS = flags.DEFINE_integer('steps', 50, 'Timed centralised steps.')
+    'or local.num_steps=16 (values parsed as JSON, else strings).',
+    flag_values=FLAGS)
+_ROUNDS = flags.DEFINE_integer('rounds', 10, 'Timed rounds (after warm-up).',
+                               flag_values=FLAGS)
+_STEPS = flags.DEFINE_integer('steps', 50, 'Timed centralised steps.',
+                              flag_values=FLAGS)
 _RUN = flags.DEFINE_multi_string('run', [], 'name:workdir of a finished '
-                                 'federated run (report mode).')
+                                 'federated run (report mode).',
+                                 flag_values=FLAGS)
 _CENTRAL = flags.DEFINE_string('central_workdir', '', 'Workdir of a finished '
-                               'centralised run (report mode).')
+                               'centralised run (report mode).',
+                               flag_values=FLAGS)
 _TIMING = flags.DEFINE_multi_string('timing', [], 'JSONs written by '
-                                    '--mode=time.')
-_MARGIN = flags.DEFINE_float('margin', 0.03, 'Target = central - margin.')
+                                    '--mode=time.', flag_values=FLAGS)
+_MARGIN = flags.DEFINE_float('margin', 0.03, 'Target = central - margin.',
+                             flag_values=FLAGS)
 _OUT = flags.DEFINE_string('out', '', 'JSON output of --mode=time (the '
-                           'markdown table goes beside it, .md).')
+                           'markdown table goes beside it, .md).',
+                           flag_values=FLAGS)
 _SMOKE = flags.DEFINE_bool('smoke', False, "--mode=time on the configs' "
-                           'smoke variants (seconds, not a measurement).')
+                           'smoke variants (seconds, not a measurement).',
+                           flag_values=FLAGS)
 _OUT_DIR = flags.DEFINE_string('out_dir', 'benchmarks/results/fed_kws',
-                               'Report directory.')
+                               'Report directory.', flag_values=FLAGS)
 
 
 def _apply_overrides(config, overrides):
@@ -330,4 +340,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, FLAGS)

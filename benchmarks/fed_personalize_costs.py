@@ -29,12 +29,12 @@ import json
 import os
 import time
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
 import optax
 
+from benchmarks import cli
 from benchmarks import hardware
 from benchmarks import outputs
 from configs import fed_personalize_kws
@@ -47,9 +47,11 @@ from ondevice import train
 import quantized_training
 from sparse_updates import presets
 
+FLAGS = flags.FlagValues()
 _OUT = flags.DEFINE_string('out', 'results.json', 'JSON path; the markdown '
-                           'goes beside it.')
-_REPEATS = flags.DEFINE_integer('repeats', 20, 'Timed calls per side.')
+                           'goes beside it.', flag_values=FLAGS)
+_REPEATS = flags.DEFINE_integer('repeats', 20, 'Timed calls per side.',
+                                flag_values=FLAGS)
 _SECAGG = 'benchmarks/results/secagg/results.json'
 
 
@@ -163,4 +165,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, FLAGS)

@@ -52,7 +52,6 @@ import os
 import time
 from typing import Any, Callable, Mapping, NamedTuple
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -60,6 +59,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from benchmarks import cli
 from benchmarks import outputs
 from fedjax_ext import experiment as fed_experiment
 from fedjax_ext import training
@@ -76,42 +76,50 @@ import quantized_training
 
 # 'workdir', 'smoke' and 'local_steps' are also flags of other benchmarks:
 # they allow override so that tests can import both modules in one process.
+FLAGS = flags.FlagValues()
 _FEWSHOT_CONFIG = flags.DEFINE_string(
     'fewshot_config', 'configs/few_shot_kws.py:backbone=ds_cnn_s,outliers',
-    'The few-shot study config (file:arg) run in --fewshot_workdir.')
+    'The few-shot study config (file:arg) run in --fewshot_workdir.',
+    flag_values=FLAGS)
 _FEWSHOT_WORKDIR = flags.DEFINE_string(
     'fewshot_workdir', '/work/runs/outliers',
-    'Work directory of the few-shot study (global/, meta_<name>/).')
+    'Work directory of the few-shot study (global/, meta_<name>/).',
+    flag_values=FLAGS)
 _FED_CONFIG = flags.DEFINE_string(
-    'fed_config', 'configs/fed_personalize_kws.py', 'Federated config.')
+    'fed_config', 'configs/fed_personalize_kws.py', 'Federated config.',
+    flag_values=FLAGS)
 _WORKDIR = flags.DEFINE_string(
     'workdir', '/work/runs/fed_personalize',
-    'One folder per federated run; per_user.json.',
-    allow_override=True)
+    'One folder per federated run; per_user.json.', flag_values=FLAGS)
 _OUT = flags.DEFINE_string(
     'out', 'benchmarks/results/fed_personalize/results.json',
-    'results.json to merge into (ignored with --smoke: <workdir>/results).')
-_NUM_ROUNDS = flags.DEFINE_integer('num_rounds', 100, 'Federated rounds.')
+    'results.json to merge into (ignored with --smoke: <workdir>/results).',
+    flag_values=FLAGS)
+_NUM_ROUNDS = flags.DEFINE_integer('num_rounds', 100, 'Federated rounds.',
+                                   flag_values=FLAGS)
 _COHORT = flags.DEFINE_integer('cohort_size', 0, 'Clients per round (0: '
-                               "the config's).")
+                               "the config's).", flag_values=FLAGS)
 _LOCAL_STEPS = flags.DEFINE_integer('local_steps', 0, 'Local steps per '
                                     "client (0: the config's).",
-    allow_override=True)
+                                    flag_values=FLAGS)
 _CLIENT_LR = flags.DEFINE_float(
     'client_learning_rate', 0.001,
     'Client SGD rate. From the pre-trained init the config\'s 0.05 (its '
     'rate from scratch) diverged within 8 local steps (batch loss 0.01 -> '
     '12); 0.01 blew the server model up at round 2 (train loss 10.3) and '
-    '0.003 drifted (train loss 0.06 -> 1.6 in 9 rounds); 0.001 held.')
+    '0.003 drifted (train loss 0.06 -> 1.6 in 9 rounds); 0.001 held.',
+    flag_values=FLAGS)
 _INITS = flags.DEFINE_list(
-    'inits', [], 'Inits to evaluate (labels as in results.md); empty: all.')
-_K_VALUES = flags.DEFINE_list('k', ['1', '5'], 'Enrollment clips per keyword.')
+    'inits', [], 'Inits to evaluate (labels as in results.md); empty: all.',
+    flag_values=FLAGS)
+_K_VALUES = flags.DEFINE_list('k', ['1', '5'], 'Enrollment clips per keyword.',
+                              flag_values=FLAGS)
 _RUNS = flags.DEFINE_list('runs', ['fedavg', 'per_fedavg', 'fed_reptile',
                                    'per_fedavg_composed'],
-                          'Federated runs (a subset for a partial rerun).')
+                          'Federated runs (a subset for a partial rerun).',
+                          flag_values=FLAGS)
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Smoke sizes; writes only under '
-                           '--workdir.',
-    allow_override=True)
+                           '--workdir.', flag_values=FLAGS)
 
 # Federated run -> (algorithm, composed?); float runs train and send every
 # leaf in float32.
@@ -509,10 +517,10 @@ SMOKE_SPECS = {'fewshot_config': 'configs/few_shot_kws.py:outliers,smoke',
 
 def _flag(name: str, smoke: bool):
   """A flag's value; with --smoke, the smoke spec or size unless given."""
-  given = flags.FLAGS[name].present
+  given = FLAGS[name].present
   if smoke and not given:
     return SMOKE_SPECS.get(name, 0)  # 0: the smoke config's size.
-  return flags.FLAGS[name].value
+  return FLAGS[name].value
 
 
 def prepare(smoke: bool):
@@ -630,4 +638,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, FLAGS)

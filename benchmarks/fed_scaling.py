@@ -53,7 +53,6 @@ import tempfile
 import time
 from typing import Any
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -61,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import cli
 from benchmarks import hardware
 from fedjax_ext import algorithms
 from fedjax_ext import client as client_lib
@@ -72,27 +72,39 @@ from ondevice import models
 from ondevice import train
 from ondevice.data import images
 
+FLAGS = flags.FlagValues()
 _OUT = flags.DEFINE_string('out', 'results.json', 'JSON path; the markdown '
-                           'table goes next to it with a .md suffix.')
-_MODEL = flags.DEFINE_string('model', 'mlp_20k', 'ondevice.models preset.')
+                           'table goes next to it with a .md suffix.',
+                           flag_values=FLAGS)
+_MODEL = flags.DEFINE_string('model', 'mlp_20k', 'ondevice.models preset.',
+                             flag_values=FLAGS)
 _COHORTS = flags.DEFINE_list('cohorts', ['10', '100', '1000'],
-                             'Cohort sizes.')
+                             'Cohort sizes.', flag_values=FLAGS)
 _SHARDED_COHORTS = flags.DEFINE_list('sharded_cohorts', ['100', '1000'],
                                      'Cohort sizes of the sharded runs '
-                                     '(multiples of --devices).')
+                                     '(multiples of --devices).',
+                                     flag_values=FLAGS)
 _STRATEGIES = flags.DEFINE_list('strategies', ['vmap', 'chunked', 'streamed'],
-                                'Single-device strategies.')
-_CHUNK = flags.DEFINE_integer('chunk_size', 32, "Clients per 'chunked' chunk.")
+                                'Single-device strategies.', flag_values=FLAGS)
+_CHUNK = flags.DEFINE_integer('chunk_size', 32, "Clients per 'chunked' chunk.",
+                              flag_values=FLAGS)
 _DEVICES = flags.DEFINE_integer('devices', 4, 'Host devices of the sharded '
-                                'run (0 skips it).')
-_EXAMPLES = flags.DEFINE_integer('examples_per_client', 20, 'Examples each.')
-_BATCH = flags.DEFINE_integer('batch_size', 5, 'Local batch size.')
-_STEPS = flags.DEFINE_integer('local_steps', 4, 'Local steps per round.')
-_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Timed rounds per repeat.')
-_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed rounds per repeat.')
-_REPEATS = flags.DEFINE_integer('repeats', 2, 'Sweeps over the configs.')
+                                'run (0 skips it).', flag_values=FLAGS)
+_EXAMPLES = flags.DEFINE_integer('examples_per_client', 20, 'Examples each.',
+                                 flag_values=FLAGS)
+_BATCH = flags.DEFINE_integer('batch_size', 5, 'Local batch size.',
+                              flag_values=FLAGS)
+_STEPS = flags.DEFINE_integer('local_steps', 4, 'Local steps per round.',
+                              flag_values=FLAGS)
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Timed rounds per repeat.',
+                               flag_values=FLAGS)
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed rounds per repeat.',
+                               flag_values=FLAGS)
+_REPEATS = flags.DEFINE_integer('repeats', 2, 'Sweeps over the configs.',
+                                flag_values=FLAGS)
 _WORKER = flags.DEFINE_string('worker_out', '', 'Internal: run the sharded '
-                              'sweep in this process and write JSON here.')
+                              'sweep in this process and write JSON here.',
+                              flag_values=FLAGS)
 
 
 def _dataset(num_clients: int):
@@ -198,7 +210,7 @@ def _sharded_subprocess() -> dict[str, Any]:
                         f'platform_device_count={_DEVICES.value}').strip()
     argv = [sys.executable, '-m', 'benchmarks.fed_scaling',
             f'--worker_out={path}'] + [
-                f'--{k}={flags.FLAGS[k].serialize().split("=", 1)[1]}'
+                f'--{k}={FLAGS[k].serialize().split("=", 1)[1]}'
                 for k in ('model', 'sharded_cohorts', 'examples_per_client',
                           'batch_size', 'local_steps', 'rounds', 'warmup',
                           'repeats', 'devices')]
@@ -278,7 +290,7 @@ def main(argv):
   _add_achieved(sharded and sharded['runs'], peak_start['gflops'])
   rows, ratios = _summaries(single, sharded)
   out = {
-      'config': {k: flags.FLAGS[k].value for k in (
+      'config': {k: FLAGS[k].value for k in (
           'model', 'cohorts', 'sharded_cohorts', 'strategies', 'chunk_size',
           'devices', 'examples_per_client', 'batch_size', 'local_steps',
           'rounds', 'warmup', 'repeats')},
@@ -318,4 +330,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, FLAGS)

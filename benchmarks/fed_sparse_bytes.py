@@ -18,19 +18,21 @@ import datetime
 import json
 import os
 
-from absl import app
 from absl import flags
 
+from benchmarks import cli
 from configs import fed_kws
 from fedjax_ext import experiment
 from ondevice import logs
 from ondevice import metric_writer
 
+FLAGS = flags.FlagValues()
 _OUT = flags.DEFINE_string('out', 'results.json', 'JSON path; the markdown '
-                           'goes beside it.')
+                           'goes beside it.', flag_values=FLAGS)
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/fed_sparse_bytes',
-                               'Where the runs write.')
-_ROUNDS = flags.DEFINE_integer('rounds', 2, 'Rounds per scheme.')
+                               'Where the runs write.', flag_values=FLAGS)
+_ROUNDS = flags.DEFINE_integer('rounds', 2, 'Rounds per scheme.',
+                               flag_values=FLAGS)
 
 # (label, config.trainable.name, its arguments, compression name, its
 # arguments).
@@ -99,4 +101,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, FLAGS)

@@ -75,7 +75,6 @@ import statistics
 import time
 from typing import Any
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -83,6 +82,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import cli
 from benchmarks import fedjax_stock_layers as stock
 from benchmarks import hardware
 from fedjax_ext import algorithms
@@ -97,36 +97,54 @@ from ondevice import train
 from ondevice.data import images
 from ondevice.models import layers
 
+FLAGS = flags.FlagValues()
 _OUT = flags.DEFINE_string('out', 'results.json', 'JSON path; the markdown '
-                           'table goes next to it with a .md suffix.')
+                           'table goes next to it with a .md suffix.',
+                           flag_values=FLAGS)
 _MODELS = flags.DEFINE_list('models', ['mlp_2k', 'cnn_2k', 'cnn_20k',
                                       'mlp_200k'],
-                            'Models, see the module docstring.')
-_ROUNDS = flags.DEFINE_integer('rounds', 8, 'Rounds per run.')
-_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed first rounds per run.')
-_SEEDS = flags.DEFINE_integer('seeds', 2, 'Runs per side and model.')
-_CLIENTS = flags.DEFINE_integer('num_clients', 100, 'Clients (all per round).')
-_EXAMPLES = flags.DEFINE_integer('examples_per_client', 20, 'Examples each.')
-_BATCH = flags.DEFINE_integer('batch_size', 5, 'Local batch size.')
-_STEPS = flags.DEFINE_integer('local_steps', 4, 'Local steps per round.')
-_CLIENT_LR = flags.DEFINE_float('client_lr', 0.1, 'Client SGD learning rate.')
-_SERVER_LR = flags.DEFINE_float('server_lr', 1.0, 'Server SGD learning rate.')
+                            'Models, see the module docstring.',
+                            flag_values=FLAGS)
+_ROUNDS = flags.DEFINE_integer('rounds', 8, 'Rounds per run.',
+                               flag_values=FLAGS)
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed first rounds per run.',
+                               flag_values=FLAGS)
+_SEEDS = flags.DEFINE_integer('seeds', 2, 'Runs per side and model.',
+                              flag_values=FLAGS)
+_CLIENTS = flags.DEFINE_integer('num_clients', 100, 'Clients (all per round).',
+                                flag_values=FLAGS)
+_EXAMPLES = flags.DEFINE_integer('examples_per_client', 20, 'Examples each.',
+                                 flag_values=FLAGS)
+_BATCH = flags.DEFINE_integer('batch_size', 5, 'Local batch size.',
+                              flag_values=FLAGS)
+_STEPS = flags.DEFINE_integer('local_steps', 4, 'Local steps per round.',
+                              flag_values=FLAGS)
+_CLIENT_LR = flags.DEFINE_float('client_lr', 0.1, 'Client SGD learning rate.',
+                                flag_values=FLAGS)
+_SERVER_LR = flags.DEFINE_float('server_lr', 1.0, 'Server SGD learning rate.',
+                                flag_values=FLAGS)
 _EXECUTION = flags.DEFINE_enum('execution', 'auto', execution.STRATEGIES,
-                               'Our execution strategy.')
+                               'Our execution strategy.', flag_values=FLAGS)
 _CHUNK = flags.DEFINE_integer('chunk_size', None, "Clients per chunk of "
-                              "--execution=chunked (None: automatic).")
-_FLAX = flags.DEFINE_bool('flax', False, 'Also time the flax model.')
+                              "--execution=chunked (None: automatic).",
+                              flag_values=FLAGS)
+_FLAX = flags.DEFINE_bool('flax', False, 'Also time the flax model.',
+                          flag_values=FLAGS)
 _STOCK_MODELS = flags.DEFINE_list(
     'stock_models', list(stock.STOCK_ARCHS), 'Stock-layer models (see '
-    'benchmarks/fedjax_stock_layers.py); empty to skip them.')
+    'benchmarks/fedjax_stock_layers.py); empty to skip them.',
+    flag_values=FLAGS)
 _STOCK_COHORT = flags.DEFINE_string('stock_cohort', '50x32', 'Clients x '
-                                    'examples of the stock-layer rows.')
+                                    'examples of the stock-layer rows.',
+                                    flag_values=FLAGS)
 _STOCK_BATCH = flags.DEFINE_integer('stock_batch_size', 8, 'Local batch size '
-                                    'of the stock-layer rows.')
+                                    'of the stock-layer rows.',
+                                    flag_values=FLAGS)
 _STOCK_STEPS = flags.DEFINE_integer('stock_local_steps', 4, 'Local steps of '
-                                    'the stock-layer rows.')
+                                    'the stock-layer rows.', flag_values=FLAGS)
 _STOCK_ROUNDS = flags.DEFINE_integer('stock_rounds', 6, 'Rounds per side of '
-                                     'each stock-layer row (alternating).')
+                                     'each stock-layer row (alternating).',
+                                     flag_values=FLAGS)
 
 # name -> (conv channels, hidden sizes); conv stacks end in a global average.
 _ARCHS = {
@@ -508,7 +526,7 @@ def main(argv):
 
 def _write(partial: dict[str, Any]) -> None:
   out = {
-      'config': {k: flags.FLAGS[k].value for k in (
+      'config': {k: FLAGS[k].value for k in (
           'models', 'rounds', 'warmup', 'seeds', 'num_clients',
           'examples_per_client', 'batch_size', 'local_steps', 'client_lr',
           'server_lr', 'execution', 'chunk_size', 'stock_models',
@@ -541,4 +559,4 @@ def _fedjax_version() -> str:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, FLAGS)

@@ -23,35 +23,45 @@ Writes results.json and results.md beside it.
 """
 import json
 import os
+import sys
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 import jax
 import optax
 
+from benchmarks import cli
 from few_shot import enrollment
 from few_shot import experiment
 from few_shot import personalize
+from ondevice import options
 from ondevice.data import registry
 import quantized_training
 import sparse_updates
 
+FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', 'configs/few_shot_kws.py', 'Few-shot experiment config.')
+    'config', 'configs/few_shot_kws.py', 'Few-shot experiment config.',
+    flag_values=FLAGS)
+options.name_unknown_overrides(FLAGS['config'], sys.argv)
 _OUT = flags.DEFINE_string(
-    'out', 'benchmarks/results/few_shot_replay/results.json', 'JSON path.')
+    'out', 'benchmarks/results/few_shot_replay/results.json', 'JSON path.',
+    flag_values=FLAGS)
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/few_shot_replay',
-                               'Global-model checkpoints.')
+                               'Global-model checkpoints.', flag_values=FLAGS)
 _PER_WORD = flags.DEFINE_list('per_word', ['0', '1', '2', '4'],
-                              'Replayed clips per non-keyword word.')
+                              'Replayed clips per non-keyword word.',
+                              flag_values=FLAGS)
 _PRESETS = flags.DEFINE_list('trainable', ['full', 'bias_only'],
-                             'Trainable presets to fine-tune.')
+                             'Trainable presets to fine-tune.',
+                             flag_values=FLAGS)
 _SETTINGS = flags.DEFINE_list('lr_steps', ['0.01x5', '0.03x10'],
-                              'Fine-tuning SGD rate x steps.')
-_KS = flags.DEFINE_list('k', ['1', '5'], 'Enrollment utterances per keyword.')
+                              'Fine-tuning SGD rate x steps.',
+                              flag_values=FLAGS)
+_KS = flags.DEFINE_list('k', ['1', '5'], 'Enrollment utterances per keyword.',
+                        flag_values=FLAGS)
 
 
 def _prepare(config):
@@ -157,4 +167,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, FLAGS)

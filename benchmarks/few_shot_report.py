@@ -39,12 +39,12 @@ import platform
 import statistics
 import time
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
 import optax
 
+from benchmarks import cli
 from few_shot import learner as learner_lib
 from few_shot import maml
 from few_shot import report
@@ -54,13 +54,18 @@ from ondevice import metric_writer
 from ondevice import models
 from ondevice import train
 
+FLAGS = flags.FlagValues()
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/few_shot.json',
-                           'JSON path; the markdown goes next to it (.md).')
+                           'JSON path; the markdown goes next to it (.md).',
+                           flag_values=FLAGS)
 _RESULTS = flags.DEFINE_string('results', '', 'results.json of the '
-                               'experiment (optional).')
-_TASKS = flags.DEFINE_integer('tasks', 8, 'Tasks per outer step.')
-_STEPS = flags.DEFINE_integer('steps', 5, 'Outer steps per timed repeat.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed repeats.')
+                               'experiment (optional).', flag_values=FLAGS)
+_TASKS = flags.DEFINE_integer('tasks', 8, 'Tasks per outer step.',
+                              flag_values=FLAGS)
+_STEPS = flags.DEFINE_integer('steps', 5, 'Outer steps per timed repeat.',
+                              flag_values=FLAGS)
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed repeats.',
+                                flag_values=FLAGS)
 
 # name -> (hidden, classes, support, query, inner steps, inner lr)
 WORKLOADS = {
@@ -238,4 +243,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, FLAGS)

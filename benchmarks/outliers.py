@@ -32,18 +32,21 @@ import os
 import shutil
 from typing import Any, Mapping
 
-from absl import app
 from absl import flags
-
+from benchmarks import cli
 from benchmarks import outputs
 
+FLAGS = flags.FlagValues()
 _RUN = flags.DEFINE_string('run', '/tmp/outliers',
-                           'Work directory of the finished few-shot run.')
+                           'Work directory of the finished few-shot run.',
+                           flag_values=FLAGS)
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/outliers/results.json',
-                           'JSON path; results.md and the plot go beside it.')
+                           'JSON path; results.md and the plot go beside it.',
+                           flag_values=FLAGS)
 _SYNTHESIS = flags.DEFINE_string(
     'synthesis', 'benchmarks/results/synthesis/results.json',
-    'The synthesis throughput benchmark (clips per second per engine).')
+    'The synthesis throughput benchmark (clips per second per engine).',
+    flag_values=FLAGS)
 GAIN_GOAL = 0.3
 SE_GOAL = 2.0
 
@@ -168,4 +171,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, FLAGS)

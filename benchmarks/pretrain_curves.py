@@ -17,16 +17,16 @@ import json
 import os
 from typing import Any, Sequence
 
-from absl import app
 from absl import flags
-
+from benchmarks import cli
 from benchmarks import outputs
 
+FLAGS = flags.FlagValues()
 _RUNS = flags.DEFINE_list('pretrain_runs', [], 'label=workdir pairs of '
-                          'pre-training runs.')
+                          'pre-training runs.', flag_values=FLAGS)
 _OUT = flags.DEFINE_string('out', '/tmp/pretrain_curves.json', 'JSON path; '
                            'the markdown and plot are written beside it.',
-                           allow_override=True)
+                           flag_values=FLAGS)
 
 
 def parse_runs(specs: Sequence[str]) -> list[tuple[str, str]]:
@@ -115,4 +115,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, FLAGS)

@@ -31,22 +31,27 @@ import json
 import os
 from typing import Any
 
-from absl import app
 from absl import flags
 from absl import logging
 import ml_collections
 
+from benchmarks import cli
 import quantized_training
 
+FLAGS = flags.FlagValues()
 _RUN = flags.DEFINE_string(
     'run', None, 'One run "<name>:<variant>" to train, e.g. '
-    'fed_kws:int8_fwd_bwd_sr; without it, collect the finished runs.')
+    'fed_kws:int8_fwd_bwd_sr; without it, collect the finished runs.',
+    flag_values=FLAGS)
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/quant_accuracy',
-                               'Parent directory of the runs\' workdirs.')
+                               'Parent directory of the runs\' workdirs.',
+                               flag_values=FLAGS)
 _OUT = flags.DEFINE_string(
     'out', 'benchmarks/results/quant_accuracy/results.json',
-    'Where the collect step writes JSON (markdown goes next to it).')
-_LIST = flags.DEFINE_bool('list', False, 'Print the runs and exit.')
+    'Where the collect step writes JSON (markdown goes next to it).',
+    flag_values=FLAGS)
+_LIST = flags.DEFINE_bool('list', False, 'Print the runs and exit.',
+                          flag_values=FLAGS)
 
 INT8_MODE = 'int8_fwd_bwd_sr'
 # Variant name -> config overrides on top of the run's own.
@@ -345,4 +350,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, FLAGS)

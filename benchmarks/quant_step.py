@@ -42,7 +42,6 @@ import statistics
 import time
 from typing import Any, Callable
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -50,27 +49,36 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import cli
 from benchmarks import hardware
 import quantized_training as qt
 
+FLAGS = flags.FlagValues()
 _OUT = flags.DEFINE_string('out', 'results.json', 'Where to write the JSON; '
-                           'the markdown table goes next to it (.md).')
-_REPEATS = flags.DEFINE_integer('repeats', 15, 'Timed repeats per mode.')
-_ITERS = flags.DEFINE_integer('iters', 10, 'Steps per dense-layer repeat.')
+                           'the markdown table goes next to it (.md).',
+                           flag_values=FLAGS)
+_REPEATS = flags.DEFINE_integer('repeats', 15, 'Timed repeats per mode.',
+                                flag_values=FLAGS)
+_ITERS = flags.DEFINE_integer('iters', 10, 'Steps per dense-layer repeat.',
+                              flag_values=FLAGS)
 _DSCNN_ITERS = flags.DEFINE_integer('dscnn_iters', 1,
-                                    'Steps per DS-CNN repeat.')
+                                    'Steps per DS-CNN repeat.',
+                                    flag_values=FLAGS)
 _DSCNN_REPEATS = flags.DEFINE_integer('dscnn_repeats', 3,
-                                      'Timed repeats per DS-CNN mode.')
+                                      'Timed repeats per DS-CNN mode.',
+                                      flag_values=FLAGS)
 # The integer path is left out by default: XLA:CPU compiles int8 convolutions
 # (and their transposes) very slowly and runs them no faster than float.
 _DSCNN_MODES = flags.DEFINE_list(
     'dscnn_modes', ['none', 'int8_fwd', 'int8_fwd_bwd', 'int8_fwd_bwd_sr',
                     'int8_fwd_bwd_fgrad'],
-    'Quant modes timed on DS-CNN.')
+    'Quant modes timed on DS-CNN.', flag_values=FLAGS)
 _DSCNN_LAX_MODES = flags.DEFINE_list(
     'dscnn_lax_modes', ['int8_fwd_bwd_sr'],
-    'Quant modes also timed on DS-CNN with lax (reference) convolutions.')
-_SKIP_DSCNN = flags.DEFINE_bool('skip_dscnn', False, 'Only the dense layer.')
+    'Quant modes also timed on DS-CNN with lax (reference) convolutions.',
+    flag_values=FLAGS)
+_SKIP_DSCNN = flags.DEFINE_bool('skip_dscnn', False, 'Only the dense layer.',
+                                flag_values=FLAGS)
 
 GOAL_MODE = 'int8_fwd_bwd_sr'
 DENSE = (((1,), (0,)), ((), ()))
@@ -338,4 +346,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, FLAGS)

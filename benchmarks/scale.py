@@ -50,7 +50,6 @@ import tempfile
 import time
 from typing import Any
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -58,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import cli
 from benchmarks import hardware
 from fedjax_ext import algorithms
 from fedjax_ext import client as client_lib
@@ -67,29 +67,40 @@ from ondevice import models
 from ondevice import train
 from ondevice.data import client_store
 
+FLAGS = flags.FlagValues()
 _OUT_DIR = flags.DEFINE_string('out_dir', 'benchmarks/results/scale',
-                               'Where results.json and results.md go.')
+                               'Where results.json and results.md go.',
+                               flag_values=FLAGS)
 _STORE_ROOT = flags.DEFINE_string('store_root', '/tmp/ondevice_scale_stores',
-                                  'Where the synthetic stores are built.')
+                                  'Where the synthetic stores are built.',
+                                  flag_values=FLAGS)
 _POPULATIONS = flags.DEFINE_list('populations', ['160', '1000', '10000'],
-                                 'Population sizes.')
-_COHORT = flags.DEFINE_integer('cohort_size', 10, 'Clients per round.')
+                                 'Population sizes.', flag_values=FLAGS)
+_COHORT = flags.DEFINE_integer('cohort_size', 10, 'Clients per round.',
+                               flag_values=FLAGS)
 _MAX_EXAMPLES = flags.DEFINE_integer('max_examples', 4, 'Examples per '
-                                     'client in a cohort.')
-_MODEL = flags.DEFINE_string('model', 'mlp_20k', 'ondevice.models preset.')
-_STEPS = flags.DEFINE_integer('local_steps', 2, 'Local SGD steps.')
-_BATCH = flags.DEFINE_integer('batch_size', 2, 'Local batch size.')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Sweeps.')
+                                     'client in a cohort.', flag_values=FLAGS)
+_MODEL = flags.DEFINE_string('model', 'mlp_20k', 'ondevice.models preset.',
+                             flag_values=FLAGS)
+_STEPS = flags.DEFINE_integer('local_steps', 2, 'Local SGD steps.',
+                              flag_values=FLAGS)
+_BATCH = flags.DEFINE_integer('batch_size', 2, 'Local batch size.',
+                              flag_values=FLAGS)
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Sweeps.', flag_values=FLAGS)
 _ROUNDS = flags.DEFINE_integer('rounds', 10, 'Timed rounds per population '
-                               'and sweep (round-robin over populations).')
+                               'and sweep (round-robin over populations).',
+                               flag_values=FLAGS)
 _WARMUP = flags.DEFINE_integer('warmup', 20, 'Untimed-in-the-median rounds '
-                               'per population before the sweeps.')
+                               'per population before the sweeps.',
+                               flag_values=FLAGS)
 _MEMORY_ROUNDS = flags.DEFINE_integer('memory_rounds', 10, 'Rounds of the '
-                                      'peak-memory subprocess.')
+                                      'peak-memory subprocess.',
+                                      flag_values=FLAGS)
 _MULTIPROCESS = flags.DEFINE_bool('multiprocess', True, 'Also compare 2 '
-                                  'processes with 1.')
+                                  'processes with 1.', flag_values=FLAGS)
 _MEMORY_WORKER = flags.DEFINE_integer('memory_worker', 0, 'Internal: run '
-                                      'this population and print peak RSS.')
+                                      'this population and print peak RSS.',
+                                      flag_values=FLAGS)
 
 
 def _store(population: int) -> client_store.ClientStore:
@@ -190,7 +201,7 @@ def _peak_memory(population: int) -> dict[str, Any]:
           f'--memory_worker={population}',
           f'--store_root={_STORE_ROOT.value}',
           f'--memory_rounds={_MEMORY_ROUNDS.value}'] + [
-              f'--{k}={flags.FLAGS[k].value}'
+              f'--{k}={FLAGS[k].value}'
               for k in ('cohort_size', 'max_examples', 'model', 'local_steps',
                         'batch_size')]
   out = subprocess.run(argv, check=True, capture_output=True, text=True,
@@ -386,4 +397,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, FLAGS)

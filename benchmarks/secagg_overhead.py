@@ -27,12 +27,12 @@ import datetime
 import os
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import cli
 from benchmarks import hardware
 from benchmarks import outputs
 from configs import fed_kws
@@ -45,10 +45,13 @@ from ondevice import metric_writer
 from ondevice import models
 from ondevice import train
 
+FLAGS = flags.FlagValues()
 _OUT = flags.DEFINE_string('out', 'results.json', 'JSON path; the markdown '
-                           'goes beside it.')
-_COHORTS = flags.DEFINE_list('cohorts', ['10', '100'], 'Cohort sizes.')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per method.')
+                           'goes beside it.', flag_values=FLAGS)
+_COHORTS = flags.DEFINE_list('cohorts', ['10', '100'], 'Cohort sizes.',
+                             flag_values=FLAGS)
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per method.',
+                                flag_values=FLAGS)
 
 
 def main_job_params() -> dict[str, jax.Array]:
@@ -153,4 +156,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, FLAGS)

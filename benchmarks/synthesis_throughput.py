@@ -30,22 +30,27 @@ import platform
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 
+from benchmarks import cli
 from ondevice.data import engines
 from ondevice.data import population as pop_lib
 from ondevice.data import population_corpus as pc
 from ondevice.data import speech_keywords as sk
 
+FLAGS = flags.FlagValues()
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/synthesis/results.json',
-                           'JSON path; the markdown table goes beside it.')
+                           'JSON path; the markdown table goes beside it.',
+                           flag_values=FLAGS)
 _SPEAKERS_PER_FAMILY = flags.DEFINE_integer(
-    'speakers_per_family', 2, 'Speakers per family in the full-chain rows.')
+    'speakers_per_family', 2, 'Speakers per family in the full-chain rows.',
+    flag_values=FLAGS)
 _NUM_SPEAKERS = flags.DEFINE_integer(
-    'num_speakers', 16, 'Speaker indices of the timed corpus builds.')
-_WORKERS = flags.DEFINE_integer('workers', 2, 'Processes of the builds.')
+    'num_speakers', 16, 'Speaker indices of the timed corpus builds.',
+    flag_values=FLAGS)
+_WORKERS = flags.DEFINE_integer('workers', 2, 'Processes of the builds.',
+                                flag_values=FLAGS)
 
 
 def _engine_rates() -> dict[str, dict]:
@@ -172,4 +177,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, FLAGS)

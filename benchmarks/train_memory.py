@@ -44,13 +44,13 @@ import statistics
 import time
 from typing import Any
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
 import numpy as np
 import optax
 
+from benchmarks import cli
 from benchmarks import hardware
 from ondevice import cost
 from ondevice import metric_writer
@@ -62,19 +62,26 @@ from sparse_updates import presets
 from sparse_updates import rules
 from sparse_updates import search
 
+FLAGS = flags.FlagValues()
 _OUT = flags.DEFINE_string('out', 'results.json', 'JSON path; the markdown '
-                           'table goes next to it (.md).')
-_BATCHES = flags.DEFINE_list('batches', ['1', '16'], 'Batch sizes.')
+                           'table goes next to it (.md).', flag_values=FLAGS)
+_BATCHES = flags.DEFINE_list('batches', ['1', '16'], 'Batch sizes.',
+                             flag_values=FLAGS)
 _MODELS = flags.DEFINE_list('models', ['ds_cnn_s', 'ds_cnn_s_lax', 'cnn'],
-                            'Models (see MODELS).')
+                            'Models (see MODELS).', flag_values=FLAGS)
 _TIMED = flags.DEFINE_list('timed', ['ds_cnn_s', 'ds_cnn_s_lax'],
-                           'Models whose step time is measured.')
-_REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed repeats per scheme.')
-_ITERS = flags.DEFINE_integer('iters', 3, 'Steps per timed repeat.')
-_TIME_BATCH = flags.DEFINE_integer('time_batch', 16, 'Batch of the timing.')
+                           'Models whose step time is measured.',
+                           flag_values=FLAGS)
+_REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed repeats per scheme.',
+                                flag_values=FLAGS)
+_ITERS = flags.DEFINE_integer('iters', 3, 'Steps per timed repeat.',
+                              flag_values=FLAGS)
+_TIME_BATCH = flags.DEFINE_integer('time_batch', 16, 'Batch of the timing.',
+                                   flag_values=FLAGS)
 _CONTRIBUTION = flags.DEFINE_string(
     'contribution', '', 'contribution.json of experiments.'
-    'contribution_analysis on DS-CNN-S, for the searched schemes.')
+    'contribution_analysis on DS-CNN-S, for the searched schemes.',
+    flag_values=FLAGS)
 
 # name -> (ondevice.models name, extra build arguments, input shape without
 # batch, classes). DS-CNN-S is built as configs/kws_central.py and
@@ -292,4 +299,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, FLAGS)

@@ -91,15 +91,10 @@ def test_shard_matches_speech_keywords_and_store_round_trips(tmp_path):
 
 
 def test_smoke_run_writes_a_curve_within_its_targets(tmp_path):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  # Flags that other benchmark modules also define are pinned: whichever
-  # module a pytest worker imported last set their defaults.
-  with flagsaver.flagsaver(smoke=True, workdir=str(tmp_path), num_workers=1,
-                           local_steps=4, client_learning_rate=0.2):
-    dp_curve.main([])
+  from benchmarks import cli  # pylint: disable=g-import-not-at-top
+  cli.parse(dp_curve.FLAGS, ['dp_curve', '--smoke', f'--workdir={tmp_path}',
+                             '--num_workers=1'])
+  dp_curve.main([])
   with open(tmp_path / 'results' / 'results.json') as f:
     results = json.load(f)
   detail = results['dp_curve_detail']

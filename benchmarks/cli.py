@@ -1,0 +1,76 @@
+"""Command lines of the benchmark scripts, importable side by side.
+
+Each benchmark script keeps its flags in its own `flags.FlagValues`, so one
+process (a test, a notebook, a script that reuses another's helpers) can
+import every benchmark module: two scripts may both define `--out` or
+`--rounds`, with different defaults, and neither sees the other's. Only when
+a script runs as a program are its flags added to absl's global ones, so
+`--help`, `--logtostderr` and friends work as usual:
+
+    FLAGS = flags.FlagValues()
+    _ROUNDS = flags.DEFINE_integer('rounds', 8, 'Rounds.', flag_values=FLAGS)
+    ...
+    if __name__ == '__main__':
+      cli.run(main, FLAGS)
+
+In a test, `cli.parse(module.FLAGS, ['prog', '--rounds=2'])` sets a
+script's flags from defaults (nothing of an earlier parse is kept) before
+calling its `main`.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+from absl import app
+from absl import flags
+
+
+def parse(flag_values: flags.FlagValues,
+          argv: Sequence[str]) -> list[str]:
+  """Parses `argv` into a script's own flags, starting from their defaults.
+
+  Args:
+    flag_values: the script's `FLAGS`.
+    argv: the program name, then flags.
+
+  Returns:
+    The arguments that are not flags, program name first.
+  """
+  flag_values.unparse_flags()
+  return flag_values(list(argv))
+
+
+def _add_to_global(flag_values: flags.FlagValues) -> None:
+  """Adds a script's flags to absl's global FLAGS, under their own module.
+
+  The defining module is kept, so `--helpshort` lists the script's flags.
+  """
+  flags.FLAGS.append_flag_values(flag_values)
+  for module, module_flags in flag_values.flags_by_module_dict().items():
+    for flag in module_flags:
+      flags.FLAGS.register_flag_by_module(module, flag)
+      flags.FLAGS.register_key_flag_for_module(module, flag)
+
+
+def run(main: Callable[[list[str]], None],
+        flag_values: flags.FlagValues) -> None:
+  """`app.run(main)` for a script whose flags live in `flag_values`.
+
+  The script's flags are parsed first, into `flag_values` (config-file flags
+  define their `--config.field` overrides there as they parse); what is left
+  goes to absl's global flags, which report any unknown flag.
+  """
+  _add_to_global(flag_values)
+
+  def parser(argv: list[str]) -> list[str]:
+    try:
+      rest = flag_values(argv, known_only=True)
+    except flags.Error as error:
+      sys.stderr.write(f'FATAL Flags parsing error: {error}\n'
+                       'Pass --helpshort or --helpfull to see help on '
+                       'flags.\n')
+      sys.exit(1)
+    return app.parse_flags_with_usage(rest)
+
+  app.run(main, flags_parser=parser)
