@@ -14,12 +14,14 @@ differs from the one the directory was written under, unless
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Callable
 
 from absl import flags
 from ml_collections import config_flags
 
 from ondevice import logs
+from ondevice import options
 from ondevice import workdir as workdir_lib
 
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
@@ -38,6 +40,8 @@ def define_flags(example: str, config_required: bool = True):
   # path is checked first instead, while flags are parsed.
   flag = flags.FLAGS[config.name]
   flag.parser = _ExistingConfigFile(flag.parser, example)
+  # --config.<key> naming no field is a flag error that says which part.
+  options.name_unknown_overrides(flag, sys.argv)
   workdir = flags.DEFINE_string('workdir', None, 'Output directory.')
   flags.mark_flags_as_required(['config', 'workdir'] if config_required
                                else ['workdir'])

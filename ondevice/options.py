@@ -20,11 +20,13 @@ and the bad value, and are meant to run before any data loads.
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import re
 from typing import Any, Callable, Iterable, Mapping
 
+from absl import flags
 import ml_collections
 
 _TYPES = {'int': int, 'float': float, 'str': str, 'bool': bool}
@@ -202,3 +204,58 @@ def one_of(config, key: str, choices: Iterable[Any]) -> None:
   if value not in choices:
     raise ValueError(f'config.{key}={value!r} is unknown; choose one of '
                      f'{choices}.')
+
+
+def unknown_key(config: ml_collections.ConfigDict, key: str) -> str | None:
+  """Why the dotted `key` names no field of `config`, or None if it does.
+
+  The reason names the first missing part, the fields its parent does have
+  and the closest of them, e.g. "config.local has no field 'bach_size'
+  (did you mean 'batch_size'?); its fields: [...]".
+  """
+  node, path = config, 'config'
+  for part in key.split('.'):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)):
+      return (f'{path} is a value ({type(node).__name__}), not a config '
+              'with fields')
+    if part not in node:
+      fields = sorted(node.keys())
+      close = difflib.get_close_matches(part, fields, n=1)
+      hint = f' (did you mean {close[0]!r}?)' if close else ''
+      return f'{path} has no field {part!r}{hint}; its fields: {fields}'
+    node, path = node[part], f'{path}.{part}'
+  return None
+
+
+def name_unknown_overrides(flag: Any, argv: Iterable[str]) -> None:
+  """Makes a `--config.<key>` naming no field a flag error that says why.
+
+  ml_collections lets the KeyError of such an override escape flag parsing
+  as a traceback ending in AttributeError: "'bach_size'". With this, absl
+  reports it as a flag error instead (exit status 1), e.g.
+
+      FATAL Flags parsing error: flag --config=configs/fed_kws.py:
+      --config.local.bach_size: config.local has no field 'bach_size' (did
+      you mean 'batch_size'?); its fields: [...]
+
+  Args:
+    flag: the `flags.Flag` that `config_flags.DEFINE_config_file` defined.
+    argv: the command line, read when the flag parses (e.g. `sys.argv`).
+  """
+  inner = flag._parse  # pylint: disable=protected-access
+  pattern = re.compile(rf'^--?(?:no)?{re.escape(flag.name)}\.([^=]+)')
+
+  def parse(argument):
+    try:
+      return inner(argument)
+    except (KeyError, AttributeError) as error:
+      config = flag.parser.parse(argument)
+      for arg in list(argv):
+        match = pattern.match(arg)
+        reason = match and unknown_key(config, match.group(1))
+        if reason:
+          raise flags.IllegalFlagValueError(
+              f'--{flag.name}.{match.group(1)}: {reason}') from error
+      raise
+
+  flag._parse = parse  # pylint: disable=protected-access

@@ -62,6 +62,24 @@ def test_unknown_variant_names_the_valid_arguments(tmp_path):
   assert "valid arguments are ['smoke']" in stderr
 
 
+@pytest.mark.parametrize('override, reason', [
+    ('--config.data.num_speakrs=4',
+     "config.data has no field 'num_speakrs' (did you mean "
+     "'num_speakers'?)"),
+    ('--config.nosuch.batch_size=4', "config has no field 'nosuch'"),
+    ('--config.seed.x=4', 'config.seed is a value (int), not a config with fields'),
+])
+def test_unknown_config_key_is_a_flag_error_naming_it(tmp_path, override,
+                                                      reason):
+  code, stderr = _binary('--config=configs/kws_central.py:smoke', override,
+                         f'--workdir={tmp_path}')
+  assert code == 1
+  assert f'FATAL Flags parsing error: {override.split("=")[0]}: ' in stderr
+  assert reason in stderr
+  assert 'Traceback' not in stderr
+  assert not os.listdir(tmp_path)  # Nothing started.
+
+
 def test_empty_workdir_is_refused_by_the_binary():
   code, stderr = _binary('--config=configs/kws_central.py:smoke',
                          '--workdir=')

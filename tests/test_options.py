@@ -144,3 +144,20 @@ def test_set_value_walks_the_dotted_key_and_names_a_missing_one():
   assert config.local.batch_size == 16 and config.seed == 3
   with pytest.raises(ValueError, match=r'lacks config\.locl'):
     options.set_value(config, 'locl.batch_size', 4)
+
+
+def test_unknown_key_names_the_missing_part_and_the_closest_field():
+  config = ml_collections.ConfigDict(
+      {'local': {'batch_size': 8, 'steps': 2}, 'seed': 0})
+  assert options.unknown_key(config, 'local.batch_size') is None
+  assert options.unknown_key(config, 'seed') is None
+  assert options.unknown_key(config, 'local.bach_size') == (
+      "config.local has no field 'bach_size' (did you mean 'batch_size'?); "
+      "its fields: ['batch_size', 'steps']")
+  assert options.unknown_key(config, 'globl.x') == (
+      "config has no field 'globl' (did you mean 'local'?); its fields: "
+      "['local', 'seed']")
+  assert options.unknown_key(config, 'zzz') == (
+      "config has no field 'zzz'; its fields: ['local', 'seed']")
+  assert options.unknown_key(config, 'seed.x') == (
+      'config.seed is a value (int), not a config with fields')
