@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ondevice import augment as augment_lib
 from ondevice import train
 
 PyTree = Any
@@ -71,37 +72,7 @@ def frozen_stats_loss(model: nn.Module, label_smoothing: float = 0.0
   return loss_fn
 
 
-def augment(x: jax.Array, key: jax.Array, *, time_mask: int = 12,
-            freq_mask: int = 6, max_shift: int = 10) -> jax.Array:
-  """SpecAugment masks and a circular time shift of features [B, T, F].
-
-  Each clip gets one time mask of width U{0..time_mask}, one frequency mask
-  of width U{0..freq_mask} (filled with 0, the mean of normalised features)
-  and a shift of U{-max_shift..max_shift} frames.
-  """
-  batch, frames, bands = x.shape[:3]
-  keys = jax.random.split(key, 5)
-  def band_mask(k_width, k_start, size, width_max):
-    width = jax.random.randint(k_width, (batch, 1), 0, width_max + 1)
-    start = jax.random.randint(k_start, (batch, 1), 0,
-                               jnp.maximum(size - width + 1, 1))
-    pos = jnp.arange(size)[None]
-    return (pos >= start) & (pos < start + width)
-  t_mask = band_mask(keys[0], keys[1], frames, time_mask)
-  f_mask = band_mask(keys[2], keys[3], bands, freq_mask)
-  shift = jax.random.randint(keys[4], (batch,), -max_shift, max_shift + 1)
-  x = jax.vmap(lambda xi, s: jnp.roll(xi, s, axis=0))(x, shift)
-  keep = ~(t_mask[:, :, None] | f_mask[:, None, :])
-  return jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - 3)), x, 0.0)
-
-
-def with_augmentation(loss_fn: train.LossFn, **kwargs) -> train.LossFn:
-  """Applies `augment` to batch['x'] (keyed by the step's rng) before loss_fn.
-
-  Wrap a regularised loss so that the regulariser sees the same view.
-  """
-  def wrapped(params, model_state, batch, rng):
-    aug_key, rng = jax.random.split(rng)
-    batch = dict(batch, x=augment(batch['x'], aug_key, **kwargs))
-    return loss_fn(params, model_state, batch, rng)
-  return wrapped
+# The views live in ondevice/augment.py, shared with centralised
+# pre-training; these names stay for continual learning's callers.
+augment = augment_lib.augment
+with_augmentation = augment_lib.with_augmentation
