@@ -19,7 +19,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 
 from ondevice import augment as augment_lib
