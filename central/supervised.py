@@ -16,6 +16,10 @@ and QAS (`config.optimizer_state`, `config.qas`, see
 global model for their own study may also inject `model_kwargs`, `trainable`
 and `loss_wrapper` (e.g. a continual-learning regulariser) and their own
 `datasets` through `train_and_evaluate`.
+
+An optional `config.augment` section (`time_mask`, `freq_mask`, `max_shift`,
+see `ondevice.augment`) trains on SpecAugment views of every batch; all
+zeros, or no section, trains on the clips as they are.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from ondevice import augment
 from ondevice import batching
 from ondevice import checkpoint as checkpoint_lib
 from ondevice import loop
@@ -74,6 +79,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   quantized_training.get_quant(config.get('quant', 'none'))
   quant_optimizers.validate(config)
   _validate_trainable(config)
+  if config.get('augment', None) is not None:
+    augment.validate(config.augment)
 
 
 def _validate_trainable(config) -> None:
@@ -96,6 +103,8 @@ def validate_data(config, train_ds: ArrayDataset, test_ds: ArrayDataset):
                      f'the {len(train_ds)} training examples; lower it.')
   if len(test_ds) == 0:
     raise ValueError('The test split is empty; check config.data.')
+  if config.get('augment', None) is not None:
+    augment.validate(config.augment, feature_shape=train_ds.x.shape[1:])
 
 
 def build_model(config, num_classes: int,
@@ -163,6 +172,9 @@ def prepare(config, train_ds: ArrayDataset, *,
       model, label_smoothing=config.get('label_smoothing', 0.0))
   if loss_wrapper is not None:
     loss_fn = loss_wrapper(loss_fn)
+  if augment.is_enabled(config.get('augment', None)):
+    # Outermost, so a regulariser from loss_wrapper sees the same view.
+    loss_fn = augment.with_augmentation(loss_fn, **config.augment)
   state = train.state_from_params(domain.to_train(params), variables,
                                   domain.optimizer, paths)
   step = jax.jit(train.make_train_step(domain.wrap_loss(loss_fn),

@@ -26,3 +26,16 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       out[key] = type(defaults[key])(value)
   return out
+
+
+def augment(time_mask: int = 0, freq_mask: int = 0,
+            max_shift: int = 0) -> ml_collections.ConfigDict:
+  """A `central.supervised` `augment` section (see `ondevice.augment`).
+
+  SpecAugment views of each training batch: one time mask of up to
+  `time_mask` frames, one frequency mask of up to `freq_mask` bands and a
+  circular shift of up to `max_shift` frames per clip. All zeros (the
+  default) trains on the clips as they are.
+  """
+  return ml_collections.ConfigDict(dict(
+      time_mask=time_mask, freq_mask=freq_mask, max_shift=max_shift))

@@ -52,7 +52,7 @@ def _pretrain() -> ml_collections.ConfigDict:
       schedule='warmup_cosine', warmup_steps=100, weight_decay=0.0,
       momentum=0.9, grad_clip=0.0, label_smoothing=0.0, batch_size=64,
       eval_batch_size=512, num_steps=1200, log_every=50, eval_every=300,
-      checkpoint_every=600))
+      checkpoint_every=600, augment=common.augment()))
 
 
 def _finetune() -> ml_collections.ConfigDict:

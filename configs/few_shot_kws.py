@@ -163,6 +163,9 @@ def _pretrain(backbone: str) -> ml_collections.ConfigDict:
       warmup_steps=50, num_steps=1500, batch_size=64, eval_batch_size=512,
       weight_decay=0.0, momentum=0.9, grad_clip=0.0, label_smoothing=0.0,
       log_every=100, eval_every=500, checkpoint_every=500))
+  # SpecAugment views of each batch, e.g.
+  # --config.pretrain.augment.time_mask=12 (all zeros: off).
+  cfg.augment = common.augment()
   if backbone == 'ds_cnn_s':  # configs/kws_central.py's schedule.
     cfg.update(learning_rate=3e-3, warmup_steps=100, num_steps=1200,
                eval_every=300, checkpoint_every=300)

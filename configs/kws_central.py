@@ -55,6 +55,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.momentum = 0.9
   config.grad_clip = 0.0
   config.label_smoothing = 0.0
+  # SpecAugment views of each batch, e.g. --config.augment.time_mask=12
+  # (configs/common.augment; all zeros: off).
+  config.augment = common.augment()
   config.batch_size = 64
   config.eval_batch_size = 512
   config.num_steps = 1200

@@ -79,6 +79,41 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path):
   assert resumed['metrics']['test_accuracy'] == full_final['test_accuracy']
 
 
+def test_augmented_run_trains_on_views_and_resumes_bit_for_bit(tmp_path):
+  data = (_synthetic(64, 0), _synthetic(32, 1))
+  plain = supervised.train_and_evaluate(_config(), str(tmp_path / 'plain'),
+                                        datasets=data)
+  config = _config(checkpoint_every=6)
+  config.augment.update(time_mask=2, freq_mask=1, max_shift=1)
+  full = supervised.train_and_evaluate(config, str(tmp_path / 'a'),
+                                       datasets=data)
+  supervised.train_and_evaluate(config, str(tmp_path / 'b'), datasets=data,
+                                stop_after_steps=6)
+  resumed = supervised.train_and_evaluate(config, str(tmp_path / 'b'),
+                                          datasets=data)
+  for a, b in zip(jax.tree.leaves(full['state']),
+                  jax.tree.leaves(resumed['state'])):
+    np.testing.assert_array_equal(a, b)
+  # The views reach the step: the same seed without them ends elsewhere.
+  assert not all(np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(plain['state'].params),
+      jax.tree.leaves(full['state'].params)))
+  assert _outputs(tmp_path / 'a') == _outputs(tmp_path / 'b')
+
+
+def test_augment_wider_than_the_features_fails_before_compilation(
+    tmp_path, monkeypatch):
+  def no_jit(*args, **kwargs):
+    raise AssertionError('compilation started before validation')
+  monkeypatch.setattr(supervised.jax, 'jit', no_jit)
+  config = _config()
+  config.augment.time_mask = 6  # The synthetic clips have 6 frames.
+  with pytest.raises(ValueError, match='config.augment.time_mask=6 must be '
+                     'below the 6 frames'):
+    supervised.train_and_evaluate(config, str(tmp_path), datasets=(
+        _synthetic(64, 0), _synthetic(32, 1)))
+
+
 def test_non_finite_training_stops_naming_the_step(tmp_path):
   data = (_synthetic(64, 0), _synthetic(32, 1))
   config = _config(optimizer='sgd', schedule='constant', learning_rate=1e30)
