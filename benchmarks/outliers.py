@@ -98,6 +98,11 @@ def summarise(results: Mapping[str, Any], synthesis: Mapping[str, Any]
           'full_chain': synthesis.get('full_chain'),
           'measured': synthesis.get('date')},
       'num_users': {g: len(v) for g, v in results['users']['groups'].items()},
+      'population': {
+          'name': results['config']['data'].get('population'),
+          'corpus_speakers': results['config']['data'].get('num_speakers'),
+          'first_user_index': results['config']['users'].get('first_index'),
+          'speakers': results.get('speakers')},
       'far': results['config']['far'],
       'run_seconds': results.get('seconds'),
       'detection_rate': {label: {str(k): {g: v['detection_rate']
@@ -125,10 +130,24 @@ def _gain_line(name: str, gain) -> str:
   return line
 
 
+def _population_line(population: Mapping[str, Any] | None) -> str:
+  if not population:
+    return ''
+  speakers = population.get('speakers') or {}
+  return (f'Population {population.get("name")!r}: a corpus of '
+          f'{population.get("corpus_speakers")} speakers '
+          f'({speakers.get("pretrain")} in pre-training, '
+          f'{speakers.get("meta_train")} meta-training, '
+          f'{speakers.get("test")} held out for the global model\'s test); '
+          f'new users from speaker index '
+          f'{population.get("first_user_index")}.\n')
+
+
 def markdown(summary: Mapping[str, Any]) -> str:
   versus = summary['meta_vs_finetune_k1']
   lines = ['# Outlier users: few-shot personalisation on the multi-engine '
            'population', '',
+           _population_line(summary.get('population')),
            f'Users per group: {summary["num_users"]}; detection rate at '
            f'{summary["far"]:.0%} FAR on each user\'s own evaluation clips.',
            '', '## Goals', '',
@@ -156,7 +175,12 @@ def markdown(summary: Mapping[str, Any]) -> str:
 
 def main(argv):
   del argv
-  with open(os.path.join(_RUN.value, 'results.json')) as f:
+  path = os.path.join(_RUN.value, 'results.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'--run={_RUN.value} has no results.json: run experiments.few_shot '
+        'there first (see this script\'s docstring).')
+  with open(path) as f:
     results = json.load(f)
   synthesis = {}
   if os.path.exists(_SYNTHESIS.value):
