@@ -234,9 +234,9 @@ def name_unknown_overrides(flag: Any, argv: Iterable[str]) -> None:
   as a traceback ending in AttributeError: "'bach_size'". With this, absl
   reports it as a flag error instead (exit status 1), e.g.
 
-      FATAL Flags parsing error: flag --config=configs/fed_kws.py:
-      --config.local.bach_size: config.local has no field 'bach_size' (did
-      you mean 'batch_size'?); its fields: [...]
+      FATAL Flags parsing error: --config.local.bach_size: config.local
+      has no field 'bach_size' (did you mean 'batch_size'?); its fields:
+      [...]
 
   Args:
     flag: the `flags.Flag` that `config_flags.DEFINE_config_file` defined.
