@@ -24,6 +24,9 @@ from typing import Callable, Sequence
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
+
+from ondevice import options
 
 
 def parse(flag_values: flags.FlagValues,
@@ -39,6 +42,19 @@ def parse(flag_values: flags.FlagValues,
   """
   flag_values.unparse_flags()
   return flag_values(list(argv))
+
+
+def define_config(default: str, help_string: str,
+                  flag_values: flags.FlagValues) -> flags.FlagHolder:
+  """--config (an ml-collections config file) in a script's own flags.
+
+  A `--config.<key>` naming no field is a flag error that names it
+  (`options.name_unknown_overrides`), as for the experiment binaries.
+  """
+  holder = config_flags.DEFINE_config_file('config', default, help_string,
+                                           flag_values=flag_values)
+  options.name_unknown_overrides(flag_values['config'], sys.argv)
+  return holder
 
 
 def _add_to_global(flag_values: flags.FlagValues) -> None:

@@ -23,12 +23,10 @@ Writes results.json and results.md beside it.
 """
 import json
 import os
-import sys
 import time
 
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 import jax
 import optax
 
@@ -36,16 +34,14 @@ from benchmarks import cli
 from few_shot import enrollment
 from few_shot import experiment
 from few_shot import personalize
-from ondevice import options
 from ondevice.data import registry
 import quantized_training
 import sparse_updates
 
 FLAGS = flags.FlagValues()
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', 'configs/few_shot_kws.py', 'Few-shot experiment config.',
+_CONFIG = cli.define_config(
+    'configs/few_shot_kws.py', 'Few-shot experiment config.',
     flag_values=FLAGS)
-options.name_unknown_overrides(FLAGS['config'], sys.argv)
 _OUT = flags.DEFINE_string(
     'out', 'benchmarks/results/few_shot_replay/results.json', 'JSON path.',
     flag_values=FLAGS)

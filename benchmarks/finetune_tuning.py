@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 import time
 from typing import Any, Sequence
 
@@ -37,23 +36,20 @@ from absl import flags
 from absl import logging
 import jax
 import ml_collections
-from ml_collections import config_flags
 
 from benchmarks import cli
 from benchmarks import outputs
 from few_shot import experiment
 from few_shot import personalize
 from few_shot import user_groups
-from ondevice import options
 from ondevice.data import registry
 import quantized_training
 
 FLAGS = flags.FlagValues()
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', 'configs/few_shot_kws.py:backbone=ds_cnn_s,outliers',
+_CONFIG = cli.define_config(
+    'configs/few_shot_kws.py:backbone=ds_cnn_s,outliers',
     'The study config (its global model, population and FAR).',
     flag_values=FLAGS)
-options.name_unknown_overrides(FLAGS['config'], sys.argv)
 _WORKDIR = flags.DEFINE_string(
     'workdir', '/tmp/outliers', 'The study work directory: its global/ is '
     'reused (trained there if missing).', flag_values=FLAGS)
@@ -110,23 +106,24 @@ def choose(rows: list[dict[str, Any]], baseline: dict[str, float],
   return max(kept, key=lambda r: r['outlier']) if kept else None
 
 
-def _score(config, setup, state, users, rate: float, steps: int) -> dict:
+def _detection_rates(config, setup, users, state, adapt_fn
+                     ) -> dict[str, float]:
+  """Per-group detection rate at K = --k of `state` adapted by `adapt_fn`."""
   cfg = ml_collections.ConfigDict(config.to_dict())
-  cfg.personalize.update(learning_rate=rate, num_steps=steps,
-                         trainable=('full',), k_values=(_K.value,))
-  inits = {'init': (state, experiment.finetune_adapters(
-      cfg, setup, state.params)['finetune_full'])}
-  summary, _ = experiment.personalise(cfg, setup, inits, users,
+  cfg.personalize.k_values = (_K.value,)
+  summary, _ = experiment.personalise(cfg, setup, {'init': (state, adapt_fn)},
+                                      users,
                                       experiment.replay_buffer(cfg, setup))
   return {g: v['detection_rate'] for g, v in summary['init'][_K.value].items()}
 
 
-def _unadapted(config, setup, state, users) -> dict[str, float]:
+def _finetune(config, setup, state, rate: float, steps: int):
+  """Plain SGD on every weight: `rate`, `steps`."""
   cfg = ml_collections.ConfigDict(config.to_dict())
-  cfg.personalize.k_values = (_K.value,)
-  inits = {'init': (state, personalize.no_adaptation())}
-  summary, _ = experiment.personalise(cfg, setup, inits, users)
-  return {g: v['detection_rate'] for g, v in summary['init'][_K.value].items()}
+  cfg.personalize.update(learning_rate=rate, num_steps=steps,
+                         trainable=('full',))
+  return experiment.finetune_adapters(cfg, setup,
+                                      state.params)['finetune_full']
 
 
 def measure(config, workdir: str) -> dict[str, Any]:
@@ -141,11 +138,13 @@ def measure(config, workdir: str) -> dict[str, Any]:
   state = personalize.as_state(glob.params, glob.model_state)
   val_config = validation_config(config, _NUM_USERS.value)
   users = user_groups.load_users(val_config, setup.model, state, train_ds)
-  baseline = _unadapted(val_config, setup, state, users)
+  baseline = _detection_rates(val_config, setup, users, state,
+                              personalize.no_adaptation())
   logging.info('unadapted: %s', baseline)
   rows = []
   for rate, steps in grid(_RATES.value, _STEPS.value):
-    scores = _score(val_config, setup, state, users, rate, steps)
+    scores = _detection_rates(val_config, setup, users, state,
+                              _finetune(val_config, setup, state, rate, steps))
     rows.append({'learning_rate': rate, 'steps': steps, **scores})
     logging.info('lr %g, %d steps: %s', rate, steps, scores)
   return {'k': _K.value, 'far': config.far, 'baseline': baseline,

@@ -83,3 +83,16 @@ def test_a_script_runs_with_its_flags_and_names_a_wrong_one(tmp_path):
                  cwd=ROOT)
   assert done.returncode == 1
   assert 'pretrain_rnus' in done.stderr
+
+
+def test_a_config_benchmark_names_a_misspelt_override(tmp_path):
+  done = _script(['benchmarks.finetune_tuning',
+                  '--config=configs/few_shot_kws.py:outliers,smoke',
+                  '--config.pretrain.bach_size=3', f'--workdir={tmp_path}'],
+                 cwd=ROOT)
+  assert done.returncode == 1
+  assert ("FATAL Flags parsing error: --config.pretrain.bach_size: "
+          "config.pretrain has no field 'bach_size' (did you mean "
+          "'batch_size'?)") in done.stderr
+  assert 'Traceback' not in done.stderr
+  assert not any(tmp_path.iterdir())  # Nothing started.

@@ -53,6 +53,22 @@ def _outputs(workdir):
   return final, rows
 
 
+def _assert_same_leaves(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def _some_leaf_differs(a, b) -> bool:
+  return not all(np.array_equal(x, y) for x, y in
+                 zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def _forbid_compilation(monkeypatch):
+  def no_jit(*args, **kwargs):
+    raise AssertionError('compilation started before validation')
+  monkeypatch.setattr(supervised.jax, 'jit', no_jit)
+
+
 def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path):
   data = (_synthetic(64, 0), _synthetic(32, 1))
   config = _config(checkpoint_every=3)
@@ -63,13 +79,9 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path):
   assert part['metrics'] == {'stopped_at': 6}
   resumed = supervised.train_and_evaluate(config, str(tmp_path / 'b'),
                                           datasets=data)
-  for a, b in zip(jax.tree.leaves(full['state']),
-                  jax.tree.leaves(resumed['state'])):
-    np.testing.assert_array_equal(a, b)
+  _assert_same_leaves(full['state'], resumed['state'])
   # The partial run's params differ: the comparison above is not vacuous.
-  assert not all(np.array_equal(a, b) for a, b in zip(
-      jax.tree.leaves(part['state'].params),
-      jax.tree.leaves(full['state'].params)))
+  assert _some_leaf_differs(part['state'].params, full['state'].params)
   full_final, full_rows = _outputs(tmp_path / 'a')
   resumed_final, resumed_rows = _outputs(tmp_path / 'b')
   assert resumed_final == full_final
@@ -91,21 +103,15 @@ def test_augmented_run_trains_on_views_and_resumes_bit_for_bit(tmp_path):
                                 stop_after_steps=6)
   resumed = supervised.train_and_evaluate(config, str(tmp_path / 'b'),
                                           datasets=data)
-  for a, b in zip(jax.tree.leaves(full['state']),
-                  jax.tree.leaves(resumed['state'])):
-    np.testing.assert_array_equal(a, b)
+  _assert_same_leaves(full['state'], resumed['state'])
   # The views reach the step: the same seed without them ends elsewhere.
-  assert not all(np.array_equal(a, b) for a, b in zip(
-      jax.tree.leaves(plain['state'].params),
-      jax.tree.leaves(full['state'].params)))
+  assert _some_leaf_differs(plain['state'].params, full['state'].params)
   assert _outputs(tmp_path / 'a') == _outputs(tmp_path / 'b')
 
 
 def test_augment_wider_than_the_features_fails_before_compilation(
     tmp_path, monkeypatch):
-  def no_jit(*args, **kwargs):
-    raise AssertionError('compilation started before validation')
-  monkeypatch.setattr(supervised.jax, 'jit', no_jit)
+  _forbid_compilation(monkeypatch)
   config = _config()
   config.augment.time_mask = 6  # The synthetic clips have 6 frames.
   with pytest.raises(ValueError, match='config.augment.time_mask=6 must be '
@@ -198,9 +204,7 @@ def test_outputs_are_written(tmp_path):
 ])
 def test_bad_values_fail_before_compilation(tmp_path, monkeypatch, key, value,
                                             match):
-  def no_jit(*args, **kwargs):
-    raise AssertionError('compilation started before validation')
-  monkeypatch.setattr(supervised.jax, 'jit', no_jit)
+  _forbid_compilation(monkeypatch)
   data = (_synthetic(64, 0), _synthetic(32, 1))
   with pytest.raises(ValueError, match=match):
     supervised.train_and_evaluate(_config(**{key: value}), str(tmp_path),
