@@ -57,6 +57,27 @@ def define_config(default: str, help_string: str,
   return holder
 
 
+def define_client_workload(flag_values: flags.FlagValues, *,
+                           examples_per_client: int = 20,
+                           batch_size: int = 5, local_steps: int = 4
+                           ) -> tuple[flags.FlagHolder, flags.FlagHolder,
+                                      flags.FlagHolder]:
+  """--examples_per_client, --batch_size and --local_steps of a FedAvg
+  benchmark (each client's data and its local loop), in one place for the
+  scripts that time rounds.
+
+  Returns:
+    Their holders, in that order.
+  """
+  return (
+      flags.DEFINE_integer('examples_per_client', examples_per_client,
+                           'Examples each.', flag_values=flag_values),
+      flags.DEFINE_integer('batch_size', batch_size, 'Local batch size.',
+                           flag_values=flag_values),
+      flags.DEFINE_integer('local_steps', local_steps,
+                           'Local steps per round.', flag_values=flag_values))
+
+
 def _add_to_global(flag_values: flags.FlagValues) -> None:
   """Adds a script's flags to absl's global FLAGS, under their own module.
 
