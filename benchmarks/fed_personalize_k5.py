@@ -38,6 +38,14 @@ speakers of population 'mixed_unseen', and users in the groups 'typical',
     python -m benchmarks.fed_personalize_k5 --smoke \
         --fewshot_workdir=/tmp/fs_smoke --workdir=/tmp/fpk5_smoke
 
+The results in benchmarks/results/fed_personalize were measured on the study
+as it was configured before 2026-12-06 (200 corpus speakers, 4000 plain
+pre-training steps, SGD 1e-3 x 5 steps; `personalized_setup` in its
+results.json); the study config now defaults to the 600-speaker corpus, an
+8000-step SpecAugment global model and SGD 1e-2 x 20 steps, so a rerun on
+the old --fewshot_workdir stops with an error naming the global model's
+step.
+
 `--smoke` uses the smoke variants of both configs (the few-shot workdir must
 hold a run of configs/few_shot_kws.py:outliers,smoke), enrolls users with 7
 clips per keyword so K = 5 fits, and writes results under --workdir only.
@@ -74,8 +82,6 @@ from ondevice import metric_writer
 from ondevice.data import registry
 import quantized_training
 
-# 'workdir', 'smoke' and 'local_steps' are also flags of other benchmarks:
-# they allow override so that tests can import both modules in one process.
 FLAGS = flags.FlagValues()
 _FEWSHOT_CONFIG = flags.DEFINE_string(
     'fewshot_config', 'configs/few_shot_kws.py:backbone=ds_cnn_s,outliers',

@@ -18,8 +18,7 @@ with --config.personalize.learning_rate / num_steps.
 
     python -m benchmarks.finetune_tuning \
         --config=configs/few_shot_kws.py:backbone=ds_cnn_s,outliers \
-        --config.data.num_speakers=600 --config.users.first_index=600 \
-        --workdir=/work/runs/outliers600 \
+        --workdir=/tmp/outliers \
         --out=benchmarks/results/outliers/finetune_tuning.json
 
 Writes the JSON, a markdown table and a plot (detection rate against the

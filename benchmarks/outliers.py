@@ -5,8 +5,8 @@ The study (README "Outlier users") is `experiments.few_shot` on
 pre-trained on the seen speakers of the multi-engine population
 'mixed_unseen', personalised from K = 1, 3, 5 enrollment clips per keyword
 by fine-tuning (full, bias-only) and from meta-learned inits (Reptile,
-FO-MAML, Meta-SGD, ANIL), every enrollment with replayed non-keyword clips,
-for typical, unseen and worst users. This script reads that run's
+FO-MAML, ANIL; any of `few_shot.meta_learners` by config), for typical,
+unseen and worst users. This script reads that run's
 results.json and writes the goals as results.json, results.md and the plot
 of detection rate against K per group:
 
