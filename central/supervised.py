@@ -314,6 +314,21 @@ def is_finished(workdir: str) -> bool:
   return os.path.exists(os.path.join(workdir, 'final_metrics.json'))
 
 
+def _check_same_data(workdir: str, metrics: dict[str, Any],
+                     train_ds: ArrayDataset, test_ds: ArrayDataset) -> None:
+  """Raises ValueError when the finished run counted other examples than
+  the data given now (e.g. another speaker pool): reusing it would report
+  a model of other data as this run's."""
+  for split, ds in (('train', train_ds), ('test', test_ds)):
+    recorded = metrics.get(f'num_{split}_examples')
+    if recorded is not None and int(recorded) != len(ds):
+      raise ValueError(
+          f'{workdir} was trained with {int(recorded)} {split} examples, '
+          f'this run has {len(ds)}: its data (corpus, split or speaker '
+          'pool) differs. Point the run at another work directory, or '
+          'restore the data it was trained on.')
+
+
 def restore(config: ml_collections.ConfigDict, workdir: str, *,
             datasets: tuple[ArrayDataset, ArrayDataset] | None = None,
             model_kwargs: Mapping[str, Any] | None = None,
@@ -331,7 +346,10 @@ def restore(config: ml_collections.ConfigDict, workdir: str, *,
   if not is_finished(workdir):
     raise ValueError(f'{workdir} holds no finished run (no '
                      'final_metrics.json); train it with train_and_evaluate.')
-  train_ds, _ = _load_data(config, datasets)
+  train_ds, test_ds = _load_data(config, datasets)
+  with open(os.path.join(workdir, 'final_metrics.json')) as f:
+    metrics = json.load(f)
+  _check_same_data(workdir, metrics, train_ds, test_ds)
   setup = prepare(config, train_ds, model_kwargs=model_kwargs,
                   trainable=trainable)
   ckpt = checkpoint_lib.Checkpointer(workdir, config=config)
@@ -343,8 +361,6 @@ def restore(config: ml_collections.ConfigDict, workdir: str, *,
     raise ValueError(f'{workdir} has final_metrics.json but no checkpoint at '
                      f'step {config.num_steps}; delete it to retrain.')
   state = found[1]['state']
-  with open(os.path.join(workdir, 'final_metrics.json')) as f:
-    metrics = json.load(f)
   return {'metrics': metrics,
           'state': state._replace(params=setup.to_model(state.params)),
           'model': setup.model}

@@ -85,3 +85,20 @@ def test_bad_section_is_rejected_before_training(tmp_path):
   with pytest.raises(ValueError, match='config.num_steps'):
     pretrain.pretrain(_section(num_steps=0), str(tmp_path),
                       datasets=_datasets())
+
+
+def test_a_finished_run_of_other_data_is_not_reused(tmp_path):
+  # The few-shot study reuses global/ by path: a run whose speaker pool
+  # changed (e.g. no meta-training speakers held out) must not silently
+  # report the old model as its own.
+  workdir = str(tmp_path / 'global')
+  pretrain.pretrain(_section(), str(tmp_path), datasets=_datasets(),
+                    workdir=workdir)
+  with pytest.raises(ValueError, match='was trained with 48 train examples, '
+                     'this run has 40'):
+    pretrain.pretrain(_section(), str(tmp_path), datasets=_datasets(n=40),
+                      workdir=workdir)
+  # The same data is reused as before.
+  again = pretrain.pretrain(_section(), str(tmp_path), datasets=_datasets(),
+                            workdir=workdir)
+  assert again.reused
