@@ -24,6 +24,12 @@ typical users at most one point, and the unconstrained largest),
 `typical_delta_k5`, `meta_vs_finetune_k1` (the best meta-learned init
 against plain fine-tuning at K = 1, paired over every scored user) and
 `clips_per_second` (per engine, from benchmarks/results/synthesis).
+
+Fine-tuning and meta-learning need not share one run: `--versus_run` takes
+the meta-learned inits' comparison from another run of the same users and
+global model (e.g. one that meta-trains with an inner loop the size of its
+fine-tuning, while --run fine-tunes longer); each comparison records the
+adaptation setting it was measured with.
 """
 from __future__ import annotations
 
@@ -43,6 +49,10 @@ _RUN = flags.DEFINE_string('run', '/tmp/outliers',
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/outliers/results.json',
                            'JSON path; results.md and the plot go beside it.',
                            flag_values=FLAGS)
+_VERSUS_RUN = flags.DEFINE_string(
+    'versus_run', '', 'Work directory of the run whose meta-learned inits '
+    'are compared with fine-tuning (same users and global model as --run); '
+    'empty: --run.', flag_values=FLAGS)
 _SYNTHESIS = flags.DEFINE_string(
     'synthesis', 'benchmarks/results/synthesis/results.json',
     'The synthesis throughput benchmark (clips per second per engine).',
@@ -76,23 +86,62 @@ def _typical_delta(personal: Mapping[str, Any], gain) -> dict[str, Any]:
   return {'for_unseen_gain_method': chosen, 'by_method': table}
 
 
-def summarise(results: Mapping[str, Any], synthesis: Mapping[str, Any]
-              ) -> dict[str, Any]:
-  """The goals of the study from a few-shot run's results.json."""
-  goals, personal = results['goals'], results['personalisation']
-  unseen = _gain(goals, 'outlier')
-  versus = goals.get('meta_vs_finetune_k1', {})
+def _adaptation(results: Mapping[str, Any]) -> dict[str, Any]:
+  """The run's fine-tuning setting (its config.personalize)."""
+  cfg = results['config']['personalize']
+  return {'learning_rate': cfg.get('learning_rate'),
+          'num_steps': cfg.get('num_steps')}
+
+
+def check_same_study(results: Mapping[str, Any],
+                     versus: Mapping[str, Any]) -> None:
+  """Raises ValueError unless both runs scored the same users from the same
+  global model (so their comparisons can be reported side by side)."""
+  for name, get in (('users', lambda r: r['users']['users']),
+                    ('groups', lambda r: r['users']['groups']),
+                    ('global model accuracy',
+                     lambda r: r['global_model'].get('test_accuracy'))):
+    if get(results) != get(versus):
+      raise ValueError(f'--versus_run is not the same study as --run: its '
+                       f'{name} differ.')
+
+
+def _versus(versus_results: Mapping[str, Any]) -> dict[str, Any]:
+  versus = versus_results['goals'].get('meta_vs_finetune_k1', {})
   best = dict(versus.get('best', {}))
   if best:
     best['ahead_by_2se'] = best['diff'] >= SE_GOAL * best['se'] > 0
+  best['adaptation'] = _adaptation(versus_results)
+  best['per_init'] = {k: v for k, v in versus.items() if k != 'best'}
+  return best
+
+
+def summarise(results: Mapping[str, Any], synthesis: Mapping[str, Any],
+              versus_results: Mapping[str, Any] | None = None
+              ) -> dict[str, Any]:
+  """The goals of the study from a few-shot run's results.json.
+
+  Args:
+    results: the run's results.json.
+    synthesis: benchmarks/results/synthesis's results.json ({}: none).
+    versus_results: another run's results.json to take the meta-learned
+      inits' comparison from (None: `results`); it must score the same
+      users from the same global model.
+  """
+  if versus_results is None:
+    versus_results = results
+  else:
+    check_same_study(results, versus_results)
+  goals, personal = results['goals'], results['personalisation']
+  unseen = _gain(goals, 'outlier')
   return {
       'global_typical_accuracy': results['global_model'].get(
           'test_accuracy'),
       'outlier_unseen_gain_k5': unseen,
       'outlier_worst_gain_k5': _gain(goals, 'worst'),
       'typical_delta_k5': _typical_delta(personal, unseen),
-      'meta_vs_finetune_k1': dict(best, per_init={
-          k: v for k, v in versus.items() if k != 'best'}),
+      'meta_vs_finetune_k1': _versus(versus_results),
+      'adaptation': _adaptation(results),
       'clips_per_second': {
           'engine_only': synthesis.get('clips_per_second'),
           'full_chain': synthesis.get('full_chain'),
@@ -143,13 +192,21 @@ def _population_line(population: Mapping[str, Any] | None) -> str:
           f'{population.get("first_user_index")}.\n')
 
 
+def _setting(adaptation: Mapping[str, Any] | None) -> str:
+  if not adaptation:
+    return ''
+  return (f' (SGD {adaptation["learning_rate"]:g} x '
+          f'{adaptation["num_steps"]} steps)')
+
+
 def markdown(summary: Mapping[str, Any]) -> str:
   versus = summary['meta_vs_finetune_k1']
   lines = ['# Outlier users: few-shot personalisation on the multi-engine '
            'population', '',
            _population_line(summary.get('population')),
            f'Users per group: {summary["num_users"]}; detection rate at '
-           f'{summary["far"]:.0%} FAR on each user\'s own evaluation clips.',
+           f'{summary["far"]:.0%} FAR on each user\'s own evaluation clips; '
+           f'fine-tuning{_setting(summary.get("adaptation"))}.',
            '', '## Goals', '',
            f'- global model, held-out typical speakers: '
            f'**{summary["global_typical_accuracy"]:.3f}** (goal 0.90: '
@@ -160,7 +217,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
     lines.append(
         f'- best meta-learned init vs plain fine-tuning at K=1 over '
         f'{versus["n"]} users: {versus["init"]} {versus["diff"]:+.4f} '
-        f'(s.e. {versus["se"]:.4f}); a lead of 2 s.e.: '
+        f'(s.e. {versus["se"]:.4f}){_setting(versus.get("adaptation"))}; '
+        f'a lead of 2 s.e.: '
         f'**{"met" if versus["ahead_by_2se"] else "missed"}**')
   rows = [{'init+adaptation': label, 'K': k,
            **{f'{g} DR': v for g, v in groups.items()}}
@@ -173,20 +231,27 @@ def markdown(summary: Mapping[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def _load(path: str) -> dict[str, Any]:
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'{os.path.dirname(path)} has no results.json: run experiments.'
+        'few_shot there first (see this script\'s docstring).')
+  with open(path) as f:
+    return json.load(f)
+
+
 def main(argv):
   del argv
   path = os.path.join(_RUN.value, 'results.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f'--run={_RUN.value} has no results.json: run experiments.few_shot '
-        'there first (see this script\'s docstring).')
-  with open(path) as f:
-    results = json.load(f)
+  results = _load(path)
+  versus = None
+  if _VERSUS_RUN.value:
+    versus = _load(os.path.join(_VERSUS_RUN.value, 'results.json'))
   synthesis = {}
   if os.path.exists(_SYNTHESIS.value):
     with open(_SYNTHESIS.value) as f:
       synthesis = json.load(f)
-  summary = summarise(results, synthesis)
+  summary = summarise(results, synthesis, versus)
   outputs.write(_OUT.value, summary, markdown(summary))
   plot = os.path.join(_RUN.value, 'detection_vs_k.png')
   if os.path.exists(plot):
