@@ -214,9 +214,13 @@ def _meta() -> ml_collections.ConfigDict:
   # on every training speaker as the same-data baseline. A small outer rate:
   # Adam moves every weight by ~outer_lr per step, and the fan-in-3920
   # first layer's weights are ~0.016.
+  # hold_out_speakers keeps the meta-training speakers out of pre-training
+  # even with no learner named (names=()), so that a fine-tuning-only run
+  # pre-trains on the same pool and can reuse a study's global/.
   cfg = ml_collections.ConfigDict(dict(
       names=('maml', 'fomaml', 'reptile', 'anil', 'meta_sgd'),
-      speaker_fraction=0.25, all_speakers_baseline=True, train_k=2,
+      speaker_fraction=0.25, all_speakers_baseline=True,
+      hold_out_speakers=False, train_k=2,
       num_steps=150, tasks_per_step=4, log_every=25,
       checkpoint_every=50))  # meta_<name>/checkpoints; a rerun resumes.
   cfg.update(meta_learners.default_configs(

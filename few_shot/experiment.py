@@ -131,8 +131,11 @@ def keyword_labels(words, class_names) -> np.ndarray:
 def speaker_pools(config, train_ds: base.ArrayDataset
                   ) -> tuple[base.ArrayDataset, base.ArrayDataset]:
   """(pre-training speakers, meta-training speakers); disjoint when any
-  meta-learner runs, else both are every training speaker."""
-  if not config.meta.names:
+  meta-learner runs or config.meta.hold_out_speakers is set (so a
+  fine-tuning-only run pre-trains on the same speakers as a meta-learning
+  one and can share its global model), else both are every training
+  speaker."""
+  if not (config.meta.names or config.meta.get('hold_out_speakers', False)):
     return train_ds, train_ds
   return base.split_by_client(train_ds, config.meta.speaker_fraction,
                               config.data.split_seed + 1)

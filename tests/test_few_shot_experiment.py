@@ -90,3 +90,27 @@ def test_ds_cnn_backbone_config_is_stateless_and_validates():
   assert set(variables) == {'params'}
   with pytest.raises(ValueError, match="backbone='resnet'"):
     few_shot_kws.get_config('backbone=resnet')
+
+
+def test_hold_out_speakers_keeps_the_pretraining_pool_without_learners():
+  from few_shot import experiment  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  train_ds = _speakers(0, 8, 3, rng, rng.normal(size=(len(WORDS), 1, 4)))
+  config = few_shot_kws.get_config('smoke')  # meta.names = ('maml',)
+  pre, meta = experiment.speaker_pools(config, train_ds)
+  # speaker_fraction 0.34 of 8 speakers: 2 or 3 held out, disjoint.
+  assert 2 <= len(meta.clients()) <= 3
+  assert not set(pre.clients()) & set(meta.clients())
+  config.meta.names = ()
+  pooled, _ = experiment.speaker_pools(config, train_ds)
+  assert sorted(pooled.clients()) == list(range(8))
+  config.meta.hold_out_speakers = True
+  experiment.validate_config(config)
+  held_pre, held_meta = experiment.speaker_pools(config, train_ds)
+  assert sorted(held_pre.clients()) == sorted(pre.clients())
+  assert sorted(held_meta.clients()) == sorted(meta.clients())
+  with config.meta.ignore_type():  # e.g. a config file that set 1
+    config.meta.hold_out_speakers = 1
+  with pytest.raises(ValueError, match='config.meta.hold_out_speakers must '
+                     'be True or False; got 1'):
+    experiment.validate_config(config)
