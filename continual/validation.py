@@ -80,14 +80,6 @@ def integers(config, *keys: str, minimum: int = 0) -> None:
       raise ValueError(f'config.{key} must be >= {minimum}; got {value}.')
 
 
-def booleans(config, *keys: str) -> None:
-  """Each dotted key holds True or False."""
-  for key in keys:
-    value = options.get(config, key)
-    if not isinstance(value, bool):
-      raise ValueError(f'config.{key} must be True or False; got {value!r}.')
-
-
 def check_named(config, key: str) -> None:
   """config.<key>.name is a choice of SCHEMAS[key], each with its keys."""
   schema = SCHEMAS[key]
@@ -115,8 +107,8 @@ def _check_learner(config) -> None:
   options.positive(config, method + 'pseudo_label.learning_rate',
                    method + 'tent.learning_rate')
   integers(config, method + 'pseudo_label.replay_capacity')
-  booleans(config, method + 'pseudo_label.augment',
-           method + 'pseudo_label.teacher_bn')
+  options.booleans(config, method + 'pseudo_label.augment',
+                   method + 'pseudo_label.teacher_bn')
   for choice in ('pseudo_label', 'bn_adapt'):
     integers(config, f'{method}{choice}.bn_window', minimum=1)
     options.non_negative(config, f'{method}{choice}.bn_prior')
@@ -165,7 +157,7 @@ def _check_enroll_and_pseudo(config) -> None:
   integers(config, 'enroll.num_steps')
   integers(config, 'enroll.batch_size', minimum=1)
   options.positive(config, 'enroll.learning_rate')
-  booleans(config, 'enroll.augment', 'pseudo.verify')
+  options.booleans(config, 'enroll.augment', 'pseudo.verify')
   options.in_range(config, 'pseudo.confidence', 0.0, 1.0)
   options.in_range(config, 'pseudo.target_far', 0.0, 1.0,
                    low_inclusive=False, high_inclusive=False)

@@ -240,9 +240,8 @@ def _check_numbers(config) -> None:
                      high_inclusive=False)
   if 'dropout_rate' in config:
     options.in_range(config, 'dropout_rate', 0.0, 1.0, high_inclusive=False)
-  if not isinstance(config.get('weighted_sampling', False), bool):
-    raise ValueError('config.weighted_sampling must be True or False; got '
-                     f'{config.weighted_sampling!r}.')
+  if 'weighted_sampling' in config:
+    options.booleans(config, 'weighted_sampling')
 
 
 def _check_local(config) -> None:

@@ -267,11 +267,9 @@ def _meta(config) -> None:
   meta_learners.validate(config, 'meta')
   options.in_range(config, 'meta.speaker_fraction', 0.0, 1.0,
                    low_inclusive=False, high_inclusive=False)
-  for key in ('all_speakers_baseline', 'hold_out_speakers'):
-    value = config.meta.get(key, False)
-    if not isinstance(value, bool):
-      raise ValueError(f'config.meta.{key} must be True or False; got '
-                       f'{value!r}.')
+  options.booleans(config, 'meta.all_speakers_baseline')
+  if 'hold_out_speakers' in config.meta:  # Absent: False.
+    options.booleans(config, 'meta.hold_out_speakers')
   train_k = _int_at_least(config, 'meta.train_k', 1)
   if train_k >= config.data.utterances_per_word:
     raise ValueError(

@@ -185,6 +185,14 @@ def non_negative(config, *keys: str) -> None:
       raise ValueError(f'config.{key} must be >= 0; got {value}.')
 
 
+def booleans(config, *keys: str) -> None:
+  """Each dotted key holds True or False (not 0, 1 or a string)."""
+  for key in keys:
+    value = get(config, key)
+    if not isinstance(value, bool):
+      raise ValueError(f'config.{key} must be True or False; got {value!r}.')
+
+
 def in_range(config, key: str, low: float, high: float, *,
              low_inclusive: bool = True, high_inclusive: bool = True) -> None:
   """The dotted key holds a number in the stated interval."""

@@ -161,3 +161,15 @@ def test_unknown_key_names_the_missing_part_and_the_closest_field():
       "config has no field 'zzz'; its fields: ['local', 'seed']")
   assert options.unknown_key(config, 'seed.x') == (
       'config.seed is a value (int), not a config with fields')
+
+
+def test_booleans_take_only_true_or_false():
+  config = ml_collections.ConfigDict({'a': {'on': True, 'off': False}})
+  options.booleans(config, 'a.on', 'a.off')
+  with config.a.ignore_type():
+    config.a.off = 0  # 0 and 1 are not booleans here.
+  with pytest.raises(ValueError,
+                     match=r'config.a.off must be True or False; got 0\.'):
+    options.booleans(config, 'a.on', 'a.off')
+  with pytest.raises(ValueError, match='The config lacks config.a.gone'):
+    options.booleans(config, 'a.gone')

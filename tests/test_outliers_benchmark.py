@@ -11,13 +11,17 @@ from benchmarks import cli
 from benchmarks import outliers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN = os.path.join(ROOT, 'benchmarks', 'results', 'outliers',
-                   'corpus_200_speakers', 'few_shot_results.json')
+
+
+def _load(*parts):
+  """A committed file under benchmarks/results/outliers."""
+  with open(os.path.join(ROOT, 'benchmarks', 'results', 'outliers',
+                         *parts)) as f:
+    return json.load(f)
 
 
 def test_summary_of_the_200_speaker_run():
-  with open(RUN) as f:
-    results = json.load(f)
+  results = _load('corpus_200_speakers', 'few_shot_results.json')
   summary = outliers.summarise(results, {})
   assert summary['global_typical_accuracy'] == pytest.approx(0.76978, abs=1e-5)
   unseen = summary['outlier_unseen_gain_k5']
@@ -41,12 +45,6 @@ def test_a_run_without_results_is_named(tmp_path):
                              f'--out={tmp_path / "o.json"}'])
   with pytest.raises(FileNotFoundError, match='has no results.json'):
     outliers.main([])
-
-
-def _load(*parts):
-  with open(os.path.join(ROOT, 'benchmarks', 'results', 'outliers',
-                         *parts)) as f:
-    return json.load(f)
 
 
 def test_versus_run_supplies_the_meta_comparison_and_its_setting():
