@@ -67,6 +67,9 @@ LossWrapper = Callable[[train.LossFn, FlatParams, PyTree], train.LossFn]
 LOOPS = ('auto', 'scan', 'unroll')
 CONVS = ('auto', 'native', 'im2col')
 LAST_BATCHES = ('mask', 'fill')
+# What `with_cpu_convolutions` rewrites (max pools only when their windows
+# tile the input; other pools and convolutions are left as lax's).
+REWRITTEN_PRIMITIVES = execution.CONV_PRIMITIVES | {'reduce_window_max'}
 # 'auto' unrolls at most this many local steps: compile time and program size
 # grow linearly with the unrolled length.
 AUTO_UNROLL_MAX_STEPS = 64
@@ -94,7 +97,8 @@ class LocalConfig:
       rewritten into the library's matmul forms
       (`ondevice.models.layers.cpu_friendly_conv_general_dilated`, same
       results up to float rounding), 'auto' im2col on a CPU backend, native
-      elsewhere (see `with_cpu_convolutions`).
+      elsewhere (see `with_cpu_convolutions`; 'im2col' also rewrites max
+      pools whose windows tile the input, bit for bit).
   """
   batch_size: int
   num_steps: int | None = None
@@ -212,8 +216,20 @@ def local_batch(client_data: Mapping[str, jax.Array], key: jax.Array,
   return _gather(client_data, index, real)
 
 
+def _non_overlapping(params) -> bool:
+  """A reduce-window whose windows tile the input: max pooling with stride
+  equal to the window and VALID padding, as `nn.max_pool(x, (2, 2),
+  (2, 2))` and `hk.max_pool(..., padding='VALID')` emit."""
+  ones = lambda dims: all(d == 1 for d in dims)
+  return (tuple(params['window_dimensions']) ==
+          tuple(params['window_strides']) and
+          all(tuple(pad) == (0, 0) for pad in params['padding']) and
+          ones(params['base_dilation']) and ones(params['window_dilation']))
+
+
 def _eval_rewriting_convs(jaxpr, consts, *args):
-  """Evaluates a jaxpr with each convolution in its CPU-friendly form."""
+  """Evaluates a jaxpr with each convolution and non-overlapping max pool
+  in its CPU-friendly form."""
   env = {}
   read = lambda v: v.val if hasattr(v, 'val') else env[v]
   env.update(zip(jaxpr.constvars, consts))
@@ -230,6 +246,8 @@ def _eval_rewriting_convs(jaxpr, consts, *args):
           feature_group_count=p['feature_group_count'],
           precision=p['precision'],
           preferred_element_type=p['preferred_element_type'])]
+    elif eqn.primitive.name == 'reduce_window_max' and _non_overlapping(p):
+      outs = [layers.windowed_max(invals[0], p['window_dimensions'])]
     elif eqn.primitive.name in ('pjit', 'jit'):
       outs = _eval_rewriting_convs(p['jaxpr'].jaxpr, p['jaxpr'].consts,
                                    *invals)
@@ -252,14 +270,17 @@ def with_cpu_convolutions(loss_fn: train.LossFn) -> train.LossFn:
   `conv_general_dilated` (also inside a `jit`) replaced by
   `ondevice.models.layers.cpu_friendly_conv_general_dilated`: im2col
   matmuls for dense NHWC/HWIO convolutions, shifted sums for depthwise
-  ones, lax for the rest. So stock `nn.Conv` / `hk.Conv2D` models get the
-  CPU speed of the library's own, in a scan and under a vmap, where XLA:CPU
-  runs its native convolution (and above all its gradients) slowly.
+  ones, lax for the rest. Max pools whose windows tile the input
+  (`reduce_window_max` with stride = window, VALID) become
+  `ondevice.models.layers.windowed_max`, equal bit for bit with gradients
+  that XLA:CPU's select-and-scatter computes about 8x more slowly. So stock
+  `nn.Conv` / `hk.Conv2D` / max-pool models get the CPU speed of the
+  library's own, in a scan and under a vmap, where XLA:CPU runs its native
+  convolution (and above all its gradients) slowly.
   """
   def rewritten(*args):
     closed, out_shape = jax.make_jaxpr(loss_fn, return_shape=True)(*args)
-    if not execution.primitive_names(closed.jaxpr) & (
-        execution.CONV_PRIMITIVES):
+    if not execution.primitive_names(closed.jaxpr) & REWRITTEN_PRIMITIVES:
       return loss_fn(*args)  # Nothing to rewrite: the loss as written.
     outs = _eval_rewriting_convs(closed.jaxpr, closed.consts,
                                  *jax.tree.leaves(args))

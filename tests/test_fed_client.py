@@ -280,3 +280,35 @@ def test_fill_last_batch_follows_fedjax_shuffle_repeat_batch():
   assert sorted(seen[:3]) == [1.0, 2.0, 4.0] and seen[3] in (1.0, 2.0, 4.0)
   late = batch_at(data, jax.random.key(0), jnp.asarray(2), 2, 1, 'fill')
   np.testing.assert_array_equal(late['mask'], 0.0)
+
+
+class StockPoolConv(nn.Module):
+  """Stock conv + max pools: one tiling (rewritten), one overlapping (not)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(3, (3, 3))(x))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = nn.max_pool(x, (3, 3), (1, 1), padding='SAME')
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def test_cpu_rewrite_turns_tiling_max_pools_into_windowed_max():
+  model = StockPoolConv()
+  params = model.init(jax.random.key(0), jnp.zeros((1, 6, 6, 1)))['params']
+  loss = train.classification_loss(model)
+  rewritten = client.with_cpu_convolutions(loss)
+  x = np.random.default_rng(2).normal(size=(4, 6, 6, 1)).astype(np.float32)
+  batch = {'x': jnp.asarray(x), 'y': jnp.array([0, 1, 2, 0]),
+           'mask': jnp.ones(4)}
+  def count(fn, primitive):  # Also inside nested jits.
+    text = str(jax.make_jaxpr(lambda p: fn(p, {}, batch, None)[0])(params))
+    return text.count(f' {primitive}[')
+  assert count(loss, 'reduce_window_max') == 2
+  # The tiling pool is gone, the overlapping one is lax's as written.
+  assert count(rewritten, 'reduce_window_max') == 1
+  assert count(rewritten, 'conv_general_dilated') == 0
+  want = jax.grad(lambda p: loss(p, {}, batch, None)[0])(params)
+  got = jax.grad(lambda p: rewritten(p, {}, batch, None)[0])(params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -324,3 +324,39 @@ def test_im2col_conv_matches_lax(stride, padding):
   want_grads = jax.grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
   for a, b in zip(got_grads, want_grads):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('shape,window', [
+    ((3, 8, 8, 4), (1, 2, 2, 1)),   # nn.max_pool(x, (2, 2), (2, 2))
+    ((2, 7, 9, 3), (1, 3, 2, 1)),   # VALID drops the last row and column
+    ((5, 12), (1, 4)),              # 1-D pooling of [N, T]
+])
+def test_windowed_max_equals_reduce_window_bit_for_bit(shape, window):
+  from ondevice.models import layers
+  rng = np.random.default_rng(3)
+  # ReLU'd and rounded to halves: most windows hold ties (zeros and equal
+  # values), where the gradient's destination is decided by the rule.
+  x = np.round(np.maximum(rng.normal(size=shape), 0) * 2) / 2
+  x[(0,) * len(shape)] = -0.0   # a signed zero survives as it is
+  x = jnp.asarray(x.astype(np.float32))
+  reference = lambda v: lax.reduce_window(v, -jnp.inf, lax.max, window,
+                                          window, 'VALID')
+  fast = lambda v: layers.windowed_max(v, window)
+  want, want_vjp = jax.vjp(reference, x)
+  got, got_vjp = jax.vjp(fast, x)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+  g = jnp.asarray(rng.normal(size=want.shape).astype(np.float32))
+  np.testing.assert_array_equal(got_vjp(g)[0], want_vjp(g)[0])
+  # Each window sends its gradient to exactly one element.
+  hits = np.asarray(got_vjp(jnp.ones_like(g))[0])
+  assert hits.sum() == np.prod(want.shape) and set(np.unique(hits)) <= {0, 1}
+  # Forward mode too (a select-and-scatter has none to compare with).
+  _, tangent = jax.jvp(fast, (x,), (jnp.ones_like(x),))
+  np.testing.assert_array_equal(tangent, np.ones(want.shape, np.float32))
+
+
+def test_windowed_max_rejects_a_window_of_the_wrong_rank():
+  from ondevice.models import layers
+  with pytest.raises(ValueError, match='for each of the 4 axes'):
+    layers.windowed_max(jnp.zeros((1, 4, 4, 1)), (2, 2))

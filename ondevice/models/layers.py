@@ -244,3 +244,35 @@ def cpu_friendly_conv_general_dilated(lhs, rhs, window_strides, padding,
                                           **kwargs)
   return im2col_conv_general_dilated(lhs, rhs, window_strides, padding,
                                      **kwargs)
+
+
+def windowed_max(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
+  """Max over non-overlapping windows: `lax.reduce_window` max with stride
+  equal to the window and VALID padding (e.g. `nn.max_pool(x, (2, 2),
+  (2, 2))` is `windowed_max(x, (1, 2, 2, 1))`).
+
+  XLA:CPU runs that reduce-window's gradient (a select-and-scatter, which
+  it lowers to a variadic reduce-window over index iotas and a scatter)
+  about 8x slower than this form on [8, 28, 28, 32] (1.27 ms against
+  0.16 ms for forward and backward), and it was the largest op of a stock
+  CNN's training step. Here each window becomes one trailing axis; the
+  output is the window's first maximum picked by a one-hot select (summed
+  with -0.0, which leaves every value as it is), so the gradient goes to
+  that first maximum, as XLA's select-and-scatter sends it: values and
+  gradients are equal bit for bit, ties included. Plain JAX ops, so it
+  vmaps and differentiates to any order and in forward mode.
+  """
+  window = tuple(int(w) for w in window)
+  if len(window) != x.ndim or min(window) < 1:
+    raise ValueError(f'windowed_max: window {window} must give a size >= 1 '
+                     f'for each of the {x.ndim} axes of x {x.shape}.')
+  out_shape = tuple(d // w for d, w in zip(x.shape, window))
+  # VALID windows: trailing elements that fill no whole window drop out.
+  x = x[tuple(slice(0, o * w) for o, w in zip(out_shape, window))]
+  x = x.reshape(tuple(s for o, w in zip(out_shape, window) for s in (o, w)))
+  n = len(window)
+  x = x.transpose(tuple(range(0, 2 * n, 2)) + tuple(range(1, 2 * n, 2)))
+  x = x.reshape(out_shape + (-1,))
+  first = jax.lax.stop_gradient(jnp.argmax(x, axis=-1))
+  pick = first[..., None] == jnp.arange(x.shape[-1])
+  return jnp.sum(jnp.where(pick, x, jnp.array(-0.0, x.dtype)), axis=-1)
