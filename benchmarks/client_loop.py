@@ -10,13 +10,15 @@ SGD, for three kinds of step:
                convolutions are im2col matmuls
   dense_100k   784 -> 128 -> 10 MLP
 
-each with `LocalConfig.loop` 'scan' and 'unroll' on the convolutions as
-written (`conv='native'`), and 'scan' with them rewritten into im2col
-matmuls (`conv='im2col'`, `client.with_cpu_convolutions`), at 4, 8 and 16
-local steps. The three alternate within every repeat, so load changes hit
-all; the median over repeats is reported with compile seconds. The rules of
-`client.resolve_loop` and `client.resolve_conv` ('auto') are read off this
-table.
+each with `LocalConfig.loop` 'scan' and 'unroll', on the convolutions as
+written (`conv='native'`) and rewritten into im2col matmuls (`conv='im2col'`,
+`client.with_cpu_convolutions`, which also rewrites tiling max pools), at 4,
+8 and 16 local steps. The four alternate within every repeat, so load
+changes hit all; the median over repeats is reported with compile seconds.
+With `--clients=N` each call runs N clients' updates in a `lax.scan` that
+sums their deltas, as 'streamed' execution runs a round (the local loop is
+then nested in the loop over clients). The rules of `client.resolve_loop`
+and `client.resolve_conv` ('auto') are read off this table.
 
 Every setting also reports XLA's FLOPs of the update (one local SGD step of
 the model as written, `benchmarks.hardware.train_step_flops`, x local
@@ -26,6 +28,8 @@ and end of the same run. A markdown table goes beside the JSON.
 
     python -m benchmarks.client_loop \
         --out=benchmarks/results/fedjax_comparison/client_loop.json
+    python -m benchmarks.client_loop --clients=50 --steps=4 \
+        --out=benchmarks/results/fedjax_comparison/client_loop_round.json
     python -m benchmarks.client_loop --models=dense_100k --steps=2 \
         --repeats=1 --out=/tmp/client_loop.json    # a smoke run
 """
@@ -63,6 +67,10 @@ _BATCH = flags.DEFINE_integer('batch_size', 8, 'Local batch size.',
 _MODELS = flags.DEFINE_list('models', ['stock_conv', 'im2col_conv',
                                       'dense_100k'], 'Models, see above.',
                                       flag_values=FLAGS)
+_CLIENTS = flags.DEFINE_integer(
+    'clients', 1, "Clients per call, scanned as 'streamed' execution runs "
+    'a round (1: the update alone).', flag_values=FLAGS)
+VARIANTS = ('scan_native', 'unroll_native', 'scan_im2col', 'unroll_im2col')
 
 
 class StockCNN(nn.Module):
@@ -92,21 +100,43 @@ def _models():
           'dense_100k': StockMLP()}
 
 
-def _client(num_examples: int):
+def _client(num_examples: int, clients: int = 1):
+  """One client's data, or `clients` stacked on a leading axis."""
   rng = np.random.default_rng(0)
-  return {'x': jnp.asarray(rng.normal(size=(num_examples, 28, 28, 1)),
+  lead = (clients,) if clients > 1 else ()
+  return {'x': jnp.asarray(rng.normal(size=lead + (num_examples, 28, 28, 1)),
                            jnp.float32),
-          'y': jnp.asarray(rng.integers(0, 10, num_examples), jnp.int32),
-          'mask': jnp.ones((num_examples,), jnp.float32)}
+          'y': jnp.asarray(rng.integers(0, 10, lead + (num_examples,)),
+                           jnp.int32),
+          'mask': jnp.ones(lead + (num_examples,), jnp.float32)}
+
+
+def _streamed(update, clients: int):
+  """`clients` updates in a scan summing deltas, or the update alone."""
+  if clients == 1:
+    return update
+
+  def round_fn(params, model_state, data, key):
+    def one(total, inputs):
+      client_data, client_key = inputs
+      delta = update(params, model_state, client_data, client_key).delta
+      return jax.tree.map(jnp.add, total, delta), None
+    zeros = jax.tree.map(jnp.zeros_like, train.flatten_params(params))
+    return jax.lax.scan(one, zeros,
+                        (data, jax.random.split(key, clients)))[0]
+
+  return round_fn
 
 
 def _compiled(model, steps: int, variant: str, data):
   loop, conv = variant.split('_')
-  params = model.init(jax.random.key(0), data['x'][:1])['params']
+  x = data['x'] if _CLIENTS.value == 1 else data['x'][0]
+  params = model.init(jax.random.key(0), x[:1])['params']
   update = client_lib.make_client_update(
       train.classification_loss(model), optax.sgd(0.05),
       client_lib.LocalConfig(batch_size=_BATCH.value, num_steps=steps,
                              loop=loop, conv=conv))
+  update = _streamed(update, _CLIENTS.value)
   start = time.perf_counter()
   fn = jax.jit(update).lower(params, {}, data, jax.random.key(1)).compile()
   compile_s = time.perf_counter() - start
@@ -123,17 +153,19 @@ def _update_flops(model, steps: int, data) -> float | None:
 
 
 def _measure(name, model, steps: int, peak_gflops: float):
-  data = _client(steps * _BATCH.value)
+  data = _client(steps * _BATCH.value, _CLIENTS.value)
   runs = {variant: _compiled(model, steps, variant, data)
-          for variant in ('scan_native', 'unroll_native', 'scan_im2col')}
+          for variant in VARIANTS}
   times = {loop: [] for loop in runs}
   for _ in range(_REPEATS.value + 1):  # The first repeat warms caches.
     for loop, (fn, _) in runs.items():
       start = time.perf_counter()
       jax.block_until_ready(fn())
       times[loop].append(time.perf_counter() - start)
-  flops = _update_flops(model, steps, data)
+  flops = hardware.scaled(_update_flops(model, steps, _client(1)),
+                          _CLIENTS.value)
   row = {'model': name, 'steps': steps, 'batch_size': _BATCH.value,
+         'clients': _CLIENTS.value,
          'update_gflop': None if flops is None else flops / 1e9}
   for loop in runs:
     row[f'{loop}_sec'] = statistics.median(times[loop][1:])
@@ -143,6 +175,8 @@ def _measure(name, model, steps: int, peak_gflops: float):
   row['scan_over_unroll'] = row['scan_native_sec'] / row['unroll_native_sec']
   row['unroll_over_im2col'] = (row['unroll_native_sec'] /
                                row['scan_im2col_sec'])
+  row['im2col_scan_over_unroll'] = (row['scan_im2col_sec'] /
+                                    row['unroll_im2col_sec'])
   print(row, flush=True)
   return row
 
@@ -152,7 +186,7 @@ def _markdown(out) -> str:
   for r in out['rows']:
     row = {'model': r['model'], 'steps': r['steps'],
            'GFLOP': hardware.table_columns(r['scan_native_achieved'])['GFLOP']}
-    for loop in ('scan_native', 'unroll_native', 'scan_im2col'):
+    for loop in VARIANTS:
       cells = hardware.table_columns(r[f'{loop}_achieved'])
       row[f'{loop} s'] = r[f'{loop}_sec']
       row[f'{loop} GFLOP/s'] = cells['GFLOP/s']
@@ -160,7 +194,8 @@ def _markdown(out) -> str:
     rows.append(row)
   peaks = hardware.peak_text(out['matmul_peak_start'], out['matmul_peak_end'])
   return (f"# One client's update: scan, unroll, im2col ({out['date']}, "
-          f"{out['backend']}, {out['cpu_count']} CPUs)\n\nBatch "
+          f"{out['backend']}, {out['cpu_count']} CPUs)\n\n"
+          f"{_CLIENTS.value} client(s) per call; batch "
           f"{_BATCH.value}; median of {_REPEATS.value} calls. GFLOP: XLA's "
           f'FLOPs of one step x steps. {peaks}\n\n'
           f'{metric_writer.markdown_table(rows)}\n')

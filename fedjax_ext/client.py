@@ -200,13 +200,27 @@ def local_batch(client_data: Mapping[str, jax.Array], key: jax.Array,
   """The `step`-th local batch of one client (see the module docstring)."""
   if last_batch == 'fill':
     return _filled_batch(client_data, key, step, batch_size, num_epochs)
+  epoch = _epoch_at(client_data, step, batch_size)
+  order = _epoch_order(key, epoch, client_data['mask'] > 0)
+  return _masked_batch(client_data, order, step, batch_size, num_epochs)
+
+
+def _epoch_at(client_data, step: jax.Array, batch_size: int) -> jax.Array:
+  """The epoch that local step `step` of this client belongs to."""
+  n = jnp.sum(client_data['mask'] > 0).astype(jnp.int32)
+  return step // jnp.maximum((n + batch_size - 1) // batch_size, 1)
+
+
+def _masked_batch(client_data, order: jax.Array, step: jax.Array,
+                  batch_size: int, num_epochs: int | None
+                  ) -> dict[str, jax.Array]:
+  """Step `step`'s batch, given the order of its epoch ('mask' batching)."""
   valid = client_data['mask'] > 0
   max_examples = valid.shape[0]
   n = jnp.sum(valid).astype(jnp.int32)
   steps_per_epoch = jnp.maximum((n + batch_size - 1) // batch_size, 1)
   epoch = step // steps_per_epoch
   start = (step % steps_per_epoch) * batch_size
-  order = _epoch_order(key, epoch, valid)
   padded = -(-max_examples // batch_size) * batch_size
   order = jnp.pad(order, (0, padded - max_examples))
   index = lax.dynamic_slice(order, (start,), (batch_size,))
@@ -347,33 +361,58 @@ def _local_steps(step_fn, local: LocalConfig, client_data, key, state):
     sums = jax.eval_shape(train_step, state, batch, step)[1]
     return state, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sums)
 
-  def batch_at(step):
-    return local_batch(client_data, batch_key, step, local.batch_size,
-                       local.num_epochs, local.last_batch)
+  valid = client_data['mask'] > 0
 
-  def body(state, step):
-    batch = batch_at(step)
-    return lax.cond(jnp.any(batch['mask'] > 0), train_step, skip_step,
-                    state, batch, step)
+  def batch_at(step, cache):
+    """(The batch of `step`, the epoch-order cache after it)."""
+    if local.last_batch == 'fill':
+      return local_batch(client_data, batch_key, step, local.batch_size,
+                         local.num_epochs, 'fill'), cache
+    # Each epoch's order is drawn when its first step comes and kept in the
+    # loop's carry: the order `local_batch` draws, without a PRNG draw per
+    # step (on XLA:CPU one is a rolled loop of tiny ops, which cost more
+    # than a small dense model's whole step; under a vmap the cond is a
+    # select and every step draws, as before).
+    epoch = _epoch_at(client_data, step, local.batch_size)
+    cached_epoch, cached_order = cache
+    order = lax.cond(epoch == cached_epoch, lambda: cached_order,
+                     lambda: _epoch_order(batch_key, epoch, valid))
+    return _masked_batch(client_data, order, step, local.batch_size,
+                         local.num_epochs), (epoch, order)
 
-  def unrolled_body(state, step):
-    # No cond: XLA:CPU runs a convolution inside a conditional as slowly as
-    # inside a loop, and the train step is a no-op on padding anyway.
-    return train_step(state, batch_at(step), step)
+  cache = None
+  if local.last_batch == 'mask':
+    cache = (jnp.int32(0), _epoch_order(batch_key, jnp.int32(0), valid))
+
+  def body(carry, step):
+    state, cache = carry
+    batch, cache = batch_at(step, cache)
+    state, sums = lax.cond(jnp.any(batch['mask'] > 0), train_step,
+                           skip_step, state, batch, step)
+    return (state, cache), sums
+
+  def unrolled_body(carry, step):
+    # No cond around the step: XLA:CPU runs a convolution inside a
+    # conditional as slowly as inside a loop, and the train step is a no-op
+    # on padding anyway.
+    state, cache = carry
+    batch, cache = batch_at(step, cache)
+    state, sums = train_step(state, batch, step)
+    return (state, cache), sums
 
   primitives = set()
   if local.loop == 'auto':
-    one_batch = jax.eval_shape(batch_at, jnp.int32(0))
+    one_batch = jax.eval_shape(lambda s: batch_at(s, cache)[0], jnp.int32(0))
     primitives = execution.traced_primitives(train_step, state, one_batch,
                                              jnp.int32(0))
   loop = resolve_loop(local.loop, scan_length, primitives)
   logging.info('Client update: %d local steps as %s (LocalConfig.loop=%r).',
                scan_length, loop, local.loop)
   execution.record_choice('local_loop', loop)
-  if loop == 'unroll':
-    return lax.scan(unrolled_body, state, jnp.arange(scan_length),
-                    unroll=True)
-  return lax.scan(body, state, jnp.arange(scan_length))
+  (final, _), per_step = lax.scan(
+      unrolled_body if loop == 'unroll' else body, (state, cache),
+      jnp.arange(scan_length), unroll=loop == 'unroll')
+  return final, per_step
 
 
 def make_client_update(loss_fn: train.LossFn | Any,
