@@ -341,6 +341,34 @@ def resolve_loop(loop: str, scan_length: int, primitives: set[str],
   return 'scan'
 
 
+def _batch_source(client_data, local: LocalConfig, batch_key: jax.Array):
+  """(`batch_at(step, cache) -> (batch, cache)`, the initial cache).
+
+  With 'mask' batching each epoch's order is drawn when its first step
+  comes and kept in the loop's carry: the order `local_batch` draws,
+  without a PRNG draw per step (on XLA:CPU one is a rolled loop of tiny
+  ops, which cost more than a small dense model's whole step; under a vmap
+  the cond is a select and every step draws, as before).
+  """
+  valid = client_data['mask'] > 0
+
+  def batch_at(step, cache):
+    if local.last_batch == 'fill':
+      return local_batch(client_data, batch_key, step, local.batch_size,
+                         local.num_epochs, 'fill'), cache
+    epoch = _epoch_at(client_data, step, local.batch_size)
+    cached_epoch, cached_order = cache
+    order = lax.cond(epoch == cached_epoch, lambda: cached_order,
+                     lambda: _epoch_order(batch_key, epoch, valid))
+    return _masked_batch(client_data, order, step, local.batch_size,
+                         local.num_epochs), (epoch, order)
+
+  if local.last_batch == 'fill':
+    return batch_at, None
+  return batch_at, (jnp.int32(0), _epoch_order(batch_key, jnp.int32(0),
+                                               valid))
+
+
 def _local_steps(step_fn, local: LocalConfig, client_data, key, state):
   """Runs the local steps; returns (final state, per-step summed metrics)."""
   batch_key, step_key = jax.random.split(key)
@@ -361,28 +389,7 @@ def _local_steps(step_fn, local: LocalConfig, client_data, key, state):
     sums = jax.eval_shape(train_step, state, batch, step)[1]
     return state, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sums)
 
-  valid = client_data['mask'] > 0
-
-  def batch_at(step, cache):
-    """(The batch of `step`, the epoch-order cache after it)."""
-    if local.last_batch == 'fill':
-      return local_batch(client_data, batch_key, step, local.batch_size,
-                         local.num_epochs, 'fill'), cache
-    # Each epoch's order is drawn when its first step comes and kept in the
-    # loop's carry: the order `local_batch` draws, without a PRNG draw per
-    # step (on XLA:CPU one is a rolled loop of tiny ops, which cost more
-    # than a small dense model's whole step; under a vmap the cond is a
-    # select and every step draws, as before).
-    epoch = _epoch_at(client_data, step, local.batch_size)
-    cached_epoch, cached_order = cache
-    order = lax.cond(epoch == cached_epoch, lambda: cached_order,
-                     lambda: _epoch_order(batch_key, epoch, valid))
-    return _masked_batch(client_data, order, step, local.batch_size,
-                         local.num_epochs), (epoch, order)
-
-  cache = None
-  if local.last_batch == 'mask':
-    cache = (jnp.int32(0), _epoch_order(batch_key, jnp.int32(0), valid))
+  batch_at, cache = _batch_source(client_data, local, batch_key)
 
   def body(carry, step):
     state, cache = carry
