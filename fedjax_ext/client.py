@@ -175,22 +175,56 @@ def _gather(client_data, index, real):
           'mask': real.astype(jnp.float32)}
 
 
-def _filled_batch(client_data: Mapping[str, jax.Array], key: jax.Array,
-                  step: jax.Array, batch_size: int,
-                  num_epochs: int | None) -> dict[str, jax.Array]:
-  """FedJAX-style batch: positions of one stream of epoch permutations."""
-  valid = client_data['mask'] > 0
-  n = jnp.sum(valid).astype(jnp.int32)
+def _filled_positions(client_data, step: jax.Array, batch_size: int):
+  """(n, epoch, offset) of each position of step `step`'s batch."""
+  n = jnp.sum(client_data['mask'] > 0).astype(jnp.int32)
   positions = step * batch_size + jnp.arange(batch_size)
-  epochs = positions // jnp.maximum(n, 1)
-  offsets = positions % jnp.maximum(n, 1)
+  return n, positions // jnp.maximum(n, 1), positions % jnp.maximum(n, 1)
+
+
+def _per_position_index(key, valid, epochs, offsets) -> jax.Array:
   # A batch may span several epochs (n < B): one permutation per position.
-  index = jax.vmap(lambda e, o: _epoch_order(key, e, valid)[o])(epochs,
-                                                                offsets)
+  return jax.vmap(lambda e, o: _epoch_order(key, e, valid)[o])(epochs,
+                                                               offsets)
+
+
+def _filled_gather(client_data, index, n, step, batch_size: int,
+                   num_epochs: int | None) -> dict[str, jax.Array]:
   real = jnp.broadcast_to(n > 0, (batch_size,))
   if num_epochs is not None:
     real &= step < (n * num_epochs + batch_size - 1) // batch_size
   return _gather(client_data, index, real)
+
+
+def _filled_batch(client_data: Mapping[str, jax.Array], key: jax.Array,
+                  step: jax.Array, batch_size: int,
+                  num_epochs: int | None) -> dict[str, jax.Array]:
+  """FedJAX-style batch: positions of one stream of epoch permutations."""
+  n, epochs, offsets = _filled_positions(client_data, step, batch_size)
+  index = _per_position_index(key, client_data['mask'] > 0, epochs, offsets)
+  return _filled_gather(client_data, index, n, step, batch_size, num_epochs)
+
+
+def _cached_filled_batch(client_data, key, step, batch_size: int,
+                         num_epochs: int | None, cache):
+  """`_filled_batch` and the cache after it, drawing each epoch's order
+  once: a batch of n >= B real examples spans at most two epochs, whose
+  orders are the kept one or a new draw."""
+  valid = client_data['mask'] > 0
+  n, epochs, offsets = _filled_positions(client_data, step, batch_size)
+  first = epochs[0]
+  cached_epoch, cached_order = cache
+  low = lax.cond(first == cached_epoch, lambda: cached_order,
+                 lambda: _epoch_order(key, first, valid))
+  spans = epochs[-1] != first
+  high = lax.cond(spans, lambda: _epoch_order(key, first + 1, valid),
+                  lambda: low)
+  index = jnp.where(epochs == first, low[offsets], high[offsets])
+  index = lax.cond(epochs[-1] - first > 1,
+                   lambda: _per_position_index(key, valid, epochs, offsets),
+                   lambda: index)
+  batch = _filled_gather(client_data, index, n, step, batch_size, num_epochs)
+  return batch, (first + spans.astype(first.dtype), high)
 
 
 def local_batch(client_data: Mapping[str, jax.Array], key: jax.Array,
@@ -344,18 +378,19 @@ def resolve_loop(loop: str, scan_length: int, primitives: set[str],
 def _batch_source(client_data, local: LocalConfig, batch_key: jax.Array):
   """(`batch_at(step, cache) -> (batch, cache)`, the initial cache).
 
-  With 'mask' batching each epoch's order is drawn when its first step
-  comes and kept in the loop's carry: the order `local_batch` draws,
-  without a PRNG draw per step (on XLA:CPU one is a rolled loop of tiny
-  ops, which cost more than a small dense model's whole step; under a vmap
-  the cond is a select and every step draws, as before).
+  Each epoch's order is drawn when its first step comes and kept in the
+  loop's carry ('fill' batching keeps the latest of the two epochs a batch
+  can span, and draws per position when n < B): the orders `local_batch`
+  draws, without a PRNG draw per step (on XLA:CPU one is a rolled loop of
+  tiny ops, which cost more than a small dense model's whole step; under a
+  vmap the cond is a select and every step draws, as before).
   """
   valid = client_data['mask'] > 0
 
   def batch_at(step, cache):
     if local.last_batch == 'fill':
-      return local_batch(client_data, batch_key, step, local.batch_size,
-                         local.num_epochs, 'fill'), cache
+      return _cached_filled_batch(client_data, batch_key, step,
+                                  local.batch_size, local.num_epochs, cache)
     epoch = _epoch_at(client_data, step, local.batch_size)
     cached_epoch, cached_order = cache
     order = lax.cond(epoch == cached_epoch, lambda: cached_order,
@@ -363,8 +398,6 @@ def _batch_source(client_data, local: LocalConfig, batch_key: jax.Array):
     return _masked_batch(client_data, order, step, local.batch_size,
                          local.num_epochs), (epoch, order)
 
-  if local.last_batch == 'fill':
-    return batch_at, None
   return batch_at, (jnp.int32(0), _epoch_order(batch_key, jnp.int32(0),
                                                valid))
 

@@ -325,39 +325,47 @@ def _pull_loss(params, model_state, batch, rng):
   return train.masked_mean(per_example, mask), (sums, model_state)
 
 
-def _pull_reference(data, key, num_steps, batch_size, lr):
+def _pull_reference(data, key, num_steps, batch_size, lr, last_batch):
   """w after SGD on `local_batch`'s batches, one step at a time."""
   batch_key = jax.random.split(key)[0]  # As the client update splits it.
   w = 0.0
   for step in range(num_steps):
     batch = client.local_batch(data, batch_key, jnp.int32(step), batch_size,
-                               None)
+                               None, last_batch)
     mask, x = np.asarray(batch['mask']), np.asarray(batch['x'])
     if mask.sum():
       w -= lr * float(np.sum(mask * (w - x)) / mask.sum())
   return w
 
 
-def test_local_steps_draw_each_epoch_order_once_as_local_batch_does():
-  # n = 5 real examples of 6, B = 2: 3 steps per epoch (the last one short),
-  # so 8 steps cross 3 epochs. The update draws an epoch's order once and
-  # keeps it; its batches must be local_batch's, step by step, in both
+@pytest.mark.parametrize('last_batch,n,batch_size', [
+    ('mask', 5, 2),   # 3 steps per epoch, the last one short
+    ('fill', 5, 2),   # batches span two epochs (n >= B)
+    ('fill', 3, 5),   # n < B: some batches span three epochs
+])
+def test_local_steps_draw_each_epoch_order_once_as_local_batch_does(
+    last_batch, n, batch_size):
+  # 8 steps cross several epochs. The update draws an epoch's order once
+  # and keeps it; its batches must be local_batch's, step by step, in both
   # loops and under a vmap (where the kept order is a select).
   data = {'x': np.array([1.0, 2.0, 4.0, 8.0, 16.0, 0.0], np.float32),
           'y': np.zeros(6, np.int32),
-          'mask': np.array([1, 1, 1, 1, 1, 0], np.float32)}
+          'mask': (np.arange(6) < n).astype(np.float32)}
   lr, key = 0.5, jax.random.key(7)
-  want = _pull_reference(data, key, 8, 2, lr)
+  want = _pull_reference(data, key, 8, batch_size, lr, last_batch)
   # The order matters: another key's batches end elsewhere.
-  assert abs(_pull_reference(data, jax.random.key(8), 8, 2, lr) - want) > 0.1
+  other = _pull_reference(data, jax.random.key(8), 8, batch_size, lr,
+                          last_batch)
+  assert abs(other - want) > 0.01
   params = {'w': jnp.zeros(())}
   for loop in ('scan', 'unroll'):
     update = client.make_client_update(
         _pull_loss, optax.sgd(lr),
-        client.LocalConfig(batch_size=2, num_steps=8, loop=loop))
+        client.LocalConfig(batch_size=batch_size, num_steps=8, loop=loop,
+                           last_batch=last_batch))
     out = jax.jit(update)(params, {}, data, key)
     np.testing.assert_allclose(out.delta['w'], want, rtol=1e-5)
     assert float(out.metrics['num_steps']) == 8.0
     two = jax.jit(jax.vmap(update, in_axes=(None, None, None, 0)))(
         params, {}, data, jnp.stack([key, jax.random.key(8)]))
-    np.testing.assert_allclose(two.delta['w'][0], want, rtol=1e-5)
+    np.testing.assert_allclose(two.delta['w'], [want, other], rtol=1e-5)
