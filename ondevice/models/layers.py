@@ -275,4 +275,5 @@ def windowed_max(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
   x = x.reshape(out_shape + (-1,))
   first = jax.lax.stop_gradient(jnp.argmax(x, axis=-1))
   pick = first[..., None] == jnp.arange(x.shape[-1])
-  return jnp.sum(jnp.where(pick, x, jnp.array(-0.0, x.dtype)), axis=-1)
+  return jnp.sum(jnp.where(pick, x, jnp.array(-0.0, x.dtype)),
+                 axis=-1).astype(x.dtype)
