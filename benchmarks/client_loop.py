@@ -51,6 +51,7 @@ import optax
 from benchmarks import cli
 from benchmarks import hardware
 from fedjax_ext import client as client_lib
+from fedjax_ext import execution
 from ondevice import metric_writer
 from ondevice import models
 from ondevice import train
@@ -112,18 +113,18 @@ def _client(num_examples: int, clients: int = 1):
 
 
 def _streamed(update, clients: int):
-  """`clients` updates in a scan summing deltas, or the update alone."""
+  """`clients` updates summed by `execution.stream_clients` (what
+  'streamed' execution runs), or the update alone."""
   if clients == 1:
     return update
 
   def round_fn(params, model_state, data, key):
-    def one(total, inputs):
-      client_data, client_key = inputs
-      delta = update(params, model_state, client_data, client_key).delta
-      return jax.tree.map(jnp.add, total, delta), None
-    zeros = jax.tree.map(jnp.zeros_like, train.flatten_params(params))
-    return jax.lax.scan(one, zeros,
-                        (data, jax.random.split(key, clients)))[0]
+    def one(broadcast, client):
+      out = update(*broadcast, client['data'], client['key'])
+      return out.delta, ()
+    per_client = {'data': data, 'key': jax.random.split(key, clients)}
+    return execution.stream_clients(one, (params, model_state),
+                                    per_client)[0]
 
   return round_fn
 

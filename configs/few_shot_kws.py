@@ -140,11 +140,11 @@ def _outlier_study(config: ml_collections.ConfigDict) -> None:
   # +22.8% at 20 steps; 1e-2 x 5 steps leaves the Adam-trained minimum and
   # falls below unadapted). The meta-learners' inner loops use the same rate
   # for 20 steps: 50 would cost 2.5x every inner loop of meta-training.
-  lr, steps = 1e-2, 20
-  config.personalize.update(learning_rate=lr, num_steps=50)
+  lr, finetune_steps, inner_steps = 1e-2, 50, 20
+  config.personalize.update(learning_rate=lr, num_steps=finetune_steps)
   config.meta.update(meta_learners.default_configs(
-      inner_lr=lr, inner_steps=steps, eval_inner_steps=steps, outer_lr=3e-5,
-      step_size=0.5))
+      inner_lr=lr, inner_steps=inner_steps, eval_inner_steps=inner_steps,
+      outer_lr=3e-5, step_size=0.5))
   config.keyword_split.names = ()
 
 

@@ -234,27 +234,25 @@ def local_batch(client_data: Mapping[str, jax.Array], key: jax.Array,
   """The `step`-th local batch of one client (see the module docstring)."""
   if last_batch == 'fill':
     return _filled_batch(client_data, key, step, batch_size, num_epochs)
-  epoch = _epoch_at(client_data, step, batch_size)
-  order = _epoch_order(key, epoch, client_data['mask'] > 0)
-  return _masked_batch(client_data, order, step, batch_size, num_epochs)
+  position = _epoch_position(client_data, step, batch_size)
+  order = _epoch_order(key, position[1], client_data['mask'] > 0)
+  return _masked_batch(client_data, order, position, batch_size, num_epochs)
 
 
-def _epoch_at(client_data, step: jax.Array, batch_size: int) -> jax.Array:
-  """The epoch that local step `step` of this client belongs to."""
+def _epoch_position(client_data, step: jax.Array, batch_size: int):
+  """(n, epoch, first example of the batch in the epoch's order) of local
+  step `step` ('mask' batching: ceil(n / B) steps per epoch)."""
   n = jnp.sum(client_data['mask'] > 0).astype(jnp.int32)
-  return step // jnp.maximum((n + batch_size - 1) // batch_size, 1)
-
-
-def _masked_batch(client_data, order: jax.Array, step: jax.Array,
-                  batch_size: int, num_epochs: int | None
-                  ) -> dict[str, jax.Array]:
-  """Step `step`'s batch, given the order of its epoch ('mask' batching)."""
-  valid = client_data['mask'] > 0
-  max_examples = valid.shape[0]
-  n = jnp.sum(valid).astype(jnp.int32)
   steps_per_epoch = jnp.maximum((n + batch_size - 1) // batch_size, 1)
-  epoch = step // steps_per_epoch
-  start = (step % steps_per_epoch) * batch_size
+  return (n, step // steps_per_epoch,
+          (step % steps_per_epoch) * batch_size)
+
+
+def _masked_batch(client_data, order: jax.Array, position, batch_size: int,
+                  num_epochs: int | None) -> dict[str, jax.Array]:
+  """The batch at `position` (`_epoch_position`), given its epoch's order."""
+  n, epoch, start = position
+  max_examples = client_data['mask'].shape[0]
   padded = -(-max_examples // batch_size) * batch_size
   order = jnp.pad(order, (0, padded - max_examples))
   index = lax.dynamic_slice(order, (start,), (batch_size,))
@@ -391,11 +389,12 @@ def _batch_source(client_data, local: LocalConfig, batch_key: jax.Array):
     if local.last_batch == 'fill':
       return _cached_filled_batch(client_data, batch_key, step,
                                   local.batch_size, local.num_epochs, cache)
-    epoch = _epoch_at(client_data, step, local.batch_size)
+    position = _epoch_position(client_data, step, local.batch_size)
+    epoch = position[1]
     cached_epoch, cached_order = cache
     order = lax.cond(epoch == cached_epoch, lambda: cached_order,
                      lambda: _epoch_order(batch_key, epoch, valid))
-    return _masked_batch(client_data, order, step, local.batch_size,
+    return _masked_batch(client_data, order, position, local.batch_size,
                          local.num_epochs), (epoch, order)
 
   return batch_at, (jnp.int32(0), _epoch_order(batch_key, jnp.int32(0),
