@@ -35,6 +35,8 @@ plus the config's seed resumes bit for bit.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -42,6 +44,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_ext import client as client_lib
+from fedjax_ext import execution
 from fedjax_ext import meta_client
 from fedjax_ext import rounds as rounds_lib
 from fedjax_ext import server_optimizers
@@ -93,7 +96,9 @@ class FederatedAlgorithm(NamedTuple):
   Attributes:
     init: `init(params, model_state=None) -> state`.
     apply: jitted `apply(state, cohort, client_ids, key) -> (state,
-      round_metrics)`; one call runs a whole round.
+      round_metrics)`; one call runs a whole round. With
+      `ExecutionConfig.host_threads > 1` it is a Python function calling
+      jitted parts instead (it cannot be traced; see execution.py).
   """
   init: Callable[..., Any]
   apply: Callable[..., Any]
@@ -147,12 +152,8 @@ def fedopt(loss_fn: train.LossFn,
         round=jnp.zeros((), jnp.int32),
         aggregator_state=rounds_lib.init_aggregator_state(rounds))
 
-  def apply(state: ServerState, cohort, client_ids, key):
+  def server_update(state: ServerState, result: rounds_lib.RoundResult):
     paths = train.resolve_trainable(state.params, local.trainable)
-    result = rounds_lib.run_round(client_update, state.params,
-                                  state.model_state, cohort, client_ids, key,
-                                  rounds,
-                                  aggregator_state=state.aggregator_state)
     params, opt_state = _server_step(server_optimizer, state.params,
                                      state.opt_state, result, paths)
     metrics = dict(result.metrics, round=state.round.astype(jnp.float32))
@@ -160,7 +161,58 @@ def fedopt(loss_fn: train.LossFn,
                        opt_state=opt_state, round=state.round + 1,
                        aggregator_state=result.aggregator_state), metrics
 
-  return FederatedAlgorithm(init=init, apply=jax.jit(apply))
+  def apply(state: ServerState, cohort, client_ids, key):
+    result = rounds_lib.run_round(client_update, state.params,
+                                  state.model_state, cohort, client_ids, key,
+                                  rounds,
+                                  aggregator_state=state.aggregator_state)
+    return server_update(state, result)
+
+  if rounds.execution.host_threads == 1:
+    return FederatedAlgorithm(init=init, apply=jax.jit(apply))
+  return FederatedAlgorithm(
+      init=init, apply=_host_threaded_apply(client_update, rounds,
+                                            server_update))
+
+
+def _host_threaded_apply(client_update, rounds: rounds_lib.RoundConfig,
+                         server_update):
+  """`apply` that runs parts of the cohort from host threads (execution.py).
+
+  Three kinds of jitted computation per round: `split_round`, one
+  `client_part` per part (each from its own thread, at the same time), and
+  `finish_round` with the server update.
+  """
+  threads = rounds.execution.host_threads
+  pool = concurrent.futures.ThreadPoolExecutor(
+      threads, thread_name_prefix='fedjax_ext_round')
+  split = jax.jit(functools.partial(rounds_lib.split_round, config=rounds,
+                                    parts=threads))
+  part_fn = jax.jit(functools.partial(rounds_lib.client_part, client_update,
+                                      config=rounds))
+
+  @jax.jit
+  def finish(state, parts, arrived, key):
+    result = rounds_lib.finish_round(state.params, state.model_state, parts,
+                                     arrived, key, rounds,
+                                     state.aggregator_state)
+    return server_update(state, result)
+
+  def apply(state: ServerState, cohort, client_ids, key):
+    execution.require_concrete((state, cohort, client_ids, key),
+                               'FederatedAlgorithm.apply')
+    execution.record_choice('host_threads', threads)
+    arrived, pieces = split(cohort, client_ids, key)
+
+    def run(piece):
+      return part_fn(state.params, state.model_state, piece['cohort'],
+                     piece['client_ids'], piece['arrived'], key,
+                     context=piece['context'])
+
+    parts = execution.host_map(run, pieces, pool)
+    return finish(state, parts, arrived, key)
+
+  return apply
 
 
 def fedavg(loss_fn, client_optimizer, local, *, server_learning_rate=1.0,
@@ -252,6 +304,11 @@ def scaffold(loss_fn: train.LossFn, local_learning_rate: float,
                      f'{local_learning_rate}.')
   if num_clients < 1:
     raise ValueError(f'num_clients must be >= 1; got {num_clients}.')
+  if rounds.execution.host_threads != 1:
+    raise ValueError(
+        f'scaffold does not support host_threads='
+        f'{rounds.execution.host_threads}: its control variates are updated '
+        'in the same computation as the round; set host_threads=1.')
   server_optimizer = optax.sgd(server_learning_rate)
   client_fn = _scaffold_client(loss_fn, local_learning_rate, local)
 

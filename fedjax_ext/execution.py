@@ -29,6 +29,22 @@ and sums part of their output. Five strategies:
   with `jax.make_array_from_process_local_data`).
 * 'auto': the rule in `resolve_strategy`.
 
+Host threads (`host_threads=T`, any strategy but 'sharded'): the cohort is
+split into T equal parts (the last padded with copies of client 0 that weigh
+nothing), each part runs as its own XLA computation dispatched from its own
+Python thread, and one more computation combines them. XLA:CPU runs one
+computation at a time per device and a small client step on one core, so
+this is how a round uses a CPU's other cores: FedAvg rounds of 50 clients x
+4 local steps of batch 8 on 2 cores, streamed, took 24.9 -> 9.1 ms for a
+784-128-10 MLP, 9.1 -> 4.9 ms for 784-32-10, 164 -> 105 ms for a 5k-param
+stock CNN. (Two devices from `jax_num_cpu_devices` do not help: one sharded
+computation ran its devices' parts one after the other, 19.2 vs 18.9 ms.)
+The parts' sums are added in part order, so the numbers depend on T, not on
+the machine's core count; T = 1 is the single computation. Only algorithms
+that build their round from `rounds.client_part` / `rounds.finish_round`
+(`algorithms.fedopt` and its family) support T > 1, and their `apply` is
+then a Python function that cannot be traced inside `jax.jit`.
+
 What was resolved is logged (absl) and kept: `resolved_choices()` returns
 the latest execution strategy, chunk size and client local loop chosen while
 a round was traced (e.g. for a run's final metrics).
@@ -42,6 +58,7 @@ them sharded and the aggregation is a single all-reduce.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from typing import Any, Callable
 
@@ -135,10 +152,14 @@ class ExecutionConfig:
       'streamed' (None: 1).
     mesh: mesh with a 'clients' axis for 'sharded' (None: every device of
       `jax.devices()` on one 'clients' axis).
+    host_threads: parts of the cohort run concurrently from this many host
+      threads (see the module docstring); 1 runs the round as one
+      computation.
   """
   strategy: str = 'auto'
   chunk_size: int | None = None
   mesh: Mesh | None = None
+  host_threads: int = 1
 
   def __post_init__(self):
     if self.strategy not in STRATEGIES:
@@ -147,6 +168,16 @@ class ExecutionConfig:
     if self.chunk_size is not None and self.chunk_size < 1:
       raise ValueError(f'chunk_size must be >= 1 or None; got '
                        f'{self.chunk_size}.')
+    if (not isinstance(self.host_threads, (int, np.integer)) or
+        isinstance(self.host_threads, bool) or self.host_threads < 1):
+      raise ValueError(f'host_threads must be an integer >= 1; got '
+                       f'{self.host_threads!r}.')
+    if self.host_threads > 1 and (self.strategy == 'sharded' or
+                                  self.mesh is not None):
+      raise ValueError(
+          f'host_threads={self.host_threads} with sharded execution: a '
+          'sharded round already spreads clients over devices; set '
+          'host_threads=1, or use another strategy on one device.')
     if self.mesh is not None and CLIENT_AXIS not in self.mesh.axis_names:
       raise ValueError(f'The mesh has axes {self.mesh.axis_names}; sharded '
                        f"execution needs an axis named '{CLIENT_AXIS}'.")
@@ -240,6 +271,47 @@ def _pad_clients(tree: PyTree, multiple: int) -> tuple[PyTree, int]:
     return jnp.concatenate([leaf, extra], axis=0)
 
   return jax.tree.map(pad, tree), size
+
+
+def split_clients(tree: PyTree, parts: int) -> tuple[list[PyTree], int]:
+  """Splits the client axis into `parts` equal parts.
+
+  The cohort is first padded to a multiple of `parts` with copies of client
+  0 (`_pad_clients`), so every part has the same shape and one compiled
+  computation serves them all.
+
+  Returns:
+    (the parts in order, clients per part).
+  """
+  padded, _ = _pad_clients(tree, parts)
+  per_part = jax.tree.leaves(padded)[0].shape[0] // parts
+  return [jax.tree.map(lambda x, i=i: x[i * per_part:(i + 1) * per_part],
+                       padded) for i in range(parts)], per_part
+
+
+def host_map(fn: Callable[[Any], Any], items: list[Any],
+             pool: concurrent.futures.Executor | None) -> list[Any]:
+  """[fn(item) for item in items], each call from a thread of `pool`.
+
+  Each call blocks until its outputs are computed, so the threads' XLA
+  computations run at the same time; results keep the order of `items`.
+  None runs them one after the other on this thread.
+  """
+  def run(item):
+    return jax.block_until_ready(fn(item))
+
+  if pool is None or len(items) < 2:
+    return [run(item) for item in items]
+  return [f.result() for f in [pool.submit(run, item) for item in items]]
+
+
+def require_concrete(tree: PyTree, what: str) -> None:
+  """Raises if `tree` holds tracers (host threads cannot run under jit)."""
+  if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree)):
+    raise ValueError(
+        f'{what} with host_threads > 1 runs the round as several XLA '
+        'computations from Python threads, so it cannot be traced (inside '
+        'jax.jit, vmap or scan); call it outside, or set host_threads=1.')
 
 
 def client_mesh(config: ExecutionConfig) -> Mesh:

@@ -64,7 +64,7 @@ import quantized_training
 
 OPTIONAL_KEYS = ('partition', 'norm', 'model_kwargs', 'quant', 'trainable',
                  'client_momentum', 'weighted_sampling', 'dropout_rate',
-                 'execution', 'aggregator', 'compression', 'dp',
+                 'execution', 'host_threads', 'aggregator', 'compression', 'dp',
                  'secure_aggregation', 'personalize', 'init',
                  'eval_batch_size', 'distributed')
 # Round metric -> its column in metrics.jsonl.
@@ -371,7 +371,7 @@ def final_metrics(config, parts: Parts, pool, result: loop.LoopResult
   results.update({k: v for k, v in last.items()
                   if k.startswith(('personalized_', 'global_'))})
   choices = execution.resolved_choices()
-  for name in ('execution', 'local_loop', 'conv'):
+  for name in ('execution', 'host_threads', 'local_loop', 'conv'):
     if name in choices:
       results[name] = choices[name]
   return results

@@ -5,6 +5,11 @@ strategy of `execution.py`), applies the per-client `transform` hook, drops
 failed and non-finite clients, and calls the `aggregator` hook. The server
 step that follows is the algorithm's (see `algorithms.py`).
 
+`run_round` is `client_part` over the whole cohort followed by
+`finish_round`. With `ExecutionConfig.host_threads > 1`, an algorithm cuts
+the cohort with `split_round`, runs `client_part` on each part from its own
+host thread and joins the parts with `finish_round` (execution.py).
+
 Hook signatures (robust aggregation, compression and DP plug in here):
 
   ClientTransform: transform(delta, key) -> (delta, info)
@@ -217,6 +222,96 @@ def _dropped(key: jax.Array, cohort_size: int, rate: float) -> jax.Array:
   return jnp.zeros(cohort_size, bool).at[order[:num_drop]].set(True)
 
 
+class ClientPart(NamedTuple):
+  """What the clients of one part of a cohort hand to `finish_round`.
+
+  Attributes:
+    summed: for a streamed round, the weighted sums {'sent', 'model_state',
+      'weight'} over the part's clients; None otherwise.
+    out: per-client outputs stacked on axis 0 (for a round that is not
+      streamed, their 'sent' updates and 'model_state's too).
+  """
+  summed: PyTree
+  out: dict[str, Any]
+
+
+def arrivals(key: jax.Array, num_clients: int, config: RoundConfig
+             ) -> jax.Array:
+  """bool [C]: the clients whose update arrives (see `dropout_rate`)."""
+  return ~_dropped(split_round_key(key).dropout, num_clients,
+                   config.dropout_rate)
+
+
+def client_part(client_fn: ClientFn, params: PyTree, model_state: PyTree,
+                cohort: Mapping[str, jax.Array], client_ids: jax.Array | None,
+                arrived: jax.Array, key: jax.Array, config: RoundConfig,
+                context: PyTree = None) -> ClientPart:
+  """Runs the clients of `cohort` (all of a round's, or one part of them).
+
+  Args: as `run_round`'s, plus `arrived` (bool [C], from `arrivals` over the
+  whole cohort, sliced like `cohort`). `key` is the round's key, the same
+  for every part: each client's randomness comes from its id.
+  """
+  num_clients, _ = cohort_lib.validate_cohort(cohort)
+  keys = split_round_key(key)
+  per_client = _per_client_inputs(cohort, client_ids, num_clients, keys,
+                                  context, config)
+  one_client = _make_one_client(client_fn, config)
+  strategy, chunk = _strategy(config, one_client, params, model_state,
+                              per_client, num_clients)
+  if strategy == 'streamed':
+    return ClientPart(*_streamed_clients(one_client, params, model_state,
+                                         per_client, arrived, chunk, config))
+  out = execution.map_clients(one_client, (params, model_state), per_client,
+                              config.execution, _param_count(params))
+  return ClientPart(None, out)
+
+
+def _join_parts(parts: list[ClientPart], num_clients: int):
+  """(summed over parts or None, outputs concatenated, padding dropped)."""
+  if len({p.summed is None for p in parts}) != 1:
+    raise ValueError('Parts of one round were run with different execution '
+                     'strategies (streamed and not); give every part the '
+                     'same number of clients.')
+  if len(parts) == 1:
+    return parts[0].summed, parts[0].out
+  summed = parts[0].summed
+  if summed is not None:
+    for part in parts[1:]:  # In part order: the sum does not depend on timing.
+      summed = jax.tree.map(jnp.add, summed, part.summed)
+  out = jax.tree.map(lambda *xs: jnp.concatenate(xs)[:num_clients],
+                     *[p.out for p in parts])
+  return summed, out
+
+
+def finish_round(params: PyTree, model_state: PyTree,
+                 parts: list[ClientPart], arrived: jax.Array,
+                 key: jax.Array, config: RoundConfig,
+                 aggregator_state: PyTree = ()) -> RoundResult:
+  """Aggregates the parts of a round (in order) into its RoundResult.
+
+  `arrived` covers the whole cohort (C clients); the parts, in cohort order,
+  cover at least C clients (clients past C are padding and are dropped).
+  """
+  summed, out = _join_parts(list(parts), arrived.shape[0])
+  weights = _client_weights(out, arrived, config)
+  if summed is not None:
+    aggregated = _mean_of_sums(summed, params, model_state, aggregator_state)
+  else:
+    aggregated = _aggregate(config, model_state, out, weights,
+                            split_round_key(key).aggregate, aggregator_state)
+  aggregate, new_model_state, new_agg_state, agg_metrics = aggregated
+  updated = (jnp.sum(weights) > 0) & _all_finite(aggregate)
+  new_agg_state = jax.tree.map(lambda n, o: jnp.where(updated, n, o),
+                               new_agg_state, aggregator_state)
+  metrics = _round_metrics(out, weights, arrived, aggregate, updated,
+                           agg_metrics)
+  return RoundResult(aggregate=aggregate, model_state=new_model_state,
+                     included=weights > 0, updated=updated,
+                     extras=out['extras'], aggregator_state=new_agg_state,
+                     metrics=metrics)
+
+
 def run_round(client_fn: ClientFn, params: PyTree, model_state: PyTree,
               cohort: Mapping[str, jax.Array], client_ids: jax.Array | None,
               key: jax.Array, config: RoundConfig,
@@ -242,36 +337,51 @@ def run_round(client_fn: ClientFn, params: PyTree, model_state: PyTree,
     num_nonfinite_clients, num_empty_clients, num_aggregated, total_weight,
     server_updated, train_loss, train_accuracy, train_examples,
     mean_local_steps, update_norm, aggregator/*, transform/*.
+
+  Raises:
+    ValueError: `config.execution.host_threads > 1`; a round run from host
+      threads is built from `split_round`, `client_part` and `finish_round`
+      outside of jit, as `algorithms.fedopt` does.
+  """
+  if config.execution.host_threads != 1:
+    raise ValueError(
+        f'run_round runs a round as one computation, but its config asks '
+        f'for host_threads={config.execution.host_threads}; run the parts '
+        'with split_round / client_part / finish_round from host threads '
+        '(see algorithms.fedopt), or set host_threads=1.')
+  execution.record_choice('host_threads', 1)
+  num_clients, _ = cohort_lib.validate_cohort(cohort)
+  arrived = arrivals(key, num_clients, config)
+  part = client_part(client_fn, params, model_state, cohort, client_ids,
+                     arrived, key, config, context)
+  return finish_round(params, model_state, [part], arrived, key, config,
+                      aggregator_state)
+
+
+def split_round(cohort: Mapping[str, jax.Array], client_ids: jax.Array | None,
+                key: jax.Array, config: RoundConfig, parts: int,
+                context: PyTree = None):
+  """A cohort cut into `parts` equal parts for `client_part`.
+
+  Returns:
+    (arrived over the whole cohort, a list of per-part dicts with keys
+    'cohort', 'client_ids', 'arrived' and 'context'). The last part is padded
+    with copies of client 0 that never arrive (so they weigh nothing);
+    `finish_round` drops their outputs.
   """
   num_clients, _ = cohort_lib.validate_cohort(cohort)
-  keys = split_round_key(key)
-  per_client = _per_client_inputs(cohort, client_ids, num_clients, keys,
-                                  context, config)
-  one_client = _make_one_client(client_fn, config)
-  arrived = ~_dropped(keys.dropout, num_clients, config.dropout_rate)
-  strategy, chunk = _strategy(config, one_client, params, model_state,
-                              per_client, num_clients)
-  if strategy == 'streamed':
-    out, weights, aggregated = _streamed_round(
-        one_client, params, model_state, per_client, arrived, chunk, config,
-        aggregator_state)
-  else:
-    out = execution.map_clients(one_client, (params, model_state),
-                                per_client, config.execution,
-                                _param_count(params))
-    weights = _client_weights(out, arrived, config)
-    aggregated = _aggregate(config, model_state, out, weights, keys.aggregate,
-                            aggregator_state)
-  aggregate, new_model_state, new_agg_state, agg_metrics = aggregated
-  updated = (jnp.sum(weights) > 0) & _all_finite(aggregate)
-  new_agg_state = jax.tree.map(lambda n, o: jnp.where(updated, n, o),
-                               new_agg_state, aggregator_state)
-  metrics = _round_metrics(out, weights, arrived, aggregate, updated,
-                           agg_metrics)
-  return RoundResult(aggregate=aggregate, model_state=new_model_state,
-                     included=weights > 0, updated=updated,
-                     extras=out['extras'], aggregator_state=new_agg_state,
-                     metrics=metrics)
+  if client_ids is None:
+    client_ids = jnp.arange(num_clients, dtype=jnp.int32)
+  arrived = arrivals(key, num_clients, config)
+  tree = {'cohort': dict(cohort), 'client_ids': jnp.asarray(client_ids),
+          'context': context, 'arrived': arrived}
+  pieces, per_part = execution.split_clients(tree, parts)
+  # Padding copies client 0, whose arrival must not be copied with it.
+  for i, piece in enumerate(pieces):
+    real = num_clients - i * per_part
+    if real < per_part:
+      piece['arrived'] = piece['arrived'] & (jnp.arange(per_part) < real)
+  return arrived, pieces
 
 
 def _param_count(params: PyTree) -> int:
@@ -345,9 +455,9 @@ def _client_weights(out, arrived, config: RoundConfig) -> jax.Array:
   return _weight(out['weight'], out['finite'], arrived, config)
 
 
-def _streamed_round(one_client, params, model_state, per_client, arrived,
-                    chunk, config: RoundConfig, aggregator_state):
-  """The weighted mean, summed as clients finish (see execution.py)."""
+def _streamed_clients(one_client, params, model_state, per_client, arrived,
+                      chunk, config: RoundConfig):
+  """(weighted sums, stacked small outputs), summed as clients finish."""
 
   def streamed_client(broadcast, inputs):
     out = one_client(broadcast, inputs)
@@ -358,17 +468,20 @@ def _streamed_round(one_client, params, model_state, per_client, arrived,
               'weight': w}
     return to_sum, out
 
-  summed, out = execution.stream_clients(
+  return execution.stream_clients(
       streamed_client, (params, model_state),
       {**per_client, 'arrived': arrived}, chunk)
-  weights = _client_weights(out, arrived, config)
+
+
+def _mean_of_sums(summed, params, model_state, aggregator_state):
+  """The streamed round's weighted mean (see execution.py)."""
   total = summed['weight']
   flat = train.flatten_params(params)
   aggregate = {k: mean_of_sum(x, total, jnp.zeros_like(flat[k]))
                for k, x in summed['sent'].items()}
   new_model_state = jax.tree.map(lambda m, old: mean_of_sum(m, total, old),
                                  summed['model_state'], model_state)
-  return out, weights, (aggregate, new_model_state, aggregator_state, {})
+  return aggregate, new_model_state, aggregator_state, {}
 
 
 _MODEL_STATE_PREFIX = 'model_state::'

@@ -353,11 +353,32 @@ def _check_trainable(config) -> None:
                      f'got {k!r}.')
 
 
+def _check_host_threads(config, strategy: str) -> None:
+  threads = config.get('host_threads', 1)
+  if (not isinstance(threads, int) or isinstance(threads, bool) or
+      threads < 1):
+    raise ValueError(f'config.host_threads must be an integer >= 1; got '
+                     f'{threads!r}.')
+  if threads == 1:
+    return
+  if strategy == 'sharded' or distributed.is_multiprocess(config):
+    raise ValueError(
+        f'config.host_threads={threads} with sharded execution: the clients '
+        'are already spread over devices; set config.host_threads=1.')
+  algorithm = _chosen(config, 'algorithm', 'fedavg').name
+  if algorithm == 'scaffold':
+    raise ValueError(
+        f'config.host_threads={threads} with config.algorithm.name='
+        "'scaffold': its control variates are updated inside one "
+        'computation; set config.host_threads=1.')
+
+
 def _check_execution(config) -> None:
   strategy = config.get('execution', 'auto')
   if strategy not in execution.STRATEGIES:
     raise ValueError(f'config.execution={strategy!r} is unknown; choose one '
                      f'of {execution.STRATEGIES}.')
+  _check_host_threads(config, strategy)
   if strategy != 'streamed':
     return
   aggregator = _chosen(config, 'aggregator', 'mean').name
@@ -560,7 +581,9 @@ def _execution_config(config) -> execution.ExecutionConfig:
   """`config.execution`; over several processes, 'sharded' on all devices."""
   if distributed.is_multiprocess(config):
     return execution.ExecutionConfig('sharded', mesh=distributed.global_mesh())
-  return execution.ExecutionConfig(strategy=config.get('execution', 'auto'))
+  return execution.ExecutionConfig(
+      strategy=config.get('execution', 'auto'),
+      host_threads=config.get('host_threads', 1))
 
 
 def trainable_from_config(config, params) -> tuple[str, ...] | None:

@@ -228,3 +228,82 @@ def test_sharded_over_four_devices_equals_single_device_vmap():
   assert result['max_diff'] < 1e-5, result
   assert result['metric_diff'] < 1e-5, result
   assert result['auto'] == 'sharded'
+
+
+@pytest.mark.parametrize('strategy,threads', [('streamed', 2),
+                                              ('streamed', 4), ('vmap', 4)])
+def test_host_threads_compute_the_one_computation_round(strategy, threads):
+  run = _round_module()['run']
+  one, m_one = run(execution.ExecutionConfig(strategy))
+  # 6 clients in 4 parts of 2: the last part is two padded copies of
+  # client 0, which must neither weigh nor count. 'vmap' joins the parts'
+  # stacked updates before the aggregator; 'streamed' adds their sums.
+  split, m_split = run(execution.ExecutionConfig(strategy,
+                                                 host_threads=threads))
+  np.testing.assert_allclose(split, one, rtol=1e-5, atol=1e-6)
+  assert m_split == pytest.approx(m_one, rel=1e-5, abs=1e-6)
+  # round(0.3 x 6) = 2 of the 6 clients drop out; 4 are aggregated.
+  assert (m_split['num_clients'], m_split['num_dropped'],
+          m_split['num_aggregated']) == (6.0, 2.0, 4.0)
+  assert execution.resolved_choices()['host_threads'] == threads
+
+
+def test_host_threads_numbers_do_not_depend_on_scheduling(monkeypatch):
+  run = _round_module()['run']
+  config = execution.ExecutionConfig('streamed', host_threads=2)
+  first, m_first = run(config)
+  again, m_again = run(config)
+  threaded_map = execution.host_map
+  # The same parts run one after the other on this thread.
+  monkeypatch.setattr(execution, 'host_map',
+                      lambda fn, items, pool: threaded_map(fn, items, None))
+  serial, m_serial = run(config)
+  np.testing.assert_array_equal(again, first)
+  np.testing.assert_array_equal(serial, first)
+  assert m_again == m_first == m_serial
+
+
+def test_host_map_runs_its_calls_at_the_same_time():
+  import concurrent.futures
+  import threading
+  import jax.numpy as jnp
+  # Each call waits for the other at the barrier: run one after the other,
+  # the first would time out and break it.
+  barrier = threading.Barrier(2, timeout=30)
+  idents = []
+
+  def fn(item):
+    idents.append(threading.get_ident())
+    barrier.wait()
+    return jnp.asarray(item) * 2
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    out = execution.host_map(fn, [1, 5], pool)
+  assert [int(x) for x in out] == [2, 10]
+  assert len(set(idents)) == 2
+
+
+def test_host_threads_bad_settings_are_errors():
+  import jax.numpy as jnp
+  import optax
+  from fedjax_ext import algorithms, client, rounds
+  from ondevice import train
+  for bad in (0, 1.5, True):
+    with pytest.raises(ValueError, match='host_threads must be an integer'):
+      execution.ExecutionConfig(host_threads=bad)
+  with pytest.raises(ValueError, match='sharded execution'):
+    execution.ExecutionConfig('sharded', host_threads=2)
+  model = _round_module()['Linear']()
+  params = model.init(jax.random.key(0), jnp.zeros((1, 4)))['params']
+  loss = train.classification_loss(model)
+  local = client.LocalConfig(batch_size=2, num_steps=1)
+  threaded = rounds.RoundConfig(
+      execution=execution.ExecutionConfig(host_threads=2))
+  with pytest.raises(ValueError, match='scaffold does not support'):
+    algorithms.scaffold(loss, 0.1, local, num_clients=4, rounds=threaded)
+  algorithm = algorithms.fedavg(loss, optax.sgd(0.1), local, rounds=threaded)
+  cohort = {'x': jnp.ones((3, 2, 4)), 'y': jnp.zeros((3, 2), jnp.int32),
+            'mask': jnp.ones((3, 2))}
+  state = algorithm.init(params)
+  with pytest.raises(ValueError, match='cannot be traced'):
+    jax.jit(algorithm.apply)(state, cohort, None, jax.random.key(0))

@@ -58,13 +58,16 @@ def _data():
   return _clients(8, 10, 0), _clients(3, 10, 1)
 
 
-def test_resumed_federated_run_is_bit_identical(tmp_path):
-  full = training.train_and_evaluate(_config(), str(tmp_path / 'a'),
+@pytest.mark.parametrize('host_threads', [1, 2])
+def test_resumed_federated_run_is_bit_identical(tmp_path, host_threads):
+  config = _config(host_threads=host_threads)
+  full = training.train_and_evaluate(config, str(tmp_path / 'a'),
                                      datasets=_data())
-  part = training.train_and_evaluate(_config(), str(tmp_path / 'b'),
+  assert full['metrics']['host_threads'] == host_threads
+  part = training.train_and_evaluate(config, str(tmp_path / 'b'),
                                      datasets=_data(), stop_after_rounds=3)
   assert part['metrics'] == {'stopped_at': 3}
-  resumed = training.train_and_evaluate(_config(), str(tmp_path / 'b'),
+  resumed = training.train_and_evaluate(config, str(tmp_path / 'b'),
                                         datasets=_data())
   for a, b in zip(jax.tree.leaves(full['state']),
                   jax.tree.leaves(resumed['state'])):
