@@ -93,9 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_rounds = 200
   config.dropout_rate = 0.0
   config.execution = 'auto'
-  # Cohort parts run at once from this many host threads (one per CPU core
-  # helps most; fedjax_ext.execution). 1: the round is one computation.
-  config.host_threads = 1
+  config.host_threads = 1  # >1: cohort parts run at once (execution.py).
   config.aggregator = training.aggregator_options('mean')
   config.compression = training.compression_options('quantize')
   config.dp = training.dp_options(enabled=True, noise_multiplier=0.5,

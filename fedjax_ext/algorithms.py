@@ -299,16 +299,7 @@ def scaffold(loss_fn: train.LossFn, local_learning_rate: float,
     rounds: hooks, faults, execution. Transforms apply to the model delta
       only, not to the control variate update.
   """
-  if not local_learning_rate > 0:
-    raise ValueError(f'local_learning_rate must be > 0; got '
-                     f'{local_learning_rate}.')
-  if num_clients < 1:
-    raise ValueError(f'num_clients must be >= 1; got {num_clients}.')
-  if rounds.execution.host_threads != 1:
-    raise ValueError(
-        f'scaffold does not support host_threads='
-        f'{rounds.execution.host_threads}: its control variates are updated '
-        'in the same computation as the round; set host_threads=1.')
+  _check_scaffold(local_learning_rate, num_clients, rounds)
   server_optimizer = optax.sgd(server_learning_rate)
   client_fn = _scaffold_client(loss_fn, local_learning_rate, local)
 
@@ -337,6 +328,20 @@ def scaffold(loss_fn: train.LossFn, local_learning_rate: float,
         aggregator_state=result.aggregator_state), metrics
 
   return FederatedAlgorithm(init=init, apply=jax.jit(apply))
+
+
+def _check_scaffold(local_learning_rate, num_clients,
+                    rounds: rounds_lib.RoundConfig) -> None:
+  if not local_learning_rate > 0:
+    raise ValueError(f'local_learning_rate must be > 0; got '
+                     f'{local_learning_rate}.')
+  if num_clients < 1:
+    raise ValueError(f'num_clients must be >= 1; got {num_clients}.')
+  if rounds.execution.host_threads != 1:
+    raise ValueError(
+        f'scaffold does not support host_threads='
+        f'{rounds.execution.host_threads}: its control variates are updated '
+        'in the same computation as the round; set host_threads=1.')
 
 
 def _scaffold_client(loss_fn, local_learning_rate, local):
