@@ -50,7 +50,11 @@ stock `nn.Conv` / `nn.Dense` for us and `hk.Conv2D` / `hk.Linear` for FedJAX
 (no im2col on either side), on their own cohort (`--stock_cohort`, clients x
 examples, all clients every round), rounds of the two sides alternating.
 Results go to the `stock_layers` list of results.json (goals: stock convs
->= 1.5x, dense models up to 100k params >= 3x, equal losses).
+>= 1.5x, dense models up to 100k params >= 3x, equal losses). Ours runs once
+per `--stock_host_threads` value: 1 is the round as one computation, T > 1
+splits the cohort into T parts run from T host threads at once
+(`ExecutionConfig.host_threads`); each row keeps every setting's time, speed-up
+and loss under `by_host_threads`.
 
 Every row reports achieved GFLOP/s per side: XLA's cost analysis of one
 local SGD step (`benchmarks.hardware.compiled_flops`) x local steps x
@@ -137,6 +141,10 @@ _STOCK_BATCH = flags.DEFINE_integer('stock_batch_size', 8, 'Local batch size '
                                     flag_values=FLAGS)
 _STOCK_STEPS = flags.DEFINE_integer('stock_local_steps', 4, 'Local steps of '
                                     'the stock-layer rows.', flag_values=FLAGS)
+_STOCK_THREADS = flags.DEFINE_list(
+    'stock_host_threads', ['1', '2'], 'ExecutionConfig.host_threads values '
+    'ours runs with on the stock-layer models (1 is always run: one '
+    'computation per round).', flag_values=FLAGS)
 _STOCK_ROUNDS = flags.DEFINE_integer('stock_rounds', 6, 'Rounds per side of '
                                      'each stock-layer row (alternating).',
                                      flag_values=FLAGS)
@@ -432,19 +440,35 @@ def _gflops_columns(row) -> dict[str, Any]:
   return out
 
 
+def _threaded_columns(row) -> dict[str, Any]:
+  """Ours with host_threads > 1: s/round, speed-up and loss per setting."""
+  out = {}
+  for t, side in sorted(row.get('by_host_threads', {}).items()):
+    if t == '1':
+      continue
+    out[f'ours {t} threads s/round'] = side['sec_per_round']
+    out[f'speed-up {t} threads'] = round(side['speedup'], 2)
+    out[f'ours {t} threads loss'] = round(side['loss_ours'], 4)
+  return out
+
+
 def _stock_markdown(results) -> str:
   rows = []
   for r in results['stock_layers']:
     s = r['sec_per_round']
+    met = {None: '-', True: 'yes', False: 'NO'}[r['goal_met']]
+    if r.get('goal_met_with') not in (None, 'host_threads=1'):
+      met += f" ({r['goal_met_with']})"
     rows.append({
         'model': r['model'], 'params (both)': r['params'],
         'cohort': r['cohort'],
         'fedjax s/round': s['fedjax']['median'],
         'ours s/round': s['ours']['median'],
         'speed-up': round(r['speedup'], 2),
+        **_threaded_columns(r),
         'goal': '-' if r['speedup_goal'] is None else
                 f"≥{r['speedup_goal']}x",
-        'met': {None: '-', True: 'yes', False: 'NO'}[r['goal_met']],
+        'met': met,
         'loss at start': round(r['loss_initial'], 4),
         'fedjax loss': round(r['loss_fedjax'], 4),
         'ours loss': round(r['loss_ours'], 4),
@@ -455,13 +479,18 @@ def _stock_markdown(results) -> str:
   if not rows:
     return ''
   c = results['config']
+  cores = results['environment']['cpu_count']
   return ('\n## Stock layers (flax nn.Conv / nn.Dense vs haiku hk.Conv2D / '
           f"hk.Linear)\n\n{c['stock_local_steps']} local SGD steps of batch "
           f"{c['stock_batch_size']}, all clients every round; rounds of the "
-          'two sides alternate; median over rounds '
+          'sides alternate; median over rounds '
           f"{c['warmup'] + 1}..{c['stock_rounds']}. Loss: training "
           'cross-entropy of the server model over all the cohort\'s examples '
-          f"after {c['stock_rounds']} rounds (one run per side).\n\n"
+          f"after {c['stock_rounds']} rounds (one run per side). 'ours' runs "
+          "each round as one computation; 'ours T threads' runs T parts of "
+          'the cohort from T host threads at once (ExecutionConfig.'
+          f"host_threads, on this machine's {cores} cores); FedJAX's "
+          'fed_avg runs its clients one after the other.\n\n'
           + metric_writer.markdown_table(rows) + '\n')
 
 
@@ -471,7 +500,8 @@ def _stock_settings() -> dict[str, Any]:
           'batch_size': _STOCK_BATCH.value,
           'local_steps': _STOCK_STEPS.value, 'rounds': _STOCK_ROUNDS.value,
           'warmup': _WARMUP.value, 'client_lr': _CLIENT_LR.value,
-          'server_lr': _SERVER_LR.value, 'execution': _EXECUTION.value}
+          'server_lr': _SERVER_LR.value, 'execution': _EXECUTION.value,
+          'host_threads': [int(t) for t in _STOCK_THREADS.value]}
 
 
 def _check_flags() -> None:
@@ -487,6 +517,9 @@ def _check_flags() -> None:
   if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
     raise ValueError(f'--stock_cohort must be CLIENTSxEXAMPLES, e.g. 50x32; '
                      f'got {_STOCK_COHORT.value!r}.')
+  if not all(t.isdigit() and int(t) >= 1 for t in _STOCK_THREADS.value):
+    raise ValueError(f'--stock_host_threads must list integers >= 1; got '
+                     f'{_STOCK_THREADS.value}.')
   if _STOCK_ROUNDS.value <= _WARMUP.value:
     raise ValueError(f'--stock_rounds={_STOCK_ROUNDS.value} leaves no timed '
                      f'round after --warmup={_WARMUP.value}.')
@@ -526,7 +559,7 @@ def _write(partial: dict[str, Any]) -> None:
           'examples_per_client', 'batch_size', 'local_steps', 'client_lr',
           'server_lr', 'execution', 'chunk_size', 'stock_models',
           'stock_cohort', 'stock_batch_size', 'stock_local_steps',
-          'stock_rounds')},
+          'stock_rounds', 'stock_host_threads')},
       'environment': {
           'date': datetime.datetime.now().isoformat(timespec='seconds'),
           'device': jax.devices()[0].platform,

@@ -46,7 +46,10 @@ from fedjax_ext.fedjax_interop import FederatedDataSource
 from fedjax_ext.fedjax_interop import FedjaxModelBridge
 from fedjax_ext.fedjax_interop import import_fedjax
 from fedjax_ext.fedjax_interop import to_haiku_params
+from fedjax_ext.rounds import client_part
+from fedjax_ext.rounds import finish_round
 from fedjax_ext.rounds import RoundConfig
 from fedjax_ext.rounds import run_round
+from fedjax_ext.rounds import split_round
 from fedjax_ext.rounds import weighted_mean
 from fedjax_ext.server_optimizers import adaptive_server_optimizer
