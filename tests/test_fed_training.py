@@ -112,6 +112,25 @@ def test_dp_run_reports_epsilon(tmp_path):
   assert out['metrics']['dp_delta'] == 1e-5
 
 
+def test_host_threads_compose_with_dp_and_secure_aggregation(tmp_path):
+  states, epsilons = [], []
+  for threads in (1, 2):
+    # 3 clients in 2 parts of 2. The parts' stacked updates are joined (the
+    # padded copy dropped) before DP clips, masks and noises them at once.
+    config = _config(num_rounds=3, host_threads=threads)
+    config.dp.enabled = True
+    config.dp.noise_multiplier = 0.5
+    config.dp.clip_norm = 0.5
+    config.secure_aggregation.enabled = True
+    out = training.train_and_evaluate(config, str(tmp_path / str(threads)),
+                                      datasets=_data())
+    states.append(jax.tree.leaves(out['state']))
+    epsilons.append(out['metrics']['dp_epsilon'])
+  for one, split in zip(*states):
+    np.testing.assert_allclose(split, one, rtol=1e-5, atol=1e-6)
+  assert epsilons[0] == epsilons[1]
+
+
 @pytest.mark.parametrize('key,value,match', [
     ('cohort_size', 50, 'cohort_size'),
     ('algorithm', 'fedsgdx', 'config.algorithm'),
