@@ -34,10 +34,10 @@ split into T equal parts (the last padded with copies of client 0 that weigh
 nothing), each part runs as its own XLA computation dispatched from its own
 Python thread, and one more computation combines them. XLA:CPU runs one
 computation at a time per device and a small client step on one core, so
-this is how a round uses a CPU's other cores: FedAvg rounds of 50 clients x
-4 local steps of batch 8 on 2 cores, streamed, took 24.9 -> 9.1 ms for a
-784-128-10 MLP, 9.1 -> 4.9 ms for 784-32-10, 164 -> 105 ms for a 5k-param
-stock CNN. (Two devices from `jax_num_cpu_devices` do not help: one sharded
+this is how a round uses a CPU's other cores. FedAvg rounds of 50 clients x
+4 local steps of batch 8, streamed, on 2 cores, T = 1 -> 2: 25.3 -> 12.0 ms
+for a 784-128-10 MLP, 10.5 -> 7.4 ms for 784-32-10, 259 -> 167 ms for a
+5k-param stock CNN (benchmarks/results/fedjax_comparison). (Two devices from `jax_num_cpu_devices` do not help: one sharded
 computation ran its devices' parts one after the other, 19.2 vs 18.9 ms.)
 The parts' sums are added in part order, so the numbers depend on T, not on
 the machine's core count; T = 1 is the single computation. Only algorithms
