@@ -355,16 +355,17 @@ def _check_trainable(config) -> None:
 
 def _check_host_threads(config, strategy: str) -> None:
   threads = config.get('host_threads', 1)
-  if (not isinstance(threads, int) or isinstance(threads, bool) or
-      threads < 1):
-    raise ValueError(f'config.host_threads must be an integer >= 1; got '
-                     f'{threads!r}.')
+  try:  # ExecutionConfig's own checks: an integer >= 1, not with 'sharded'.
+    execution.ExecutionConfig(strategy, host_threads=threads)
+  except ValueError as e:
+    raise ValueError(f'config.host_threads={threads!r}: {e}') from e
   if threads == 1:
     return
-  if strategy == 'sharded' or distributed.is_multiprocess(config):
+  if distributed.is_multiprocess(config):
     raise ValueError(
-        f'config.host_threads={threads} with sharded execution: the clients '
-        'are already spread over devices; set config.host_threads=1.')
+        f'config.host_threads={threads} with config.distributed: the clients '
+        'are already spread over the processes\' devices; set '
+        'config.host_threads=1.')
   algorithm = _chosen(config, 'algorithm', 'fedavg').name
   if algorithm == 'scaffold':
     raise ValueError(
